@@ -1,0 +1,224 @@
+"""The ``vdit-accel`` command line: generate, score, inspect, train, bench, calibrate, search.
+
+Flag defaults come from the config dataclasses, so the CLI and the library cannot disagree. Bad input
+exits with status 2 and one line naming the bad value and the accepted range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from vdit_accel.errors import VditAccelError
+
+DEFAULT_OUT = "clip.mp4"
+
+
+def _gen_defaults():
+    from vdit_accel.instrument.sampler import GenerationConfig
+
+    return GenerationConfig()
+
+
+def _load_model(weights: str | None):
+    from vdit_accel.instrument.model import WEIGHTS_DIR, EmbeddedModel
+
+    return EmbeddedModel.load(weights or WEIGHTS_DIR)
+
+
+def _method_config(name: str | None, preset: str | None, steps: int):
+    """The config of ``--method`` (optionally from ``--preset``), or None for dense."""
+    if name in (None, "dense"):
+        if preset:
+            raise VditAccelError("--preset needs --method timeripple or astraea")
+        return None
+    from vdit_accel.search.presets import method_config_from_cli
+
+    return method_config_from_cli(name, preset, steps)
+
+
+def cmd_generate(a) -> int:
+    from vdit_accel.instrument.sampler import GenerationConfig, Sampler
+    from vdit_accel.instrument.video import to_frames, write_video
+    from vdit_accel.registry import apply
+
+    cfg = GenerationConfig(steps=a.steps, guidance=a.guidance, seed=a.seed)
+    model = _load_model(a.weights)
+    model.encode_prompts([a.prompt])  # validate before any compute
+    method_cfg = _method_config(a.method, a.preset, a.steps)
+    handle = apply(model.transformer, method_cfg) if method_cfg is not None else None
+    try:
+        video = Sampler(model)(a.prompt, cfg, progress=not a.quiet)
+    finally:
+        stats = handle.stats.summary() if handle is not None and hasattr(handle.stats, "summary") else None
+        if handle is not None:
+            handle.remove()
+    frames = to_frames(video)
+    out = Path(a.out)
+    write_video(frames, out.with_suffix(".mp4"))
+    write_video(frames, out.with_suffix(".gif"))
+    print(f"wrote {out.with_suffix('.mp4')} and {out.with_suffix('.gif')}")
+    if stats:
+        print(json.dumps(stats, indent=1))
+    if a.save_tensor:
+        from safetensors.torch import save_file
+
+        save_file({"video": video.contiguous()}, a.save_tensor)
+    return 0
+
+
+def cmd_score(a) -> int:
+    from vdit_accel.instrument.score import ground_truth_accuracy, score_file
+
+    if a.ground_truth:
+        print(json.dumps(ground_truth_accuracy(n_clips=a.ground_truth, through_mp4=a.mp4), indent=1))
+        return 0
+    if not a.clip or not a.prompt:
+        raise VditAccelError("score needs CLIP and --prompt (or --ground-truth N)")
+    res = score_file(a.clip, a.prompt)
+    print(json.dumps({"prompt": a.prompt, "adherence": res.adherence, "all_correct": res.all_correct,
+                      "attributes": res.attributes}, indent=1))
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from vdit_accel.bench.harness import resolve_prompts
+    from vdit_accel.instrument.inspect import format_report, inspect_model
+    from vdit_accel.instrument.sampler import GenerationConfig, Sampler
+
+    model = _load_model(a.weights)
+    rep = inspect_model(Sampler(model), resolve_prompts(a.prompts), GenerationConfig(steps=a.steps, seed=0))
+    print(format_report(rep))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({"command": " ".join(sys.argv), **rep}, indent=1))
+    return 0
+
+
+def cmd_train(a) -> int:
+    from vdit_accel.instrument.train import TrainConfig, train
+
+    cfg = TrainConfig(seed=a.seed)
+    train(a.out, cfg, max_steps=a.max_steps, progress=not a.quiet)
+    print(f"training state in {a.out}/checkpoint; release (when finished) in {a.out}/release")
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from vdit_accel.bench.harness import BenchConfig, run_bench
+    from vdit_accel.bench.report import markdown_table
+
+    cfg = BenchConfig(methods=a.methods, prompts=a.prompts, seeds=a.seeds, steps=a.steps, guidance=a.guidance,
+                      quick=a.quick)
+    model = _load_model(a.weights)
+    results = run_bench(model, cfg, a.out, progress=not a.quiet, command="vdit-accel " + " ".join(sys.argv[1:]))
+    print(markdown_table(results))
+    print(f"wrote {a.out}/results.json, results.md, pareto.png, compare.gif")
+    return 0
+
+
+def cmd_calibrate(a) -> int:
+    from vdit_accel.search import calibrate_cli
+
+    return calibrate_cli(a)
+
+
+def cmd_search(a) -> int:
+    from vdit_accel.search import search_cli
+
+    return search_cli(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    g = _gen_defaults()
+    p = argparse.ArgumentParser(prog="vdit-accel", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("generate", help="generate a clip with the embedded model (MP4 + GIF)")
+    s.add_argument("prompt")
+    s.add_argument("--steps", type=int, default=g.steps)
+    s.add_argument("--seed", type=int, default=g.seed)
+    s.add_argument("--guidance", type=float, default=g.guidance)
+    s.add_argument("--out", default=DEFAULT_OUT, help="output path; .mp4 and .gif are written")
+    s.add_argument("--method", default=None, help="acceleration method: timeripple or astraea (default dense)")
+    s.add_argument("--preset", default=None, help="preset name or JSON file for --method")
+    s.add_argument("--weights", default=None, help="model folder (default: the embedded model)")
+    s.add_argument("--save-tensor", default=None, help="also save the raw video tensor (safetensors)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("score", help="check whether a clip shows its prompt")
+    s.add_argument("clip", nargs="?")
+    s.add_argument("--prompt")
+    s.add_argument("--ground-truth", type=int, default=0, help="instead: accuracy on N ground-truth clips")
+    s.add_argument("--mp4", action="store_true", help="with --ground-truth: through an MP4 round trip")
+    s.set_defaults(fn=cmd_score)
+
+    s = sub.add_parser("inspect", help="instrument report: Q/K adjacency and self-attention time share")
+    s.add_argument("--prompts", default="quick")
+    s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--weights", default=None)
+    s.add_argument("--out", default=None, help="write the report as JSON here")
+    s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("train", help="train the embedded model (resumes from OUT/checkpoint)")
+    s.add_argument("--out", default="runs/train")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-steps", type=int, default=None, help="stop early (resumable)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_train)
+
+    from vdit_accel.bench.harness import BenchConfig
+
+    b = BenchConfig()
+    s = sub.add_parser("bench", help="side-by-side benchmark of methods (JSON, Markdown, plots, GIF)")
+    s.add_argument("--methods", default=b.methods)
+    s.add_argument("--prompts", default=b.prompts, help="prompt set (quick, bench, heldout, calib) or file")
+    s.add_argument("--seeds", type=int, default=b.seeds)
+    s.add_argument("--steps", type=int, default=b.steps)
+    s.add_argument("--guidance", type=float, default=b.guidance)
+    s.add_argument("--out", default="results")
+    s.add_argument("--quick", action="store_true", help="smoke test: 2 prompts, 1 seed, 8 steps")
+    s.add_argument("--weights", default=None)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("calibrate", help="calibrate a method's thresholds into a preset")
+    s.add_argument("method", help="timeripple or magcache")
+    s.add_argument("--target", type=float, default=None, help="target QK savings (timeripple), e.g. 0.85")
+    s.add_argument("--prompts", default="calib")
+    s.add_argument("--steps", type=int, default=g.steps)
+    s.add_argument("--out", default=None, help="preset file to write")
+    s.add_argument("--weights", default=None)
+    s.set_defaults(fn=cmd_calibrate)
+
+    s = sub.add_parser("search", help="search a method's schedule (astraea) into a preset")
+    s.add_argument("method", help="astraea")
+    s.add_argument("--target", type=float, required=True, help="mean token budget, e.g. 0.5")
+    s.add_argument("--prompts", default="calib")
+    s.add_argument("--out", default=None, help="preset file to write")
+    s.add_argument("--checkpoint", default=None)
+    s.add_argument("--weights", default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_search)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return a.fn(a)
+    except VditAccelError as e:
+        print(f"vdit-accel {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

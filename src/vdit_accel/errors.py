@@ -1,0 +1,61 @@
+"""Typed errors raised on bad input, before any compute.
+
+Every user-facing validation in vdit-accel raises one of these, with a message that names the bad
+value and the accepted range or set of values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class VditAccelError(Exception):
+    """Base class of every error vdit-accel raises on purpose."""
+
+
+class ConfigError(VditAccelError, ValueError):
+    """A configuration value is outside its accepted range or set."""
+
+
+class PromptError(VditAccelError, ValueError):
+    """A prompt does not follow the embedded model's caption grammar."""
+
+
+class WeightsError(VditAccelError, OSError):
+    """A weight or preset file is missing, corrupt or does not match its config."""
+
+
+class UnsupportedModelError(VditAccelError, TypeError):
+    """No adapter knows this model class."""
+
+
+def check_range(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
+    """Raise :class:`ConfigError` unless ``lo <= value <= hi`` (either bound may be ``None``).
+
+    Example:
+        >>> check_range("steps", 50, lo=1)
+        >>> check_range("guidance", -1.0, lo=0.0)
+        Traceback (most recent call last):
+        ...
+        vdit_accel.errors.ConfigError: guidance=-1.0 is out of range: accepted [0.0, inf)
+    """
+    bad = (lo is not None and value < lo) or (hi is not None and value > hi) or value != value
+    if bad:
+        lo_s = "-inf" if lo is None else repr(lo)
+        hi_s = "inf" if hi is None else repr(hi)
+        lb = "(" if lo is None else "["
+        rb = ")" if hi is None else "]"
+        raise ConfigError(f"{name}={value!r} is out of range: accepted {lb}{lo_s}, {hi_s}{rb}")
+
+
+def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
+    """Raise :class:`ConfigError` unless ``value`` is one of ``choices``; return it.
+
+    Example:
+        >>> check_choice("norm", "l2", ["l1", "l2"])
+        'l2'
+    """
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not accepted: choose one of {choices}")
+    return value
