@@ -122,13 +122,13 @@ def cmd_bench(a) -> int:
 
 
 def cmd_calibrate(a) -> int:
-    from vdit_accel.search import calibrate_cli
+    from vdit_accel.search.cli import calibrate_cli
 
     return calibrate_cli(a)
 
 
 def cmd_search(a) -> int:
-    from vdit_accel.search import search_cli
+    from vdit_accel.search.cli import search_cli
 
     return search_cli(a)
 

@@ -92,3 +92,72 @@ def wan_attention_output(attn, out: torch.Tensor, like: torch.Tensor) -> torch.T
 
 
 WAN = register_adapter(WanAdapter())
+
+
+def _modulation(block, temb: torch.Tensor, idx: torch.Tensor | None):
+    """The six AdaLN tensors of a Wan block, gathered at ``idx`` rows for per-token ``temb`` (Wan2.2 ti2v).
+
+    Returns shift/scale/gate for self-attention and FFN, each broadcastable to `[B, S or k, C]`.
+    """
+    if temb.ndim == 4:  # [B, S, 6, C]
+        mods = (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)
+        mods = [m.squeeze(2) for m in mods]  # [B, S, C]
+        full = mods
+        sub = mods if idx is None else [torch.gather(m, 1, idx[..., None].expand(-1, -1, m.shape[-1])) for m in mods]
+        return full, sub
+    mods = (block.scale_shift_table + temb.float()).chunk(6, dim=1)  # [B, 1, C] each
+    return mods, mods
+
+
+def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather rows ``idx`` `[B, k]` of ``x`` `[B, S, ...]` (rotary tables `[1, S, 1, D]` broadcast over B)."""
+    if x.shape[0] == 1 and idx.shape[0] > 1:
+        x = x.expand(idx.shape[0], *x.shape[1:])
+    shape = idx.shape + (1,) * (x.ndim - 2)
+    return torch.gather(x, 1, idx.view(shape).expand(*idx.shape, *x.shape[2:]))
+
+
+def wan_block_rows_forward(block, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                           temb: torch.Tensor, rotary_emb, idx: torch.Tensor, attention_fn, kv_rows: bool = False):
+    """A ``WanTransformerBlock`` computed for the rows ``idx`` only (Astraea's Q-subset block).
+
+    Norm and modulation run for all tokens because K and V come from all tokens; the query projection,
+    attention rows, output projection, residual, cross-attention and FFN run on the selected rows. With
+    ``kv_rows=True`` K and V come from the selected rows only (the "select Q and K" ablation).
+
+    Args:
+        block (`WanTransformerBlock`).
+        hidden_states: `[B, S, C]` block input.
+        encoder_hidden_states: `[B, L, C]` projected text.
+        temb: `[B, 6, C]` (Wan2.1) or `[B, S, 6, C]` (Wan2.2 ti2v).
+        rotary_emb: `(cos, sin)`, each `[1, S, 1, D]`.
+        idx: `[B, k]` selected token indices (sorted).
+        attention_fn: ``(q_sel [B,k,H,D], k [B,S,H,D], v [B,S,H,D]) -> (out [B,k,H,D], lse [B,k,H])``.
+
+    Returns:
+        (rows `[B, k, C]` block output at ``idx``, lse `[B, k, H]`).
+    """
+    (shift, scale, gate, c_shift, c_scale, c_gate), sub = _modulation(block, temb, idx)
+    s_shift, s_scale, s_gate, s_c_shift, s_c_scale, s_c_gate = sub
+    attn = block.attn1
+    x_rows = _rows(hidden_states, idx)
+    if kv_rows:
+        norm_rows = (block.norm1(x_rows.float()) * (1 + s_scale) + s_shift).type_as(hidden_states)
+        rope_rows = None if rotary_emb is None else tuple(_rows(r, idx) for r in rotary_emb)
+        q, k, v = wan_qkv(attn, norm_rows, rope_rows)
+    else:
+        norm_x = (block.norm1(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+        key = attn.norm_k(attn.to_k(norm_x)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(norm_x).unflatten(2, (attn.heads, -1))
+        q = attn.norm_q(attn.to_q(_rows(norm_x, idx))).unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            key = _apply_rotary_emb(key, *rotary_emb)
+            q = _apply_rotary_emb(q, *(_rows(r, idx) for r in rotary_emb))
+        k = key
+    out, lse = attention_fn(q, k, v)
+    attn_out = wan_attention_output(attn, out, q)
+    h = (x_rows.float() + attn_out * s_gate).type_as(hidden_states)
+    h = h + block.attn2(block.norm2(h.float()).type_as(h), encoder_hidden_states, None, None)
+    norm_h = (block.norm3(h.float()) * (1 + s_c_scale) + s_c_shift).type_as(h)
+    h = (h.float() + block.ffn(norm_h).float() * s_c_gate).type_as(h)
+    return h, lse

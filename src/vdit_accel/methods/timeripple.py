@@ -1,0 +1,311 @@
+"""TimeRipple: channel-wise partial attention-score reuse inside video self-attention.
+
+Four named parts, as every method here: :class:`TimeRippleConfig`, :class:`TimeRippleStats` (the
+per-generation record), :class:`TimeRippleProcessor` (the replacement self-attention processor) and
+:func:`apply_timeripple` returning a removable :class:`TimeRippleHandle`.
+
+The processor computes projections, QK-norm and RoPE exactly as the stock processor (through the model
+adapter), builds the reuse masks of post-RoPE Q and K on the token grid published by the root context
+hook, substitutes reused elements (Q̃/K̃, exactly equal to reusing partial scores) and runs ordinary
+attention. At a step whose threshold is 0 (dense steps, or threshold 0 everywhere) it hands the call to
+the original processor untouched, so the output is bit-identical to the unpatched model. Only video
+self-attention is replaced; cross-attention keeps its processor.
+
+What is saved is reported as "QK savings" (the fraction of Q·Kᵀ channel products that reuse makes
+unnecessary), never as a speedup: this implementation simulates the reuse exactly and runs dense
+attention; it is not faster.
+
+Example:
+    >>> from vdit_accel.testing import tiny_model, TINY_PROMPT
+    >>> from vdit_accel.instrument.sampler import GenerationConfig, Sampler
+    >>> model = tiny_model()
+    >>> handle = apply_timeripple(model.transformer, TimeRippleConfig(theta_min=0.5, theta_max=1.0, i_min=1,
+    ...                                                                i_max=2, num_steps=4))
+    >>> _ = Sampler(model)(TINY_PROMPT, GenerationConfig(steps=4, guidance=1.0), progress=False)
+    >>> 0.0 < handle.stats.summary()["qk_savings_active"] <= 1.0
+    True
+    >>> handle.remove()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vdit_accel.adapters import ModelAdapter, resolve_adapter
+from vdit_accel.adapters.wan import wan_attention_output, wan_qkv
+from vdit_accel.context import ContextHook, acquire_context, release_context
+from vdit_accel.errors import ConfigError, check_choice
+from vdit_accel.ops.timeripple import AXES, MIN_DELTA, ReuseStats, ThresholdSchedule, timeripple_attention
+from vdit_accel.registry import Method, OperatingPoint, register_method
+
+logger = logging.getLogger(__name__)
+
+THRESHOLD_MODES = ("shared", "per_axis", "per_channel")
+
+
+@dataclass(frozen=True)
+class TimeRippleConfig:
+    """TimeRipple settings; validated on construction (every bad value raises :class:`ConfigError`).
+
+    Args:
+        theta_min (`float`, defaults 0.2), theta_max (`float`, defaults 0.5): threshold ramp ends (>= 0).
+        i_min (`int`, defaults 10), i_max (`int`, defaults 20): 0-based ramp steps (dense before ``i_min``).
+        num_steps (`int`, defaults 50): denoising steps of the generation (the last step is dense).
+        literal_schedule (`bool`, defaults False): Eq. 4 as printed (no ``+theta_min``) instead of the coherent ramp.
+        fixed_threshold (`float | None`, defaults None): if set, this threshold at every step (no dense steps);
+            the "fixed threshold" ablation.
+        window (`int`, defaults 2): window size K along each axis (>= 2).
+        axes (`tuple[str, ...]`, defaults ("t", "h", "w")): axes checked (any non-empty subset).
+        priority (`str`, defaults "thw"): reuse source when several axes pass: an axis order, or "min_delta".
+        threshold_mode (`str`, defaults "shared"): "shared" (one θ), "per_axis" (θ times ``axis_scale``), or
+            "per_channel" (θ times each channel's mean |value| relative to the head mean, per call).
+        axis_scale (`tuple[float, float, float]`, defaults (1, 1, 1)): per-axis multipliers (t, h, w) for "per_axis".
+        layers (`tuple[int, ...] | None`, defaults None): block indices to accelerate (None = all).
+        reuse_q (`bool`, defaults True), reuse_k (`bool`, defaults True): which side may reuse.
+    """
+
+    theta_min: float = 0.2
+    theta_max: float = 0.5
+    i_min: int = 10
+    i_max: int = 20
+    num_steps: int = 50
+    literal_schedule: bool = False
+    fixed_threshold: float | None = None
+    window: int = 2
+    axes: tuple[str, ...] = AXES
+    priority: str = "thw"
+    threshold_mode: str = "shared"
+    axis_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    layers: tuple[int, ...] | None = None
+    reuse_q: bool = True
+    reuse_k: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "axes", tuple(self.axes))
+        object.__setattr__(self, "axis_scale", tuple(float(x) for x in self.axis_scale))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        self.schedule  # validates thresholds and ramp steps
+        if self.fixed_threshold is not None and not self.fixed_threshold >= 0:
+            raise ConfigError(f"fixed_threshold={self.fixed_threshold!r} is out of range: accepted [0, inf)")
+        if self.window < 2:
+            raise ConfigError(f"window={self.window!r} is out of range: accepted [2, inf)")
+        if not self.axes or len(set(self.axes)) != len(self.axes):
+            raise ConfigError(f"axes={self.axes!r} is not accepted: a non-empty subset of {list(AXES)}")
+        for a in self.axes:
+            check_choice("axis", a, AXES)
+        if self.priority != MIN_DELTA and sorted(self.priority) != sorted("".join(AXES)):
+            raise ConfigError(f"priority={self.priority!r} is not accepted: a permutation of 'thw' or 'min_delta'")
+        check_choice("threshold_mode", self.threshold_mode, THRESHOLD_MODES)
+        if len(self.axis_scale) != 3 or any(not s >= 0 for s in self.axis_scale):
+            raise ConfigError(f"axis_scale={self.axis_scale!r} is not accepted: three values >= 0 (t, h, w)")
+        if self.layers is not None and any(i < 0 for i in self.layers):
+            raise ConfigError(f"layers={self.layers!r} is not accepted: block indices >= 0")
+        if not (self.reuse_q or self.reuse_k):
+            raise ConfigError("reuse_q=False and reuse_k=False reuse nothing: enable at least one")
+
+    @property
+    def schedule(self) -> ThresholdSchedule:
+        return ThresholdSchedule(self.theta_min, self.theta_max, self.i_min, self.i_max, self.num_steps,
+                                 literal=self.literal_schedule)
+
+    def threshold_at(self, step: int) -> float:
+        """θ at a 0-based step (0 = dense)."""
+        if self.fixed_threshold is not None:
+            return self.fixed_threshold
+        return self.schedule.at(step)
+
+    @classmethod
+    def hunyuan_video(cls, num_steps: int = 50) -> TimeRippleConfig:
+        """The paper's published HunyuanVideo values (0.2 / 0.5 / 10 / 20 at 50 steps)."""
+        s = ThresholdSchedule.hunyuan_video(num_steps)
+        return cls(theta_min=s.theta_min, theta_max=s.theta_max, i_min=s.i_min, i_max=s.i_max, num_steps=num_steps)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["axes"], d["axis_scale"] = list(self.axes), list(self.axis_scale)
+        d["layers"] = None if self.layers is None else list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TimeRippleConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"TimeRippleConfig has no fields {unknown}: accepted {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class TimeRippleStats:
+    """Per-call reuse records, keyed by (branch, step, layer); :meth:`summary` aggregates them."""
+
+    calls: dict[tuple[str, int, int], ReuseStats] = field(default_factory=dict)
+    dense_calls: int = 0
+    generations: int = 0
+    _sums: dict = field(default_factory=lambda: defaultdict(list))
+
+    def record(self, branch: str, step: int, layer: int, stats: ReuseStats) -> None:
+        self.calls[(branch, step, layer)] = stats
+        self._sums["qk"].append(stats.qk_savings)
+        self._sums["q"].append(stats.q_reuse)
+        self._sums["k"].append(stats.k_reuse)
+        self._sums["step"].append(step)
+        for g, v in stats.q_reuse_per_group.items():
+            self._sums[f"q_{g}"].append(v)
+        for g, v in stats.k_reuse_per_group.items():
+            self._sums[f"k_{g}"].append(v)
+        for a, v in stats.q_reuse_per_axis.items():
+            self._sums[f"qa_{a}"].append(v)
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self._sums.clear()
+        self.dense_calls = 0
+        self.generations = 0
+
+    def per_step_savings(self) -> dict[int, float]:
+        """Mean QK savings per step over layers, branches and generations (dense steps absent)."""
+        by: dict[int, list[float]] = defaultdict(list)
+        for s, v in zip(self._sums["step"], self._sums["qk"]):
+            by[s].append(v)
+        return {s: float(np.mean(v)) for s, v in sorted(by.items())}
+
+    def summary(self) -> dict:
+        """JSON-able aggregate: QK savings over reuse-active calls and over all self-attention calls."""
+        active = len(self._sums["qk"])
+        total = active + self.dense_calls
+
+        def mean(key: str) -> float:
+            return round(float(np.mean(self._sums[key])), 4) if self._sums.get(key) else 0.0
+
+        out = {
+            "qk_savings_active": mean("qk"),
+            "qk_savings_all": round(float(np.sum(self._sums["qk"]) / total), 4) if total else 0.0,
+            "q_reuse_active": mean("q"),
+            "k_reuse_active": mean("k"),
+            "active_calls": active,
+            "dense_calls": self.dense_calls,
+        }
+        for g in AXES:
+            if self._sums.get(f"q_{g}"):
+                out[f"q_reuse_group_{g}"] = mean(f"q_{g}")
+                out[f"k_reuse_group_{g}"] = mean(f"k_{g}")
+            if self._sums.get(f"qa_{g}"):
+                out[f"q_pass_axis_{g}"] = mean(f"qa_{g}")
+        return out
+
+
+class TimeRippleProcessor:
+    """Replacement processor for one video self-attention module (Wan family)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, layer: int, original, config: TimeRippleConfig, context: ContextHook,
+                 rope_groups: dict[str, slice], stats: TimeRippleStats) -> None:
+        self.layer = layer
+        self.original = original
+        self.config = config
+        self.context = context
+        self.rope_groups = rope_groups
+        self.stats = stats
+
+    def _thresholds(self, theta: float, q: torch.Tensor):
+        cfg = self.config
+        if cfg.threshold_mode == "shared":
+            return theta
+        if cfg.threshold_mode == "per_axis":
+            scale = dict(zip(AXES, cfg.axis_scale))
+            return {a: theta * scale[a] for a in cfg.axes}
+        mag = q.detach().abs().float().mean(dim=(0, 1, 2))  # [D]
+        per_channel = theta * mag / mag.mean().clamp_min(1e-12)
+        return per_channel.expand(len(cfg.axes), -1)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        ctx = self.context.current
+        if ctx is None:
+            raise ConfigError("TimeRipple needs the root context hook: call the transformer as a whole model")
+        theta = self.config.threshold_at(ctx.step_index)
+        if encoder_hidden_states is not None or attention_mask is not None or theta == 0.0:
+            self.stats.dense_calls += encoder_hidden_states is None
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        q, k, v = wan_qkv(attn, hidden_states, rotary_emb)
+        cfg = self.config
+        out, stats = timeripple_attention(
+            q, k, v, grid=ctx.grid.as_tuple(), thresholds=self._thresholds(theta, q), window=cfg.window,
+            axes=cfg.axes, priority=cfg.priority, text_prefix=ctx.text_prefix, text_suffix=ctx.text_suffix,
+            reuse_q=cfg.reuse_q, reuse_k=cfg.reuse_k, rope_groups=self.rope_groups,
+        )
+        self.stats.record(ctx.branch, ctx.step_index, self.layer, stats)
+        return wan_attention_output(attn, out, q)
+
+
+@dataclass
+class TimeRippleHandle:
+    """Returned by :func:`apply_timeripple`: live ``stats`` and ``remove()`` (restores the processors)."""
+
+    transformer: torch.nn.Module
+    stats: TimeRippleStats
+    _restore: list = field(default_factory=list)
+    _removed: bool = False
+
+    def remove(self) -> None:
+        if self._removed:
+            return
+        for module, processor in self._restore:
+            module.set_processor(processor)
+        release_context(self.transformer)
+        self._removed = True
+
+
+def apply_timeripple(transformer: torch.nn.Module, config: TimeRippleConfig,
+                     adapter: ModelAdapter | None = None) -> TimeRippleHandle:
+    """Install TimeRipple on every (selected) video self-attention module of ``transformer``.
+
+    Raises:
+        ConfigError: the model has no RoPE, or ``layers`` names blocks the model does not have.
+        UnsupportedModelError: no adapter for the model class (pass ``adapter=``).
+    """
+    adapter = adapter or resolve_adapter(transformer)
+    if not adapter.has_rope(transformer):
+        raise ConfigError(f"{type(transformer).__name__} applies no RoPE in self-attention: TimeRipple needs RoPE "
+                          "channel groups (post-RoPE Q/K)")
+    blocks = adapter.blocks(transformer)
+    layers = range(len(blocks)) if config.layers is None else config.layers
+    bad = [i for i in layers if i >= len(blocks)]
+    if bad:
+        raise ConfigError(f"layers={list(bad)} are out of range: accepted [0, {len(blocks) - 1}]")
+    context = acquire_context(transformer, adapter, num_steps=config.num_steps)
+    stats = TimeRippleStats()
+    handle = TimeRippleHandle(transformer, stats)
+    groups = adapter.rope_groups(transformer)
+    for i in layers:
+        attn = adapter.self_attention(blocks[i])
+        original = attn.get_processor()
+        attn.set_processor(TimeRippleProcessor(i, original, config, context, groups, stats))
+        handle._restore.append((attn, original))
+        logger.debug("TimeRipple on block %d", i)
+    return handle
+
+
+def _point(label: str, preset: str) -> OperatingPoint:
+    def make(env):
+        from vdit_accel.search.presets import load_preset
+
+        return load_preset(preset, method="timeripple", steps=env.steps, model_id=env.model_id)
+
+    return OperatingPoint(label, "timeripple", {"preset": preset}, make)
+
+
+register_method(
+    Method("timeripple", TimeRippleConfig, apply_timeripple, "TimeRipple partial-score reuse (QK savings)"),
+    [_point("timeripple-75", "timeripple-75"), _point("timeripple-80", "timeripple-80"),
+     _point("timeripple-85", "timeripple-85")],
+)

@@ -1,0 +1,119 @@
+"""Versioned JSON presets: the single artifact that calibration and search write and configs load.
+
+A preset records what it was made for (model id, geometry, steps, seed), the method's config as a
+dict (loaded back through the config's own validation, unknown keys rejected), and how it was made
+(calibration or search record). Shipped presets live in ``vdit_accel/presets/`` and are named by file
+stem; any other path works too.
+
+Example:
+    >>> from vdit_accel.methods.timeripple import TimeRippleConfig
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "tr.json"
+    >>> _ = save_preset(p, "timeripple", TimeRippleConfig(), model_id="m", geometry=[16, 64, 64], steps=50, seed=0)
+    >>> load_preset(p, method="timeripple") == TimeRippleConfig()
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from vdit_accel.errors import ConfigError, WeightsError
+
+logger = logging.getLogger(__name__)
+
+PRESET_FORMAT = "vdit-accel/preset"
+PRESET_VERSION = 1
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+_REQUIRED = ("format", "version", "method", "model_id", "geometry", "steps", "seed", "config")
+
+
+def save_preset(path: str | Path, method: str, config: Any, *, model_id: str, geometry: list[int], steps: int,
+                seed: int, record: dict | None = None) -> Path:
+    """Write a preset file; ``config`` is a method config with ``to_dict()``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "format": PRESET_FORMAT,
+        "version": PRESET_VERSION,
+        "method": method,
+        "model_id": model_id,
+        "geometry": list(geometry),
+        "steps": int(steps),
+        "seed": int(seed),
+        "config": config.to_dict(),
+        "record": record or {},
+    }
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """A shipped preset name (``timeripple-85``) or a file path."""
+    p = Path(name_or_path)
+    if p.suffix == ".json" and p.is_file():
+        return p
+    shipped = PRESETS_DIR / f"{name_or_path}.json"
+    if shipped.is_file():
+        return shipped
+    names = sorted(x.stem for x in PRESETS_DIR.glob("*.json")) if PRESETS_DIR.is_dir() else []
+    raise WeightsError(f"preset {str(name_or_path)!r} is neither a file nor a shipped preset: shipped are {names}")
+
+
+def read_preset(name_or_path: str | Path) -> dict:
+    """Read and validate a preset file's envelope."""
+    path = preset_path(name_or_path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"preset {str(path)!r} is not valid JSON: {e}") from e
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing or data.get("format") != PRESET_FORMAT:
+        raise WeightsError(f"preset {str(path)!r} is not a {PRESET_FORMAT} file (missing {missing})")
+    if data["version"] != PRESET_VERSION:
+        raise WeightsError(f"preset {str(path)!r} has version {data['version']}: accepted {PRESET_VERSION}")
+    return data
+
+
+def load_preset(name_or_path: str | Path, *, method: str | None = None, steps: int | None = None,
+                model_id: str | None = None) -> Any:
+    """Load a preset into its method's config class.
+
+    Raises:
+        ConfigError: the preset is for another method, or for another step count than ``steps``.
+        WeightsError: the file is missing or malformed.
+    """
+    from vdit_accel.registry import get_method
+
+    data = read_preset(name_or_path)
+    if method is not None and data["method"] != method:
+        raise ConfigError(f"preset {str(name_or_path)!r} is for method {data['method']!r}, not {method!r}")
+    if steps is not None and data["steps"] != steps:
+        raise ConfigError(
+            f"preset {str(name_or_path)!r} was made for steps={data['steps']}, not steps={steps}: its schedule is "
+            "tied to the step count"
+        )
+    if model_id is not None and data["model_id"] != model_id:
+        logger.warning("preset %s was made for model %s, applied to %s", name_or_path, data["model_id"], model_id)
+    import vdit_accel.methods  # noqa: F401  (registers the methods)
+
+    return get_method(data["method"]).config_cls.from_dict(data["config"])
+
+
+def method_config_from_cli(method: str, preset: str | None, steps: int) -> Any:
+    """The config for ``--method`` with an optional ``--preset`` (defaults: the method's default preset)."""
+    import vdit_accel.methods  # noqa: F401
+
+    from vdit_accel.registry import get_method
+
+    cls = get_method(method).config_cls
+    if preset is None:
+        default = PRESETS_DIR / f"{method}-default.json"
+        if default.is_file():
+            preset = str(default)
+        else:
+            return cls()
+    return load_preset(preset, method=method, steps=steps)
