@@ -43,3 +43,57 @@ def calibrate_cli(a) -> int:
                 steps=gen.steps, seed=gen.seed, record={"calibration": record})
     print(json.dumps({"preset": str(out), **record}, indent=1))
     return 0
+
+
+def plot_search(record: dict, budgets: list[float], path: Path, baselines: dict | None = None) -> None:
+    """Budget schedule (searched vs baselines) and the fitness curve, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.step(range(len(budgets)), budgets, where="mid", label=f"searched (mean {sum(budgets) / len(budgets):.3f})")
+    for name, sched in (baselines or {}).items():
+        a.step(range(len(sched)), sched, where="mid", alpha=0.6, label=name)
+    a.set_xlabel("denoising step")
+    a.set_ylabel("token budget")
+    a.set_ylim(-0.05, 1.05)
+    a.legend(fontsize=8)
+    hist = record["evolution"]["history"]
+    b.plot([h["generation"] for h in hist], [h["best"] for h in hist], label="best")
+    b.plot([h["generation"] for h in hist], [h["mean"] for h in hist], label="mean of parents")
+    b.set_yscale("log")
+    b.set_xlabel("generation")
+    b.set_ylabel("fitness (latent MSE vs dense)")
+    b.legend(fontsize=8)
+    fig.suptitle(f"Astraea search, target {record['target']}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def search_cli(a) -> int:
+    from vdit_accel.bench.harness import resolve_prompts
+    from vdit_accel.instrument.sampler import GenerationConfig
+    from vdit_accel.search.astraea_search import search_astraea
+    from vdit_accel.search.evolution import EvolutionConfig
+
+    if a.method != "astraea":
+        raise ConfigError(f"search method {a.method!r} is unknown: choose one of ['astraea']")
+    prompts = resolve_prompts(a.prompts)
+    steps = 50
+    evo = EvolutionConfig(target=a.target, num_steps=steps, seed=a.seed)  # validates the target before compute
+    model, sampler = _model_and_sampler(a.weights)
+    name = f"astraea-{round(a.target * 100)}"
+    workdir = Path(a.checkpoint) if a.checkpoint else Path("runs") / f"search-{name}"
+    cfg, record = search_astraea(sampler, prompts, a.target, steps=steps, evolution=evo, workdir=workdir)
+    out = Path(a.out) if a.out else PRESETS_DIR / f"{name}.json"
+    save_preset(out, "astraea", cfg, model_id=model.config.model_id,
+                geometry=list(sampler.geometry(GenerationConfig())), steps=steps, seed=a.seed,
+                record={"search": record})
+    plot_search(record, list(cfg.budgets), out.with_suffix(".png"))
+    print(json.dumps({"preset": str(out), "budgets": cfg.budgets, "search_seconds": record["search_seconds"],
+                      "total_seconds": record["total_seconds"], "rerank": record.get("rerank")}, indent=1))
+    return 0

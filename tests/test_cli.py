@@ -1,0 +1,73 @@
+"""CLI smoke tests on a tiny saved model (fast), plus error handling."""
+
+import json
+
+import pytest
+
+from vdit_accel.cli import main
+from vdit_accel.testing import TINY_PROMPT, tiny_model
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    d = tmp_path_factory.mktemp("w") / "tiny"
+    tiny_model().save(d)
+    return str(d)
+
+
+def test_generate_writes_mp4_and_gif(weights, tmp_path, capsys):
+    out = tmp_path / "clip.mp4"
+    assert main(["generate", TINY_PROMPT, "--steps", "2", "--seed", "1", "--out", str(out), "--weights", weights,
+                 "--quiet"]) == 0
+    assert out.stat().st_size > 0 and out.with_suffix(".gif").stat().st_size > 0
+
+
+def test_generate_with_methods(weights, tmp_path):
+    for method, preset in (("timeripple", None), ("astraea", None)):
+        preset_file = tmp_path / f"{method}.json"
+        from vdit_accel.methods.astraea import AstraeaConfig
+        from vdit_accel.methods.timeripple import TimeRippleConfig
+        from vdit_accel.search.presets import save_preset
+
+        cfg = (TimeRippleConfig(i_min=0, i_max=1, num_steps=3) if method == "timeripple"
+               else AstraeaConfig(budgets=(1.0, 0.5, 0.5), num_steps=3))
+        save_preset(preset_file, method, cfg, model_id="t", geometry=[4, 8, 8], steps=3, seed=0)
+        assert main(["generate", TINY_PROMPT, "--steps", "3", "--out", str(tmp_path / f"{method}.mp4"),
+                     "--weights", weights, "--method", method, "--preset", str(preset_file), "--quiet"]) == 0
+
+
+def test_score_command(weights, tmp_path, capsys):
+    out = tmp_path / "c.mp4"
+    main(["generate", TINY_PROMPT, "--steps", "2", "--out", str(out), "--weights", weights, "--quiet"])
+    capsys.readouterr()
+    assert main(["score", str(out), "--prompt", TINY_PROMPT]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert 0.0 <= res["adherence"] <= 1.0 and set(res["attributes"])
+
+
+def test_bench_quick_dense_and_one_peer(weights, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--quick", "--methods", "dense,fbc-0.05", "--out", str(out), "--weights", weights,
+                 "--steps", "3", "--quiet"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    labels = [m["label"] for m in res["methods"]]
+    assert labels == ["dense", "fbc-0.05"]
+    dense = res["methods"][0]
+    assert dense["speedup"] > 0 and dense["psnr_min"] == float("inf") and dense["ssim_mean"] == pytest.approx(1.0)
+    for name in ("results.md", "pareto.png", "compare.gif", "compare.png"):
+        assert (out / name).stat().st_size > 0
+    assert res["git_commit"] and res["versions"]["diffusers"].startswith("0.42")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["generate", "a red hexagon moves left on a blue background"], "hexagon"),
+    (["generate", TINY_PROMPT, "--steps", "0"], "steps=0"),
+    (["generate", TINY_PROMPT, "--guidance", "-1"], "guidance=-1"),
+    (["bench", "--methods", "dense,warp-drive"], "warp-drive"),
+    (["generate", TINY_PROMPT, "--weights", "/nonexistent/weights"], "missing"),
+])
+def test_bad_input_exits_2_with_a_clear_message(argv, match, capsys, weights):
+    if "--weights" not in argv:
+        argv = argv + ["--weights", weights]
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
