@@ -44,7 +44,11 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
 
 
 def read_video(path: str | Path, size: int | None = None) -> np.ndarray:
-    """Read an MP4/GIF to uint8 frames `[F, H, W, 3]`, area-downsampled to ``size`` pixels if given."""
+    """Read an MP4/GIF to uint8 frames `[F, H, W, 3]`, area-downsampled to ``size`` pixels if given.
+
+    A clip smaller than ``size`` (or not a multiple of it) is instead downsampled by ``MP4_SCALE``, the factor
+    :func:`write_video` upscales by, when that divides it.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"video file {str(path)!r} is missing")
@@ -52,6 +56,8 @@ def read_video(path: str | Path, size: int | None = None) -> np.ndarray:
     if frames.ndim == 3:
         frames = frames[None]
     frames = frames[..., :3]
+    if size is not None and (frames.shape[1] < size or frames.shape[1] % size):
+        size = frames.shape[1] // MP4_SCALE if frames.shape[1] % MP4_SCALE == 0 else None
     if size is not None and frames.shape[1] != size:
         f = frames.shape[1] // size
         frames = frames.reshape(frames.shape[0], size, f, size, f, 3).mean(axis=(2, 4)).round().astype(np.uint8)
