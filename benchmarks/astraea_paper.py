@@ -619,7 +619,7 @@ def exp_ablations(env: Env) -> dict:
     dense = runs["dense"]
     table = {n: summarize(runs[n], dense) for n in order[1:]}
     a = table["astraea"]
-    for n, e in table.items():
+    for e in table.values():
         e["psnr_vs_astraea_db"] = e["psnr_mean"] - a["psnr_mean"]
         e["speedup_vs_astraea"] = e["speedup"] / a["speedup"]
     results = {

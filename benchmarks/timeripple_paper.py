@@ -446,7 +446,7 @@ def fig7(env: Env) -> dict:
     colors = {"timeripple": "C0", "mask_scores": "C3", "sim_skip": "C2"}
     labels = {"timeripple": "TimeRipple reuse", "mask_scores": "mask smallest |S| (set 0)",
               "sim_skip": "similarity-selected skip (set 0)"}
-    for j, m in enumerate(methods):
+    for m in methods:
         xs = [r["qk_savings"] for r in records]
         axes[0].scatter(xs, [r["mse"][m] for r in records], s=8, alpha=0.35, color=colors[m])
         axes[0].plot(FIG7_SAVINGS, [summary[f"{s:g}"][f"mse_mean_{m}"] for s in FIG7_SAVINGS], "o-",

@@ -3,10 +3,21 @@ import pytest
 
 from vdit_accel.errors import PromptError
 from vdit_accel.instrument.captions import (
-    BACKGROUND_COLOURS, MOTIONS, OBJECT_COLOURS, SHAPES, format_caption, parse_caption, tokenize,
+    BACKGROUND_COLOURS,
+    MOTIONS,
+    OBJECT_COLOURS,
+    SHAPES,
+    format_caption,
+    parse_caption,
+    tokenize,
 )
 from vdit_accel.instrument.dataset import (
-    batch, heldout_combos, heldout_prompts, is_heldout, render, sample_spec,
+    batch,
+    heldout_combos,
+    heldout_prompts,
+    is_heldout,
+    render,
+    sample_spec,
 )
 
 

@@ -23,7 +23,7 @@ def test_generate_writes_mp4_and_gif(weights, tmp_path, capsys):
 
 
 def test_generate_with_methods(weights, tmp_path):
-    for method, preset in (("timeripple", None), ("astraea", None)):
+    for method in ("timeripple", "astraea"):
         preset_file = tmp_path / f"{method}.json"
         from vdit_accel.methods.astraea import AstraeaConfig
         from vdit_accel.methods.timeripple import TimeRippleConfig

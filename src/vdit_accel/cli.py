@@ -7,7 +7,6 @@ exits with status 2 and one line naming the bad value and the accepted range.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys

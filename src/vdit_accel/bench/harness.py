@@ -15,7 +15,6 @@ Example (a real run: see ``vdit-accel bench --help``):
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import platform
 import subprocess

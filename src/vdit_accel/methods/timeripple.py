@@ -91,7 +91,7 @@ class TimeRippleConfig:
         object.__setattr__(self, "axis_scale", tuple(float(x) for x in self.axis_scale))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
-        self.schedule  # validates thresholds and ramp steps
+        _ = self.schedule  # validates thresholds and ramp steps
         if self.fixed_threshold is not None and not self.fixed_threshold >= 0:
             raise ConfigError(f"fixed_threshold={self.fixed_threshold!r} is out of range: accepted [0, inf)")
         if self.window < 2:

@@ -106,7 +106,7 @@ def _run_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     return out, lse[..., : q.shape[2]]  # the efficient kernel may pad the LSE's Sq axis (alignment)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe_one(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     b, sq, h, s = _PROBE_SHAPE
     gen = torch.Generator().manual_seed(0)  # never touch the global RNG

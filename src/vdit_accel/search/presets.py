@@ -106,7 +106,6 @@ def load_preset(name_or_path: str | Path, *, method: str | None = None, steps: i
 def method_config_from_cli(method: str, preset: str | None, steps: int) -> Any:
     """The config for ``--method`` with an optional ``--preset`` (defaults: the method's default preset)."""
     import vdit_accel.methods  # noqa: F401
-
     from vdit_accel.registry import get_method
 
     cls = get_method(method).config_cls
