@@ -46,7 +46,6 @@ import dataclasses
 import json
 import math
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -61,6 +60,7 @@ import torch
 from vdit_accel.bench.harness import machine_info, prompt_sets, resolve_prompts
 from vdit_accel.bench.memory import PeakMemory
 from vdit_accel.bench.metrics import psnr, ssim
+from vdit_accel.bench.records import command_line, json_clean  # noqa: E402
 from vdit_accel.errors import ConfigError
 from vdit_accel.instrument.sampler import GenerationConfig, Sampler
 from vdit_accel.methods.astraea import AstraeaConfig, apply_astraea
@@ -121,32 +121,8 @@ def load_model(kind: str):
     return EmbeddedModel.load()
 
 
-def _clean(x):
-    """JSON-safe copy: numpy/torch scalars to Python, non-finite floats to None (a PSNR of identical videos)."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _clean(x.tolist())
-    if isinstance(x, np.ndarray):
-        return _clean(x.tolist())
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float):
-        return round(x, 8) if math.isfinite(x) else None
-    return x
 
 
-def command_line(argv: list[str]) -> str:
-    """The shell command that reproduces this run (environment, interpreter, script relative to the cwd, args)."""
-    script = Path(__file__).resolve()
-    try:
-        script = script.relative_to(Path.cwd())
-    except ValueError:
-        pass
-    envs = [f"{k}={shlex.quote(os.environ[k])}" for k in ("PYTHONPATH", "OMP_NUM_THREADS") if k in os.environ]
-    return " ".join([*envs, shlex.quote(sys.executable), shlex.quote(str(script)), *map(shlex.quote, argv)])
 
 
 def spaced(items: list, n: int) -> list:
@@ -390,7 +366,7 @@ def write_json(env: Env, name: str, settings: dict, results: dict, budget_entry:
         "format": RESULTS_FORMAT,
         "version": RESULTS_VERSION,
         "experiment": name,
-        "command": command_line(env.args.argv),
+        "command": command_line(__file__, env.args.argv),
         "argv": list(env.args.argv),
         "cwd": os.getcwd(),
         **machine_info(),
@@ -413,7 +389,7 @@ def write_json(env: Env, name: str, settings: dict, results: dict, budget_entry:
         "wall_s": round(wall_s, 2),
     }
     path = env.out / f"{name}.json"
-    path.write_text(json.dumps(_clean(doc), indent=1, allow_nan=False))
+    path.write_text(json.dumps(json_clean(doc), indent=1, allow_nan=False))
     return path
 
 

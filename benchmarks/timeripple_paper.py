@@ -42,7 +42,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import time
@@ -60,6 +59,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from vdit_accel.adapters import resolve_adapter  # noqa: E402
 from vdit_accel.adapters.wan import wan_attention_output, wan_qkv  # noqa: E402
+from vdit_accel.bench.records import command_line, json_clean  # noqa: E402
 from vdit_accel.context import acquire_context, release_context  # noqa: E402
 from vdit_accel.errors import ConfigError  # noqa: E402
 from vdit_accel.instrument.sampler import GenerationConfig, Sampler  # noqa: E402
@@ -165,30 +165,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _clean(x):
-    """JSON-safe copy: numpy/torch scalars to Python, non-finite floats to None (recorded as such)."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _clean(x.tolist())
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float):
-        return round(x, 8) if math.isfinite(x) else None
-    return x
 
 
-def command_line(argv: list[str]) -> str:
-    """The shell command that reproduces this run (environment, interpreter, script relative to the cwd, args)."""
-    script = Path(__file__).resolve()
-    try:
-        script = script.relative_to(Path.cwd())
-    except ValueError:
-        pass
-    envs = [f"{k}={shlex.quote(os.environ[k])}" for k in ("PYTHONPATH", "OMP_NUM_THREADS") if k in os.environ]
-    return " ".join([*envs, shlex.quote(sys.executable), shlex.quote(str(script)), *map(shlex.quote, argv)])
 
 
 def write_json(env: Env, name: str, settings: dict, results: dict, subsampled: dict, wall_s: float,
@@ -197,7 +175,7 @@ def write_json(env: Env, name: str, settings: dict, results: dict, subsampled: d
     doc = {
         "format": RESULTS_FORMAT,
         "experiment": name,
-        "command": command_line(env.args.argv),
+        "command": command_line(__file__, env.args.argv),
         "argv": list(env.args.argv),
         "invoked": env.args.invoked,
         "cwd": os.getcwd(),
@@ -215,7 +193,7 @@ def write_json(env: Env, name: str, settings: dict, results: dict, subsampled: d
                     "torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit()},
     }
     path = env.out / f"{name}.json"
-    path.write_text(json.dumps(_clean(doc), indent=1, allow_nan=False))
+    path.write_text(json.dumps(json_clean(doc), indent=1, allow_nan=False))
     return path
 
 

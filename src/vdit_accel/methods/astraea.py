@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from vdit_accel.adapters import ModelAdapter, resolve_adapter
 from vdit_accel.adapters.wan import wan_block_rows_forward
+from vdit_accel.config_io import config_from_dict, config_to_dict
 from vdit_accel.context import ContextHook, acquire_context, release_context
 from vdit_accel.errors import ConfigError, check_choice, check_range
 from vdit_accel.ops.astraea import (
@@ -138,17 +138,11 @@ class AstraeaConfig:
         return float(np.mean(self.schedule))
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["budgets"] = None if self.budgets is None else list(self.budgets)
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> AstraeaConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"AstraeaConfig has no fields {unknown}: accepted {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 @dataclass

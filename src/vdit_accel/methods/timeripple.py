@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ import torch
 
 from vdit_accel.adapters import ModelAdapter, resolve_adapter
 from vdit_accel.adapters.wan import wan_attention_output, wan_qkv
+from vdit_accel.config_io import config_from_dict, config_to_dict
 from vdit_accel.context import ContextHook, acquire_context, release_context
 from vdit_accel.errors import ConfigError, check_choice
 from vdit_accel.ops.timeripple import AXES, MIN_DELTA, ReuseStats, ThresholdSchedule, timeripple_attention
@@ -128,18 +128,11 @@ class TimeRippleConfig:
         return cls(theta_min=s.theta_min, theta_max=s.theta_max, i_min=s.i_min, i_max=s.i_max, num_steps=num_steps)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["axes"], d["axis_scale"] = list(self.axes), list(self.axis_scale)
-        d["layers"] = None if self.layers is None else list(self.layers)
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> TimeRippleConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"TimeRippleConfig has no fields {unknown}: accepted {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 @dataclass
