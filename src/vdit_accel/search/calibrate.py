@@ -56,7 +56,7 @@ def calibrate_timeripple(sampler: Sampler, prompts: list[str], target: float, ge
         (config, record): record has the target, achieved savings, iterations and every (θ_max, savings) tried.
 
     Raises:
-        ConfigError: target outside (0, 1), or above what θ = ∞ reaches on this model (message gives the maximum).
+        ConfigError: target outside (0, 1), or above what the largest threshold reaches (message gives the maximum).
     """
     check_range("target", target, lo=1e-6, hi=1 - 1e-6)
     for p in prompts:
@@ -76,24 +76,32 @@ def calibrate_timeripple(sampler: Sampler, prompts: list[str], target: float, ge
         bar.set_postfix(theta=f"{theta:.4g}", savings=f"{s:.4f}")
         return s
 
-    top = savings(THETA_CEILING)
-    if top < target - tolerance:
-        bar.close()
-        raise ConfigError(f"target={target} is out of reach: at most {top:.4f} QK savings with these settings")
-    lo, hi = 0.0, None
+    lo = hi = None  # (theta, savings) brackets
     theta = max(base.theta_max, 1e-3)
-    while len(tried) < max_iterations:  # bracket on a doubling / halving ladder, then bisect in log space
+    top = None
+    while len(tried) < max_iterations:  # bracket on a x4 / /4 ladder, then interpolate in log θ
         s = savings(theta)
         if abs(s - target) <= tolerance:
             break
         if s < target:
-            lo = theta
-            theta = theta * 2 if hi is None else math.sqrt(theta * hi) if lo > 0 else hi / 2
+            if theta >= THETA_CEILING:
+                top = s
+                break
+            lo = (theta, s)
         else:
-            hi = theta
-            theta = theta / 2 if lo == 0 else math.sqrt(lo * hi)
+            hi = (theta, s)
+        if lo is None:
+            theta = theta / 4
+        elif hi is None:
+            theta = min(theta * 4, THETA_CEILING)
+        else:
+            frac = (target - lo[1]) / max(hi[1] - lo[1], 1e-9)
+            frac = min(max(frac, 0.1), 0.9)  # stay inside the bracket
+            theta = math.exp(math.log(lo[0]) + frac * (math.log(hi[0]) - math.log(lo[0])))
     bar.close()
-    best_theta, best = min(tried[1:] or tried, key=lambda ts: abs(ts[1] - target))
+    if top is not None and top < target - tolerance:
+        raise ConfigError(f"target={target} is out of reach: at most {top:.4f} QK savings with these settings")
+    best_theta, best = min(tried, key=lambda ts: abs(ts[1] - target))
     cfg = dataclasses.replace(base, theta_max=best_theta, theta_min=ratio * best_theta)
     record = {
         "target": target,
@@ -101,7 +109,6 @@ def calibrate_timeripple(sampler: Sampler, prompts: list[str], target: float, ge
         "tolerance": tolerance,
         "iterations": len(tried),
         "max_iterations": max_iterations,
-        "max_savings": round(top, 4),
         "tried": [[round(t, 6), round(s, 4)] for t, s in tried],
         "prompts": list(prompts),
         "guidance": gen_cfg.guidance,
