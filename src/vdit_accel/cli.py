@@ -74,7 +74,8 @@ def cmd_score(a) -> int:
     from vdit_accel.instrument.score import ground_truth_accuracy, score_file
 
     if a.ground_truth:
-        print(json.dumps(ground_truth_accuracy(n_clips=a.ground_truth, through_mp4=a.mp4), indent=1))
+        acc = ground_truth_accuracy(n_clips=a.ground_truth, through_mp4=a.mp4)
+        print(json.dumps({"command": "vdit-accel " + " ".join(sys.argv[1:]), **acc}, indent=1))
         return 0
     if not a.clip or not a.prompt:
         raise VditAccelError("score needs CLIP and --prompt (or --ground-truth N)")

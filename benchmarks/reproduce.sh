@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every figure in README.md and docs/ comes from one of these commands (2-core CPU machine, after `make install`).
+# Run from the repository root; each writes JSON (with its own command line) beside its plots.
+set -euxo pipefail
+export PYTHONPATH=src OMP_NUM_THREADS=2
+PY=.venv/bin/python
+VA=.venv/bin/vdit-accel
+
+# 0. the embedded model (about 50 min on 2 cores; resumable) -> copy runs/train/release to the weights folder
+# $VA train --out runs/train && cp runs/train/release/* src/vdit_accel/instrument/weights/embedded-wan-v1/
+
+# 1. the instrument
+$VA score --ground-truth 200 > docs/results/instrument/scorer_ground_truth.json
+$VA score --ground-truth 100 --mp4 > docs/results/instrument/scorer_ground_truth_mp4.json
+$PY benchmarks/heldout_adherence.py --out docs/results/instrument
+$VA inspect --prompts quick --steps 50 --out docs/results/instrument/inspect.json
+
+# 2. calibrations and searches (presets land in src/vdit_accel/presets/)
+$VA calibrate magcache
+for t in 0.75 0.80 0.85; do $VA calibrate timeripple --target $t; done
+for t in 0.5 0.4 0.7; do $VA search astraea --target $t; done
+
+# 3. the paper experiments
+for e in fig7 fig8 fig5; do $PY benchmarks/timeripple_paper.py --model embedded --experiments $e --out docs/results/timeripple; done
+$PY benchmarks/timeripple_paper.py --model embedded --experiments ablations --ablation-steps 20 --out docs/results/timeripple
+for e in baselines ablations score_options; do $PY benchmarks/astraea_paper.py --model embedded --experiments $e --out docs/results/astraea; done
+
+# 4. the side-by-side bench (all methods, one process)
+$VA bench --methods dense,pab,fbc,taylorseer,fastercache,magcache,timeripple,astraea --prompts quick --seeds 2 --steps 50 --out docs/results/bench
