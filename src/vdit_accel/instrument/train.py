@@ -205,7 +205,7 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: Embe
             for k, v in model.state_dict().items():
                 ema[k].mul_(d).add_(v.float(), alpha=1 - d)
         step += 1
-        record["loss"].append(float(loss))
+        record["loss"].append(float(loss.detach()))
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(record['loss'][-50:]):.4f}", res=f"{stage.frames}x{stage.height}")
         if step % cfg.checkpoint_every == 0 or step == end:
