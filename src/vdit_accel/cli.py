@@ -205,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", default=None)
     s.add_argument("--weights", default=None)
     s.add_argument("--seed", type=int, default=0)
+    from vdit_accel.search.evolution import EvolutionConfig
+
+    e = EvolutionConfig(target=0.5, num_steps=50)
+    s.add_argument("--plot", default=None, help="schedule/fitness plot (default docs/results/astraea/NAME-search.png)")
+    s.add_argument("--population", type=int, default=e.population)
+    s.add_argument("--children", type=int, default=e.children)
+    s.add_argument("--generations", type=int, default=e.generations)
     s.set_defaults(fn=cmd_search)
     return p
 

@@ -84,7 +84,8 @@ def search_cli(a) -> int:
         raise ConfigError(f"search method {a.method!r} is unknown: choose one of ['astraea']")
     prompts = resolve_prompts(a.prompts)
     steps = 50
-    evo = EvolutionConfig(target=a.target, num_steps=steps, seed=a.seed)  # validates the target before compute
+    evo = EvolutionConfig(target=a.target, num_steps=steps, seed=a.seed, population=a.population,
+                          children=a.children, generations=a.generations)  # validates before any compute
     model, sampler = _model_and_sampler(a.weights)
     name = f"astraea-{round(a.target * 100)}"
     workdir = Path(a.checkpoint) if a.checkpoint else Path("runs") / f"search-{name}"
@@ -93,7 +94,8 @@ def search_cli(a) -> int:
     save_preset(out, "astraea", cfg, model_id=model.config.model_id,
                 geometry=list(sampler.geometry(GenerationConfig())), steps=steps, seed=a.seed,
                 record={"search": record})
-    plot_search(record, list(cfg.budgets), out.with_suffix(".png"))
-    print(json.dumps({"preset": str(out), "budgets": cfg.budgets, "search_seconds": record["search_seconds"],
+    plot = Path(a.plot) if a.plot else Path("docs/results/astraea") / f"{name}-search.png"
+    plot_search(record, list(cfg.budgets), plot)
+    print(json.dumps({"preset": str(out), "plot": str(plot), "budgets": cfg.budgets, "search_seconds": record["search_seconds"],
                       "total_seconds": record["total_seconds"], "rerank": record.get("rerank")}, indent=1))
     return 0
