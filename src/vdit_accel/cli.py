@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("method", help="timeripple or magcache")
     s.add_argument("--target", type=float, default=None, help="target QK savings (timeripple), e.g. 0.85")
     s.add_argument("--prompts", default="calib")
+    s.add_argument("--n-prompts", type=int, default=None, help="use only the first N prompts of the set")
     s.add_argument("--steps", type=int, default=g.steps)
     s.add_argument("--out", default=None, help="preset file to write")
     s.add_argument("--weights", default=None)

@@ -21,7 +21,7 @@ def calibrate_cli(a) -> int:
     from vdit_accel.bench.harness import resolve_prompts
     from vdit_accel.instrument.sampler import GenerationConfig
 
-    prompts = resolve_prompts(a.prompts)
+    prompts = resolve_prompts(a.prompts)[: a.n_prompts]
     gen = GenerationConfig(steps=a.steps)
     if a.method == "magcache":
         from vdit_accel.methods.magcache_ratios import RATIOS_FILE, calibrate_mag_ratios
