@@ -155,12 +155,13 @@ def _load_checkpoint(ckpt: Path, model, ema, opt) -> tuple[int, dict]:
 
 
 def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: EmbeddedConfig = EmbeddedConfig(),
-          max_steps: int | None = None, progress: bool = True) -> EmbeddedModel:
+          max_steps: int | None = None, progress: bool = True, init_from: str | Path | None = None) -> EmbeddedModel:
     """Train (or resume) into ``out_dir``; write the EMA weights, training record and loss plot.
 
     Args:
         out_dir: run folder; ``out_dir/checkpoint`` holds the resumable state.
         max_steps: stop after this many total steps (for tests and time-boxed runs); resumable.
+        init_from: a saved model folder to start from (fine-tuning) instead of random initialisation.
 
     Returns:
         The model holding the EMA weights.
@@ -171,6 +172,8 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: Embe
     ckpt = out_dir / "checkpoint"
     torch.manual_seed(cfg.seed)
     model = EmbeddedModel(model_cfg)
+    if init_from is not None:
+        model.load_state_dict(EmbeddedModel.load(init_from).state_dict())
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -180,7 +183,8 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: Embe
         lr=cfg.lr, betas=(0.9, 0.99),
     )
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-    step, record = 0, {"loss": [], "wall_s": 0.0, "seed": cfg.seed}
+    step, record = 0, {"loss": [], "wall_s": 0.0, "seed": cfg.seed,
+                       "init_from": None if init_from is None else str(init_from)}
     if (ckpt / "state.json").is_file():
         step, record = _load_checkpoint(ckpt, model, ema, opt)
         logger.info("resumed from step %d", step)
@@ -232,6 +236,7 @@ def write_release(out_dir: Path, model: EmbeddedModel, cfg: TrainConfig, record:
     training = {
         "steps": len(record["loss"]),
         "seed": record["seed"],
+        "init_from": record.get("init_from"),
         "wall_time_s": round(record["wall_s"], 1),
         "threads": torch.get_num_threads(),
         "recipe": dataclasses.asdict(cfg),
