@@ -42,3 +42,14 @@ def test_bad_recipe_values():
         TrainConfig(stages=(Stage(4, 8, 8, 0, 2),))
     with pytest.raises(ConfigError, match="height=10"):
         train("/tmp/never", TrainConfig(stages=(Stage(4, 10, 8, 1, 1),)), TINY, progress=False)
+
+
+def test_fine_tune_starts_from_saved_weights(tmp_path):
+    base = train(tmp_path / "base", CFG, TINY, progress=False)
+    base.save(tmp_path / "saved")
+    one = TrainConfig(stages=(Stage(4, 8, 8, 1, 2),), warmup=1, checkpoint_every=1, bf16=False, lr=1e-12)
+    tuned = train(tmp_path / "ft", one, TINY, progress=False, init_from=tmp_path / "saved")
+    for k, v in base.state_dict().items():  # a near-zero learning rate keeps the initial weights
+        torch.testing.assert_close(tuned.state_dict()[k], v, atol=1e-6, rtol=0)
+    record = json.loads((tmp_path / "ft" / "release" / "training.json").read_text())
+    assert record["init_from"] == str(tmp_path / "saved")
