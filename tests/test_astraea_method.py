@@ -112,3 +112,10 @@ def test_uniform_schedule_meets_target():
     cfg = AstraeaConfig(target=0.5, num_steps=10, dense_steps=1)
     assert cfg.schedule[0] == 1.0 and cfg.mean_budget == pytest.approx(0.5)
     assert AstraeaConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_stats_count_dense_tail_steps(tiny_model):
+    """Steps after the last sparse one run the original forward and still count as fully kept."""
+    _, handle = _run(tiny_model, AstraeaConfig(budgets=(1.0, 0.5, 1.0, 1.0), num_steps=4))
+    assert handle.stats.per_step() == {0: 1.0, 1: 0.5, 2: 1.0, 3: 1.0}
+    assert handle.stats.summary()["kept_ratio"] == pytest.approx(0.875)

@@ -223,6 +223,8 @@ class AstraeaBlockHook(ModelHook):
         ctx = self.context.current
         original = self.fn_ref.original_forward
         if ctx is None or ctx.step_index > self.last_sparse:
+            if ctx is not None:
+                self.stats.record(ctx.branch, ctx.step_index, self.index, 1.0)
             return original(hidden_states, encoder_hidden_states, temb, rotary_emb)
         if ctx.num_steps is not None and ctx.num_steps != self.config.num_steps:
             raise ConfigError(f"Astraea schedule has {self.config.num_steps} steps but the generation has "
