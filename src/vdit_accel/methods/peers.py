@@ -5,7 +5,9 @@ Each peer is applied through ``transformer.enable_cache(config)`` and removed wi
 
 - ``PyramidAttentionBroadcastConfig`` (PAB): broadcasts self-attention outputs within a timestep range.
 - ``FirstBlockCacheConfig`` (FBC): skips the remaining blocks when the first block's residual barely changes.
-- ``TaylorSeerCacheConfig``: Taylor-extrapolates cached block outputs between full steps.
+- ``TaylorSeerCacheConfig``: Taylor-extrapolates cached block outputs between full steps. Its default module
+  patterns (``"^blocks.*attn"`` under ``re.fullmatch``) match no Wan module (``blocks.0.attn1`` ends in a digit),
+  so it would silently do nothing; we pass ``cache_identifiers=TAYLORSEER_WAN_BLOCKS`` (whole blocks).
 - ``MagCacheConfig``: skips steps by a calibrated residual-magnitude ratio curve; needs per-model
   ``mag_ratios``, which :func:`calibrate_magcache` measures on the model itself.
 - ``FasterCacheConfig``: its unconditional-branch reuse needs CFG batched into one call (it splits the
@@ -85,6 +87,17 @@ def _mag(threshold: float):
     return make
 
 
+TAYLORSEER_WAN_BLOCKS = [r"^blocks\.\d+$"]
+
+
+def _taylor(interval: int, before: int):
+    def make(env: BenchEnv) -> TaylorSeerCacheConfig:
+        return TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=before, max_order=1,
+                                     taylor_factors_dtype=torch.float32, cache_identifiers=TAYLORSEER_WAN_BLOCKS)
+
+    return make
+
+
 def _register() -> None:
     register_method(
         Method("pab", PyramidAttentionBroadcastConfig, _enable, "diffusers PyramidAttentionBroadcast"),
@@ -103,16 +116,10 @@ def _register() -> None:
     register_method(
         Method("taylorseer", TaylorSeerCacheConfig, _enable, "diffusers TaylorSeerCache"),
         [
-            OperatingPoint(
-                "taylorseer-3", "taylorseer", {"cache_interval": 3, "disable_before": 5, "max_order": 1},
-                lambda env: TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=5, max_order=1,
-                                                  taylor_factors_dtype=torch.float32),
-            ),
-            OperatingPoint(
-                "taylorseer-5", "taylorseer", {"cache_interval": 5, "disable_before": 3, "max_order": 1},
-                lambda env: TaylorSeerCacheConfig(cache_interval=5, disable_cache_before_step=3, max_order=1,
-                                                  taylor_factors_dtype=torch.float32),
-            ),
+            OperatingPoint("taylorseer-3", "taylorseer", {"cache_interval": 3, "disable_before": 5, "max_order": 1,
+                                                          "cache_identifiers": TAYLORSEER_WAN_BLOCKS}, _taylor(3, 5)),
+            OperatingPoint("taylorseer-5", "taylorseer", {"cache_interval": 5, "disable_before": 3, "max_order": 1,
+                                                          "cache_identifiers": TAYLORSEER_WAN_BLOCKS}, _taylor(5, 3)),
         ],
     )
     register_method(
