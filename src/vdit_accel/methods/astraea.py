@@ -52,7 +52,8 @@ from vdit_accel.ops.astraea import (
     update_skips,
 )
 from vdit_accel.ops.attention import row_subset_attention
-from vdit_accel.registry import Method, OperatingPoint, register_method
+from vdit_accel.registry import Method, register_method
+from vdit_accel.search.presets import preset_operating_point
 
 logger = logging.getLogger(__name__)
 
@@ -311,16 +312,8 @@ def apply_astraea(transformer: torch.nn.Module, config: AstraeaConfig,
     return handle
 
 
-def _point(label: str, preset: str) -> OperatingPoint:
-    def make(env):
-        from vdit_accel.search.presets import load_preset
-
-        return load_preset(preset, method="astraea", steps=env.steps, model_id=env.model_id)
-
-    return OperatingPoint(label, "astraea", {"preset": preset}, make)
-
 
 register_method(
     Method("astraea", AstraeaConfig, apply_astraea, "Astraea token-wise budgets (Q-only sparse attention)"),
-    [_point("astraea-40", "astraea-40"), _point("astraea-50", "astraea-50"), _point("astraea-70", "astraea-70")],
+    [preset_operating_point("astraea", f"astraea-{t}") for t in (40, 50, 70)],
 )

@@ -42,7 +42,8 @@ from vdit_accel.config_io import config_from_dict, config_to_dict
 from vdit_accel.context import ContextHook, acquire_context, release_context
 from vdit_accel.errors import ConfigError, check_choice
 from vdit_accel.ops.timeripple import AXES, MIN_DELTA, ReuseStats, ThresholdSchedule, timeripple_attention
-from vdit_accel.registry import Method, OperatingPoint, register_method
+from vdit_accel.registry import Method, register_method
+from vdit_accel.search.presets import preset_operating_point
 
 logger = logging.getLogger(__name__)
 
@@ -288,17 +289,8 @@ def apply_timeripple(transformer: torch.nn.Module, config: TimeRippleConfig,
     return handle
 
 
-def _point(label: str, preset: str) -> OperatingPoint:
-    def make(env):
-        from vdit_accel.search.presets import load_preset
-
-        return load_preset(preset, method="timeripple", steps=env.steps, model_id=env.model_id)
-
-    return OperatingPoint(label, "timeripple", {"preset": preset}, make)
-
 
 register_method(
     Method("timeripple", TimeRippleConfig, apply_timeripple, "TimeRipple partial-score reuse (QK savings)"),
-    [_point("timeripple-75", "timeripple-75"), _point("timeripple-80", "timeripple-80"),
-     _point("timeripple-85", "timeripple-85")],
+    [preset_operating_point("timeripple", f"timeripple-{t}") for t in (75, 80, 85)],
 )

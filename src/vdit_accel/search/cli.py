@@ -96,6 +96,8 @@ def search_cli(a) -> int:
                 record={"search": record})
     plot = Path(a.plot) if a.plot else Path("docs/results/astraea") / f"{name}-search.png"
     plot_search(record, list(cfg.budgets), plot)
-    print(json.dumps({"preset": str(out), "plot": str(plot), "budgets": cfg.budgets, "search_seconds": record["search_seconds"],
-                      "total_seconds": record["total_seconds"], "rerank": record.get("rerank")}, indent=1))
+    summary = {"preset": str(out), "plot": str(plot), "budgets": cfg.budgets,
+               "search_seconds": record["search_seconds"], "total_seconds": record["total_seconds"],
+               "rerank": record.get("rerank")}
+    print(json.dumps(summary, indent=1))
     return 0

@@ -116,3 +116,13 @@ def method_config_from_cli(method: str, preset: str | None, steps: int) -> Any:
         else:
             return cls()
     return load_preset(preset, method=method, steps=steps)
+
+
+def preset_operating_point(method: str, name: str):
+    """A bench operating point labelled ``name`` that loads the shipped preset ``name`` for ``method``."""
+    from vdit_accel.registry import OperatingPoint
+
+    def make(env):
+        return load_preset(name, method=method, steps=env.steps, model_id=env.model_id)
+
+    return OperatingPoint(name, method, {"preset": name}, make)
