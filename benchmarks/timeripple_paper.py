@@ -41,11 +41,8 @@ import dataclasses
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,6 +56,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from vdit_accel.adapters import resolve_adapter  # noqa: E402
 from vdit_accel.adapters.wan import wan_attention_output, wan_qkv  # noqa: E402
+from vdit_accel.bench.harness import machine_info, prompt_sets  # noqa: E402
+from vdit_accel.bench.metrics import psnr, ssim  # noqa: E402
 from vdit_accel.bench.records import command_line, json_clean  # noqa: E402
 from vdit_accel.context import acquire_context, release_context  # noqa: E402
 from vdit_accel.errors import ConfigError  # noqa: E402
@@ -117,56 +116,8 @@ def load_model(kind: str):
     return EmbeddedModel.load()
 
 
-def heldout_prompts() -> tuple[list[str], str]:
-    """``prompt_sets()['heldout']`` (the bench harness); the same list straight from the dataset if the harness
-    cannot be imported (it needs ``bench.metrics``)."""
-    try:
-        from vdit_accel.bench.harness import prompt_sets
-
-        return list(prompt_sets()["heldout"]), "vdit_accel.bench.harness.prompt_sets()['heldout']"
-    except ImportError:
-        from vdit_accel.instrument.dataset import heldout_prompts as held
-
-        return list(held()), "vdit_accel.instrument.dataset.heldout_prompts() (harness not importable)"
-
-
-def _psnr_fallback(video: torch.Tensor, ref: torch.Tensor) -> float:
-    """PSNR in dB of videos in [-1, 1] (data range 2), over all pixels; inf when identical."""
-    mse = float(((video.double() - ref.double()) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
-
-
-def _ssim_fallback(video: torch.Tensor, ref: torch.Tensor) -> float:
-    """Mean over frames of skimage SSIM on uint8 RGB frames (data range 255, default 7x7 window)."""
-    from skimage.metrics import structural_similarity
-
-    a, b = to_frames(video), to_frames(ref)
-    return float(np.mean([structural_similarity(x, y, channel_axis=-1, data_range=255) for x, y in zip(a, b)]))
-
-
-def metrics() -> tuple[Callable, Callable, str]:
-    """(psnr, ssim, source): the project's ``bench.metrics`` if present, else local fallbacks (named in JSON)."""
-    try:
-        from vdit_accel.bench.metrics import psnr, ssim
-
-        return psnr, ssim, "vdit_accel.bench.metrics"
-    except ImportError:
-        return (_psnr_fallback, _ssim_fallback,
-                "fallback in benchmarks/timeripple_paper.py (bench.metrics missing): PSNR on [-1,1] videos with "
-                "data range 2; SSIM = mean per-frame skimage SSIM on uint8 RGB frames")
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5).stdout
-        return (head or "unknown") + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-
-
+HELDOUT_SOURCE = "vdit_accel.bench.harness.prompt_sets()['heldout']"
+METRICS_SOURCE = "vdit_accel.bench.metrics"
 
 
 def write_json(env: Env, name: str, settings: dict, results: dict, subsampled: dict, wall_s: float,
@@ -189,8 +140,7 @@ def write_json(env: Env, name: str, settings: dict, results: dict, subsampled: d
         "results": results,
         "files": files,
         "wall_s": round(wall_s, 2),
-        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit()},
+        "machine": {**machine_info(), "torch_threads": torch.get_num_threads()},
     }
     path = env.out / f"{name}.json"
     path.write_text(json.dumps(json_clean(doc), indent=1, allow_nan=False))
@@ -605,7 +555,6 @@ def fig5(env: Env) -> dict:
     difference| (and its ratio to dense); stripes = mean |horizontal| (grad_w) and |vertical| (grad_h) neighbour
     differences and the share of spatial power at |f| >= 1/4 cycle/px along w and h, of the video and of the error
     (variant - dense); the error's anisotropy grad_w/grad_h (> 1: vertical stripes, variation along w)."""
-    psnr, ssim, _ = metrics()
     prompt = env.prompts[0]
     groups = resolve_adapter(env.model.transformer).rope_groups(env.model.transformer)
     t0 = time.perf_counter()
@@ -663,7 +612,7 @@ def fig5(env: Env) -> dict:
     plt.close(fig)
     settings = {"prompt": prompt, "groups": {g: [sl.start, sl.stop] for g, sl in groups.items()},
                 "copy": "odd latent frames <- previous latent frame, group channels of q and k, all tokens/heads/"
-                        "layers/steps, both CFG branches", "metrics_source": metrics()[2],
+                        "layers/steps, both CFG branches", "metrics_source": METRICS_SOURCE,
                 "gif": "fig5.gif: dense | t | h | w (left to right), 2x nearest upscale",
                 "generation_s": round(gen_s, 2)}
     return {"settings": settings, "subsampled": {"prompts": "1 prompt, 1 seed"}, "results": results,
@@ -750,7 +699,6 @@ def ablations(env: Env) -> dict:
     self-attention calls (qk_savings_all) to the reference's, by our own bisection on ``fixed_threshold``.
     Quality = PSNR/SSIM of each video vs the dense video of the same prompt/seed, mean over prompts.
     """
-    psnr, ssim, msrc = metrics()
     prompts = env.prompts[: min(2, env.n_prompts)]
     steps = env.args.ablation_steps or env.steps
     gen = env.gen(steps=steps)
@@ -827,7 +775,7 @@ def ablations(env: Env) -> dict:
         "matched_savings_active": target, "matched_savings_all_fixed": ref_sum["qk_savings_all"],
         "matching": "schedule variants: qk_savings_active (same dense steps as the reference); fixed threshold: "
                     "qk_savings_all (it has no dense steps)",
-        "calibration_prompts": "the same prompts as the evaluation", "metrics_source": msrc,
+        "calibration_prompts": "the same prompts as the evaluation", "metrics_source": METRICS_SOURCE,
         "generations": sampler.generations, "wall_s_generations": round(wall, 2),
     }
     subsampled = {"prompts": f"{len(prompts)} prompt(s) x 1 seed",
@@ -878,7 +826,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model)
-    held, source = heldout_prompts()
+    held, source = prompt_sets()["heldout"], HELDOUT_SOURCE
     if args.prompts > len(held):
         raise SystemExit(f"--prompts {args.prompts}: only {len(held)} held-out prompts")
     env = Env(args.model, model, Sampler(model), args.steps, args.guidance, args.seed, args.prompts, out, args,

@@ -41,6 +41,7 @@ def _method_config(name: str | None, preset: str | None, steps: int):
 
 
 def cmd_generate(a) -> int:
+    from vdit_accel.bench.harness import stats_summary
     from vdit_accel.instrument.sampler import GenerationConfig, Sampler
     from vdit_accel.instrument.video import to_frames, write_video
     from vdit_accel.registry import apply
@@ -53,7 +54,7 @@ def cmd_generate(a) -> int:
     try:
         video = Sampler(model)(a.prompt, cfg, progress=not a.quiet)
     finally:
-        stats = handle.stats.summary() if handle is not None and hasattr(handle.stats, "summary") else None
+        stats = stats_summary(handle) if handle is not None else None
         if handle is not None:
             handle.remove()
     frames = to_frames(video)

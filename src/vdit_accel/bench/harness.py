@@ -128,7 +128,8 @@ def machine_info() -> dict:
     }
 
 
-def _stats_summary(handle) -> dict:
+def stats_summary(handle) -> dict:
+    """A handle's stats as a JSON-able dict (its ``summary()``, the dict itself, or empty)."""
     stats = getattr(handle, "stats", None)
     if stats is None:
         return {}
@@ -148,7 +149,7 @@ def _run_point(point: OperatingPoint, sampler: Sampler, jobs, gen_cfg: Generatio
                 videos.append(sampler(prompt, gen_cfg.replace(seed=seed), progress=False))
                 latencies.append(time.perf_counter() - t0)
                 bar.update(1)
-        stats = _stats_summary(handle)
+        stats = stats_summary(handle)
     finally:
         handle.remove()
     return videos, latencies, stats, mem
