@@ -34,10 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=GenerationConfig().guidance)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/results/instrument")
+    p.add_argument("--weights", default=None, help="model folder (default: the shipped embedded model)")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = EmbeddedModel.load()
+    model = EmbeddedModel.load(a.weights) if a.weights else EmbeddedModel.load()
     sampler = Sampler(model)
     gen = GenerationConfig(steps=a.steps, guidance=a.guidance, seed=a.seed)
     rows, clips = [], []

@@ -1,6 +1,7 @@
 """CLI smoke tests on a tiny saved model (fast), plus error handling."""
 
 import json
+import re
 
 import pytest
 
@@ -71,3 +72,13 @@ def test_bad_input_exits_2_with_a_clear_message(argv, match, capsys, weights):
         argv = argv + ["--weights", weights]
     assert main(argv) == 2
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "--recipe", "overnight"], "recipe='overnight' is not known: accepted \\['finetune', 'scratch'\\]"),
+    (["train", "--recipe", "finetune"], "needs --init-from"),
+])
+def test_bad_train_recipe_exits_2_before_training(argv, match, capsys, tmp_path):
+    assert main(argv + ["--out", str(tmp_path / "never")]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "never").exists()

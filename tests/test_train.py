@@ -7,7 +7,7 @@ import torch
 
 from vdit_accel.errors import ConfigError
 from vdit_accel.instrument.model import EmbeddedConfig, EmbeddedModel
-from vdit_accel.instrument.train import Stage, TrainConfig, train
+from vdit_accel.instrument.train import Stage, TrainConfig, recipe, train
 
 CFG = TrainConfig(stages=(Stage(4, 8, 8, 3, 2), Stage(4, 16, 16, 2, 2)), warmup=2, checkpoint_every=1, bf16=False)
 TINY = EmbeddedConfig.tiny()
@@ -53,3 +53,20 @@ def test_fine_tune_starts_from_saved_weights(tmp_path):
         torch.testing.assert_close(tuned.state_dict()[k], v, atol=1e-6, rtol=0)
     record = json.loads((tmp_path / "ft" / "release" / "training.json").read_text())
     assert record["init_from"] == str(tmp_path / "saved")
+
+
+def test_fine_tune_release_records_its_lineage(tmp_path):
+    train(tmp_path / "base", CFG, TINY, progress=False)
+    one = TrainConfig(stages=(Stage(4, 8, 8, 1, 2),), warmup=1, checkpoint_every=1, bf16=False)
+    train(tmp_path / "ft", one, TINY, progress=False, init_from=tmp_path / "base" / "release")
+    record = json.loads((tmp_path / "ft" / "release" / "training.json").read_text())
+    base = json.loads((tmp_path / "base" / "release" / "training.json").read_text())
+    assert record["parent"]["steps"] == 5 and record["parent"]["recipe"] == base["recipe"]
+    assert "loss" not in record["parent"] and record["total_steps"] == 6
+    assert record["total_wall_time_s"] == pytest.approx(base["wall_time_s"] + record["wall_time_s"], abs=0.11)
+
+
+def test_named_recipes():
+    assert recipe("scratch") == TrainConfig() and recipe("finetune", seed=7).seed == 7
+    with pytest.raises(ConfigError, match="recipe='nope' is not known"):
+        recipe("nope")

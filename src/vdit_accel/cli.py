@@ -101,10 +101,21 @@ def cmd_inspect(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from vdit_accel.instrument.train import TrainConfig, train
+    import dataclasses
 
-    cfg = TrainConfig(seed=a.seed)
-    train(a.out, cfg, max_steps=a.max_steps, progress=not a.quiet)
+    from vdit_accel.errors import ConfigError
+    from vdit_accel.instrument.model import EmbeddedConfig, EmbeddedModel
+    from vdit_accel.instrument.train import recipe, train
+
+    cfg = recipe(a.recipe, a.seed)
+    if a.recipe == "finetune" and a.init_from is None:
+        raise ConfigError("--recipe finetune needs --init-from: the saved model folder to start from")
+    model_cfg = EmbeddedConfig()
+    if a.init_from is not None:
+        model_cfg = EmbeddedModel.load(a.init_from).config
+    if a.model_id is not None:
+        model_cfg = dataclasses.replace(model_cfg, model_id=a.model_id)
+    train(a.out, cfg, model_cfg, max_steps=a.max_steps, progress=not a.quiet, init_from=a.init_from)
     print(f"training state in {a.out}/checkpoint; release (when finished) in {a.out}/release")
     return 0
 
@@ -169,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train the embedded model (resumes from OUT/checkpoint)")
     s.add_argument("--out", default="runs/train")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--recipe", default="scratch", help="scratch (random init) or finetune (needs --init-from)")
+    s.add_argument("--init-from", default=None, help="saved model folder to start from (fine-tuning)")
+    s.add_argument("--model-id", default=None, help="model id recorded in the released config")
+    s.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
     s.add_argument("--max-steps", type=int, default=None, help="stop early (resumable)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_train)

@@ -94,6 +94,24 @@ class TrainConfig:
         return self.stages[-1]
 
 
+#: The named recipes behind the shipped weights. ``embedded-wan-v2`` (shipped) is ``scratch`` (the v1
+#: weights, 51 min on 2 cores) followed by ``finetune`` from those weights (16-frame stages at 32 and 64
+#: px, fresh data seed): see ``vdit-accel train --recipe``.
+RECIPES: dict[str, TrainConfig] = {
+    "scratch": TrainConfig(),
+    "finetune": TrainConfig(seed=1, stages=(Stage(16, 32, 32, 1200, 16), Stage(16, 64, 64, 1300, 8)),
+                            lr=5e-4, warmup=100),
+}
+
+
+def recipe(name: str, seed: int | None = None) -> TrainConfig:
+    """The named recipe (``RECIPES``), optionally with another seed; unknown names raise ``ConfigError``."""
+    if name not in RECIPES:
+        raise ConfigError(f"recipe={name!r} is not known: accepted {sorted(RECIPES)}")
+    cfg = RECIPES[name]
+    return cfg if seed is None else dataclasses.replace(cfg, seed=seed)
+
+
 def _lr_at(cfg: TrainConfig, step: int) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -225,6 +243,18 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: Embe
     return final.eval()
 
 
+def _parent_record(init_from: str | None) -> dict | None:
+    """The training record of the weights a fine-tune started from (``training.json``), if they have one."""
+    if init_from is None:
+        return None
+    path = Path(init_from) / "training.json"
+    if not path.is_file():
+        return None
+    parent = json.loads(path.read_text())
+    return {k: parent[k] for k in ("steps", "seed", "init_from", "wall_time_s", "threads", "recipe",
+                                   "final_loss_mean_last_100", "loss", "parent") if k in parent}
+
+
 def write_release(out_dir: Path, model: EmbeddedModel, cfg: TrainConfig, record: dict) -> None:
     """Write the shippable weights, the training record (JSON) and the loss curve (PNG)."""
     import matplotlib
@@ -233,6 +263,7 @@ def write_release(out_dir: Path, model: EmbeddedModel, cfg: TrainConfig, record:
     import matplotlib.pyplot as plt
 
     rel = out_dir / "release"
+    parent = _parent_record(record.get("init_from"))
     training = {
         "steps": len(record["loss"]),
         "seed": record["seed"],
@@ -242,22 +273,31 @@ def write_release(out_dir: Path, model: EmbeddedModel, cfg: TrainConfig, record:
         "recipe": dataclasses.asdict(cfg),
         "final_loss_mean_last_100": float(np.mean(record["loss"][-100:])),
     }
+    parent_loss: list[float] = []
+    if parent is not None:  # lineage: the weights this run started from, and the totals of both runs
+        parent_loss = parent.pop("loss", [])
+        training["parent"] = parent
+        training["total_steps"] = parent["steps"] + training["steps"]
+        training["total_wall_time_s"] = round(parent["wall_time_s"] + training["wall_time_s"], 1)
     model.save(rel, extra={"training": training})
     (rel / "training.json").write_text(json.dumps({**training, "loss": record["loss"]}, indent=0))
-    loss = np.array(record["loss"])
+    loss = np.array(parent_loss + record["loss"])
     k = 25
     smooth = np.convolve(loss, np.ones(k) / k, mode="valid") if len(loss) > k else loss
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(loss, alpha=0.3, lw=0.6, label="loss")
     ax.plot(np.arange(len(smooth)) + (len(loss) - len(smooth)), smooth, label=f"mean of {k}")
-    edge = 0
+    edge = len(parent_loss)
+    if parent_loss:
+        ax.axvline(edge, color="red", ls="--", lw=0.8, label="fine-tune starts")
     for s in cfg.stages[:-1]:
         edge += s.steps
         ax.axvline(edge, color="gray", ls="--", lw=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching MSE")
-    ax.set_title(f"embedded model training (seed {record['seed']}, {training['wall_time_s'] / 60:.0f} min CPU)")
+    minutes = training.get("total_wall_time_s", training["wall_time_s"]) / 60
+    ax.set_title(f"embedded model training (seed {record['seed']}, {minutes:.0f} min CPU in all)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(rel / "loss.png", dpi=100)
