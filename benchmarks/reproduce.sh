@@ -7,16 +7,20 @@ PY=.venv/bin/python
 VA=.venv/bin/vdit-accel
 
 # 0. the embedded model (resumable; commented out: the weights ship in the repo)
-#    v1 = recipe "scratch" (51 min on 2 cores), v2 (shipped default) = recipe "finetune" from v1 (~40 min)
+#    shipped v1 = recipe "scratch" (51 min on 2 cores)
 # $VA train --out runs/train && cp runs/train/release/* src/vdit_accel/instrument/weights/embedded-wan-v1/
+#    tried, not shipped (no adherence gain): recipe "finetune" from v1 (42 min) -> docs/results/instrument/finetune/
 # $VA train --recipe finetune --init-from src/vdit_accel/instrument/weights/embedded-wan-v1 \
-#     --model-id vdit-accel/embedded-wan-v2 --out runs/train-v2 && cp runs/train-v2/release/* src/vdit_accel/instrument/weights/embedded-wan-v2/
+#     --model-id vdit-accel/embedded-wan-v2 --out runs/train-ft  # (the id it was trained under)
+# $PY benchmarks/heldout_adherence.py --weights runs/train-ft/release --out docs/results/instrument/finetune
+# $PY benchmarks/conditioning_probe.py --weights runs/train-ft/release --out docs/results/instrument/finetune/conditioning_probe.json
 
 # 1. the instrument
 $VA score --ground-truth 200 > docs/results/instrument/scorer_ground_truth.json
 $VA score --ground-truth 100 --mp4 > docs/results/instrument/scorer_ground_truth_mp4.json
 $PY benchmarks/heldout_adherence.py --out docs/results/instrument
 $VA inspect --prompts quick --steps 50 --out docs/results/instrument/inspect.json
+$PY benchmarks/conditioning_probe.py --out docs/results/instrument/conditioning_probe.json
 
 # 2. calibrations and searches (presets land in src/vdit_accel/presets/)
 $VA calibrate magcache

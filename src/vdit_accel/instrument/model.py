@@ -49,6 +49,8 @@ class EmbeddedConfig:
         max_text_len (`int`, defaults 20): padded caption length.
         vocab (`tuple[str, ...]`): caption vocabulary (index 0 is padding).
         flow_shift (`float`, defaults 3.0): flow-matching timestep shift used by the sampler.
+        caption_mixer (`bool`, defaults False): add to every caption token an MLP summary of the whole
+            caption, so that any cross-attention read carries every attribute (see ``CaptionEncoder``).
     """
 
     model_id: str = "vdit-accel/embedded-wan-v1"
@@ -65,6 +67,7 @@ class EmbeddedConfig:
     max_text_len: int = MAX_CAPTION_TOKENS
     vocab: tuple[str, ...] = field(default=VOCAB)
     flow_shift: float = 3.0
+    caption_mixer: bool = False
 
     def __post_init__(self) -> None:
         for name in ("frames", "height", "width", "num_heads", "head_dim", "num_layers", "ffn_dim", "text_dim"):
@@ -138,17 +141,28 @@ def check_geometry(frames: int, height: int, width: int, patch_size: tuple[int, 
 
 
 class CaptionEncoder(nn.Module):
-    """Word-embedding table plus learned positions: ids [B, L] -> embeddings [B, L, text_dim]."""
+    """Word-embedding table plus learned positions: ids [B, L] -> embeddings [B, L, text_dim].
 
-    def __init__(self, vocab_size: int, max_len: int, text_dim: int) -> None:
+    With ``mixer``, an MLP of the whole (flattened) caption is added to every token, so each token also
+    carries the full caption: a model with few cross-attention heads need not find each attribute's word.
+    """
+
+    def __init__(self, vocab_size: int, max_len: int, text_dim: int, mixer: bool = False) -> None:
         super().__init__()
         self.words = nn.Embedding(vocab_size, text_dim)
         self.positions = nn.Parameter(torch.zeros(max_len, text_dim))
         nn.init.normal_(self.words.weight, std=1.0)
         nn.init.normal_(self.positions, std=0.5)
+        self.mixer = None
+        if mixer:
+            self.mixer = nn.Sequential(nn.Linear(max_len * text_dim, 4 * text_dim), nn.GELU(),
+                                       nn.Linear(4 * text_dim, text_dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.words(ids) + self.positions[: ids.shape[1]]
+        emb = self.words(ids) + self.positions[: ids.shape[1]]
+        if self.mixer is not None:
+            emb = emb + self.mixer(emb.flatten(1)).unsqueeze(1)
+        return emb
 
 
 class EmbeddedModel(nn.Module):
@@ -157,7 +171,8 @@ class EmbeddedModel(nn.Module):
     def __init__(self, config: EmbeddedConfig) -> None:
         super().__init__()
         self.config = config
-        self.text_encoder = CaptionEncoder(len(config.vocab), config.max_text_len, config.text_dim)
+        self.text_encoder = CaptionEncoder(len(config.vocab), config.max_text_len, config.text_dim,
+                                           mixer=config.caption_mixer)
         self.transformer = WanTransformer3DModel(**config.wan_kwargs())
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""benchmarks/conditioning_probe.py: each swap changes exactly one attribute; the probe runs on a tiny model."""
+"""The instrument's diagnostics: benchmarks/conditioning_probe.py and benchmarks/sampler_sweep.py."""
 
 from __future__ import annotations
 
@@ -11,15 +11,19 @@ import pytest
 from vdit_accel.instrument.captions import parse_caption
 from vdit_accel.testing import tiny_model
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "conditioning_probe.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("conditioning_probe", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _load("conditioning_probe")
 
 
 @pytest.mark.parametrize("attribute, expected", [
@@ -46,3 +50,22 @@ def test_probe_writes_gaps_per_noise_level(probe, tmp_path):
     assert set(row["gap"]) == {"empty", *probe.ATTRIBUTES}
     assert row["gap"]["shape"] == pytest.approx(row["loss"]["shape"] - row["loss"]["true"], abs=1e-5)
     assert doc["settings"]["clips"] == 2 and doc["command"]
+
+
+def test_sampler_sweep_scores_both_prompt_sets(tmp_path):
+    from vdit_accel.instrument.captions import parse_caption
+    from vdit_accel.instrument.dataset import heldout_prompts, is_heldout
+
+    sweep = _load("sampler_sweep")
+    training = sweep.training_prompts(6)
+    assert not any(is_heldout(o.colour, o.shape, o.motion) for p in training for o in parse_caption(p).objects)
+    tiny_model().save(tmp_path / "m")
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["--weights", str(tmp_path / "m"), "--prompts", "1", "--steps", "2",
+                       "--settings", "1,3", "2,5", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [(r["guidance"], r["shift"]) for r in doc["results"]] == [(1.0, 3.0), (2.0, 5.0)]
+    assert doc["settings"]["prompts"]["heldout"] == heldout_prompts()[:1]
+    for row in doc["results"]:
+        for name in ("heldout", "training"):
+            assert 0 <= row[name]["adherence"] <= 1 and "object0.shape" in row[name]["attributes"]
