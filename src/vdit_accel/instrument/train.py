@@ -206,8 +206,8 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: Embe
                        "init_from": None if init_from is None else str(init_from)}
     if (ckpt / "state.json").is_file():
         step, record = _load_checkpoint(ckpt, model, ema, opt)
-    record.setdefault("threads", torch.get_num_threads())  # the training's, not the release writer's
         logger.info("resumed from step %d", step)
+    record.setdefault("threads", torch.get_num_threads())  # the training's, not the release writer's
     end = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
     bar = tqdm(total=cfg.total_steps, initial=step, disable=not progress, desc="train")
     t_last = time.perf_counter()
