@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -60,3 +61,18 @@ def test_shipped_model_is_small_and_documented():
     cfg = EmbeddedModel.load().config
     t, h, w = (cfg.frames // cfg.patch_size[0], cfg.height // cfg.patch_size[1], cfg.width // cfg.patch_size[2])
     assert t * h * w >= 2048 and cfg.head_dim >= 64
+
+
+def test_caption_mixer_spreads_every_word_to_every_token(tmp_path):
+    cfg = dataclasses.replace(EmbeddedConfig.tiny(), caption_mixer=True)
+    torch.manual_seed(0)
+    model = EmbeddedModel(cfg)
+    a, b = model.encode_prompts(["a red circle grows on a gray background", "a red square grows on a gray background"])
+    assert not torch.equal(a[0], b[0])  # token 0 ("a") differs although only word 2 changed
+    plain = EmbeddedModel(EmbeddedConfig.tiny())
+    a, b = plain.encode_prompts(["a red circle grows on a gray background", "a red square grows on a gray background"])
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[2], b[2])
+    model.save(tmp_path / "m")
+    loaded = EmbeddedModel.load(tmp_path / "m")
+    assert loaded.config.caption_mixer and all(torch.equal(v, loaded.state_dict()[k])
+                                               for k, v in model.state_dict().items())
