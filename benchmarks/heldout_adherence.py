@@ -9,7 +9,6 @@ the share of all-correct clips) and ``heldout_grid.gif`` / ``heldout_grid.png`` 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vdit_accel.bench.harness import machine_info, resolve_prompts
-from vdit_accel.bench.records import command_line, json_clean
+from vdit_accel.bench.records import command_line, write_json
 from vdit_accel.instrument.model import EmbeddedModel
 from vdit_accel.instrument.sampler import GenerationConfig, Sampler
 from vdit_accel.instrument.score import score
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.perf_counter() - t0,
         "clips": rows,
     }
-    (out / "heldout_adherence.json").write_text(json.dumps(json_clean(doc), indent=1))
+    write_json(out / "heldout_adherence.json", doc)
     while len(clips) % PER_ROW:
         clips.append(np.zeros_like(clips[0]))
     grid = np.concatenate([np.concatenate(clips[i:i + PER_ROW], axis=2) for i in range(0, len(clips), PER_ROW)],

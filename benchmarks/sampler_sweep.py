@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 from vdit_accel.bench.harness import machine_info
-from vdit_accel.bench.records import command_line, json_clean
+from vdit_accel.bench.records import command_line, write_json
 from vdit_accel.instrument.captions import Caption, format_caption
 from vdit_accel.instrument.dataset import heldout_prompts, sample_spec
 from vdit_accel.instrument.model import EmbeddedModel
@@ -78,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
         "wall_s": time.perf_counter() - t0,
     }
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(json_clean(doc), indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(a.out, doc)}")
     return 0
 
 

@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shlex
@@ -41,3 +42,11 @@ def command_line(script: str | Path, argv: list[str]) -> str:
         pass
     envs = [f"{k}={shlex.quote(os.environ[k])}" for k in ("PYTHONPATH", "OMP_NUM_THREADS") if k in os.environ]
     return " ".join([*envs, shlex.quote(sys.executable), shlex.quote(str(path)), *map(shlex.quote, argv)])
+
+
+def write_json(path: str | Path, doc: dict) -> Path:
+    """Write ``json_clean(doc)`` to ``path`` (parents created, indented, strict JSON); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_clean(doc), indent=1, allow_nan=False))
+    return path
