@@ -21,6 +21,10 @@ $VA score --ground-truth 100 --mp4 > docs/results/instrument/scorer_ground_truth
 $PY benchmarks/heldout_adherence.py --out docs/results/instrument
 $VA inspect --prompts quick --steps 50 --out docs/results/instrument/inspect.json
 $PY benchmarks/conditioning_probe.py --out docs/results/instrument/conditioning_probe.json
+$PY benchmarks/sampler_sweep.py --prompts 10 --settings 5,3 3,3 5,8 3,8 --out docs/results/instrument/sampler_sweep.json
+# recipe experiments (15-35 min each, 1 thread; outputs in runs/exp-NAME, copied to docs/results/instrument/recipe_experiments/)
+# for n in base wide mixer; do OMP_NUM_THREADS=1 $PY benchmarks/recipe_experiments.py $n; done
+# $PY benchmarks/recipe_experiments.py wide-64
 
 # 2. calibrations and searches (presets land in src/vdit_accel/presets/)
 $VA calibrate magcache
