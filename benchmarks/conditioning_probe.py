@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--out", default="docs/results/instrument/conditioning_probe.json")
     a = p.parse_args(argv)
-    model = (EmbeddedModel.load(a.weights) if a.weights else EmbeddedModel.load()).eval()
+    model = EmbeddedModel.load(a.weights).eval()
     cfg = model.config
     geometry = (a.frames or cfg.frames, a.height or cfg.height, a.width or cfg.width)
     rng = np.random.default_rng(a.seed)

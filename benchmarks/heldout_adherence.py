@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = EmbeddedModel.load(a.weights) if a.weights else EmbeddedModel.load()
+    model = EmbeddedModel.load(a.weights)
     sampler = Sampler(model)
     gen = GenerationConfig(steps=a.steps, guidance=a.guidance, seed=a.seed)
     rows, clips = [], []

@@ -21,15 +21,15 @@ from vdit_accel.instrument.model import EmbeddedConfig
 from vdit_accel.instrument.train import Stage, TrainConfig, train
 
 SHORT = TrainConfig(seed=0, stages=(Stage(16, 32, 32, 1000, 16),), checkpoint_every=100)
+WIDE = EmbeddedConfig(num_heads=4, ffn_dim=512)
 
 #: name -> (model config, recipe, run to start from or None)
 VARIANTS: dict[str, tuple[EmbeddedConfig, TrainConfig, str | None]] = {
     "base": (EmbeddedConfig(), SHORT, None),
-    "wide": (EmbeddedConfig(num_heads=4, ffn_dim=512), SHORT, None),
+    "wide": (WIDE, SHORT, None),
     "mixer": (EmbeddedConfig(caption_mixer=True), SHORT, None),
-    "wide-64": (EmbeddedConfig(num_heads=4, ffn_dim=512),
-                TrainConfig(seed=2, stages=(Stage(16, 64, 64, 1200, 8),), lr=1e-3, warmup=100, checkpoint_every=50),
-                "runs/exp-wide/release"),
+    "wide-64": (WIDE, TrainConfig(seed=2, stages=(Stage(16, 64, 64, 1200, 8),), lr=1e-3, warmup=100,
+                                  checkpoint_every=50), "runs/exp-wide/release"),
 }
 
 

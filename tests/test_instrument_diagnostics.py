@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vdit_accel.instrument.captions import parse_caption
+from vdit_accel.instrument.captions import format_caption, parse_caption
 from vdit_accel.testing import tiny_model
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -35,8 +35,6 @@ def probe():
 ])
 def test_swap_changes_exactly_one_attribute(probe, attribute, expected):
     caption = parse_caption("a red circle moves left on a blue background")
-    from vdit_accel.instrument.captions import format_caption
-
     assert format_caption(probe.swapped(caption, attribute)) == expected
 
 

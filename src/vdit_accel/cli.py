@@ -24,9 +24,9 @@ def _gen_defaults():
 
 
 def _load_model(weights: str | None):
-    from vdit_accel.instrument.model import WEIGHTS_DIR, EmbeddedModel
+    from vdit_accel.instrument.model import EmbeddedModel
 
-    return EmbeddedModel.load(weights or WEIGHTS_DIR)
+    return EmbeddedModel.load(weights)
 
 
 def _method_config(name: str | None, preset: str | None, steps: int):

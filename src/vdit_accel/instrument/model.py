@@ -191,9 +191,10 @@ class EmbeddedModel(nn.Module):
         (directory / "config.json").write_text(json.dumps({**self.config.to_dict(), **(extra or {})}, indent=1))
 
     @classmethod
-    def load(cls, directory: str | Path = WEIGHTS_DIR) -> EmbeddedModel:
-        """Load a saved model; raise :class:`WeightsError` on a missing, corrupt or mismatched file."""
-        directory = Path(directory)
+    def load(cls, directory: str | Path | None = None) -> EmbeddedModel:
+        """Load a saved model (``None``: the shipped one, ``WEIGHTS_DIR``); raise :class:`WeightsError` on a
+        missing, corrupt or mismatched file."""
+        directory = Path(WEIGHTS_DIR if directory is None else directory)
         cfg_path, w_path = directory / "config.json", directory / "model.safetensors"
         for p in (cfg_path, w_path):
             if not p.is_file():

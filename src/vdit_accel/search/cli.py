@@ -10,10 +10,10 @@ from vdit_accel.search.presets import PRESETS_DIR, save_preset
 
 
 def _model_and_sampler(weights):
-    from vdit_accel.instrument.model import WEIGHTS_DIR, EmbeddedModel
+    from vdit_accel.instrument.model import EmbeddedModel
     from vdit_accel.instrument.sampler import Sampler
 
-    model = EmbeddedModel.load(weights or WEIGHTS_DIR)
+    model = EmbeddedModel.load(weights)
     return model, Sampler(model)
 
 
