@@ -13,6 +13,7 @@ train at 16 x 32 x 32 only: a cheap read of how fast each one learns to use the 
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,10 @@ VARIANTS: dict[str, tuple[EmbeddedConfig, TrainConfig, str | None]] = {
     "base": (EmbeddedConfig(), SHORT, None),
     "wide": (WIDE, SHORT, None),
     "mixer": (EmbeddedConfig(caption_mixer=True), SHORT, None),
+    "anchored": (EmbeddedConfig(), dataclasses.replace(SHORT, layout="anchored"), None),
+    "anchored-xyz": (EmbeddedConfig(position_channels=True), dataclasses.replace(SHORT, layout="anchored"), None),
+    "anchored-xyz-x0": (EmbeddedConfig(position_channels=True, prediction="sample"),
+                        dataclasses.replace(SHORT, layout="anchored"), None),
     "wide-64": (WIDE, TrainConfig(seed=2, stages=(Stage(16, 64, 64, 1200, 8),), lr=1e-3, warmup=100,
                                   checkpoint_every=50), "runs/exp-wide/release"),
 }
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     frames, height, width = cfg.stages[-1].frames, cfg.stages[-1].height, cfg.stages[-1].width
     probe = Path(__file__).parent / "conditioning_probe.py"
     subprocess.run([sys.executable, str(probe), "--weights", str(out / "release"), "--frames", str(frames),
-                    "--height", str(height), "--width", str(width), "--out", str(out / "conditioning_probe.json")],
+                    "--height", str(height), "--width", str(width), "--layout", cfg.layout, "--out", str(out / "conditioning_probe.json")],
                    check=True)
     return 0
 

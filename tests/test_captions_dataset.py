@@ -83,3 +83,23 @@ def test_motion_is_smooth_at_token_scale():
         ys = [np.nonzero(mask[f])[0].mean() for f in range(16)]
         step = np.hypot(np.diff(xs), np.diff(ys)).max()
         assert step * 2 <= 4.5
+
+
+def test_anchored_layout_centres_each_path_in_its_lane():
+    """Same captions and sizes as the uniform layout (same random stream); only the start moves."""
+    for seed in range(400):  # two-object "grow" clips (where a grown object overflows its lane) included
+        uni = sample_spec(np.random.default_rng(seed))
+        anc = sample_spec(np.random.default_rng(seed), layout="anchored")
+        assert anc.caption == uni.caption and anc.background == uni.background
+        lanes = [(0.0, 1.0)] if len(anc.objects) == 1 else [(0.0, 0.5), (0.5, 1.0)]
+        for u, a, (y_lo, y_hi) in zip(uni.objects, anc.objects, lanes):
+            assert (a.size, a.travel, a.growth) == (u.size, u.travel, u.growth)
+            dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}.get(a.caption.motion, (0, 0))
+            mid_x, mid_y = a.x0 + dx * a.travel / 2, a.y0 + dy * a.travel / 2  # centre of the path
+            assert mid_x == pytest.approx(0.5, abs=1e-6)
+            assert mid_y == pytest.approx((y_lo + y_hi) / 2, abs=1e-6)
+
+
+def test_unknown_layout_is_named():
+    with pytest.raises(ValueError, match="layout='grid'.*anchored"):
+        sample_spec(np.random.default_rng(0), layout="grid")

@@ -76,3 +76,51 @@ def test_caption_mixer_spreads_every_word_to_every_token(tmp_path):
     loaded = EmbeddedModel.load(tmp_path / "m")
     assert loaded.config.caption_mixer and all(torch.equal(v, loaded.state_dict()[k])
                                                for k, v in model.state_dict().items())
+
+
+def test_position_channels_reach_the_transformer_from_every_caller(tmp_path):
+    """The pre-hook appends (t, y, x) to a 3-channel input, positional or keyword, and nothing else."""
+    from vdit_accel.instrument.model import position_grid
+
+    grid = position_grid(4, 8, 8)
+    assert grid.shape == (3, 4, 8, 8)
+    assert torch.allclose(grid[1, 0, :, 0], (torch.arange(8) + 0.5) / 4 - 1)  # y runs down the rows
+    assert torch.equal(grid[2, 0, 0], grid[1, 0, :, 0]) and grid[0, :, 0, 0].tolist() == [-0.75, -0.25, 0.25, 0.75]
+    cfg = dataclasses.replace(EmbeddedConfig.tiny(), position_channels=True)
+    torch.manual_seed(0)
+    model = EmbeddedModel(cfg)
+    assert model.transformer.config.in_channels == 6 and model.transformer.config.out_channels == 3
+    x, c, t = torch.randn(2, 3, 4, 8, 8), model.encode_prompts(["", ""]), torch.full((2,), 500.0)
+    with torch.no_grad():
+        by_position = model.transformer(x, timestep=t, encoder_hidden_states=c, return_dict=False)[0]
+        by_keyword = model.transformer(hidden_states=x, timestep=t, encoder_hidden_states=c, return_dict=False)[0]
+        explicit = model.transformer(torch.cat([x, grid.expand(2, -1, -1, -1, -1)], 1), timestep=t,
+                                     encoder_hidden_states=c, return_dict=False)[0]
+    assert by_position.shape == x.shape and torch.equal(by_position, by_keyword) and torch.equal(by_position, explicit)
+    model.save(tmp_path / "m")
+    loaded = EmbeddedModel.load(tmp_path / "m")
+    assert loaded.config.position_channels
+    with torch.no_grad():
+        again = loaded.transformer(x, timestep=t, encoder_hidden_states=c, return_dict=False)[0]
+    assert torch.equal(again, by_position)
+
+
+def test_sample_prediction_returns_a_velocity(tmp_path):
+    """An x0-predicting model's transformer answers with (x_t - x0) / max(t, 0.05), x0 being its raw output."""
+    from vdit_accel.instrument.model import MIN_SIGMA_FOR_SAMPLE
+
+    cfg = dataclasses.replace(EmbeddedConfig.tiny(), position_channels=True, prediction="sample")
+    torch.manual_seed(0)
+    model = EmbeddedModel(cfg)
+    raw = EmbeddedModel(dataclasses.replace(cfg, prediction="velocity"))
+    raw.load_state_dict(model.state_dict())  # same weights, no x0 -> velocity hook
+    x, c = torch.randn(3, 3, 4, 8, 8), model.encode_prompts([""] * 3)
+    timestep = torch.tensor([800.0, 250.0, 10.0])  # the last one is below the sigma floor
+    with torch.no_grad():
+        v = model.transformer(x, timestep=timestep, encoder_hidden_states=c, return_dict=False)[0]
+        as_dict = model.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=c).sample
+        x0 = raw.transformer(x, timestep=timestep, encoder_hidden_states=c, return_dict=False)[0]
+    sigma = torch.tensor([0.8, 0.25, MIN_SIGMA_FOR_SAMPLE]).view(-1, 1, 1, 1, 1)
+    assert torch.allclose(v, (x - x0) / sigma, atol=1e-5) and torch.equal(v, as_dict)
+    with pytest.raises(ConfigError, match="prediction='eps' is not known"):
+        EmbeddedConfig(prediction="eps")

@@ -40,6 +40,8 @@ def test_bad_recipe_values():
         TrainConfig(caption_dropout=1.5)
     with pytest.raises(ConfigError, match="stage"):
         TrainConfig(stages=(Stage(4, 8, 8, 0, 2),))
+    with pytest.raises(ConfigError, match="layout='grid' is not known"):
+        TrainConfig(layout="grid")
     with pytest.raises(ConfigError, match="height=10"):
         train("/tmp/never", TrainConfig(stages=(Stage(4, 10, 8, 1, 1),)), TINY, progress=False)
 

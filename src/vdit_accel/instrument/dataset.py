@@ -42,6 +42,10 @@ GRADIENT_AMPLITUDE = 0.15
 TEXTURE_AMPLITUDE = 0.1
 TEXTURE_DRIFT = 0.5 / 64  # frame widths per frame
 CROSS_ARM = 0.4  # arm half-thickness relative to the half-size
+#: Where objects start. ``uniform``: anywhere their path stays inside the frame (embedded-wan-v1).
+#: ``anchored``: the path is centred in the frame (or in the object's lane), so the layout follows from
+#: the caption and only size, travel, growth and the background vary between clips.
+LAYOUTS = ("uniform", "anchored")
 
 
 @dataclass(frozen=True)
@@ -108,8 +112,19 @@ def heldout_prompts() -> list[str]:
     return out
 
 
-def _sample_object(rng: np.random.Generator, caption: ObjectCaption, lane: tuple[float, float]) -> ObjectSpec:
-    """Place an object so that it stays inside the frame (and inside its vertical lane)."""
+def check_layout(layout: str) -> None:
+    """Raise ``ValueError`` naming ``layout`` and the accepted values unless it is one of ``LAYOUTS``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not known: accepted {list(LAYOUTS)}")
+
+
+def _sample_object(rng: np.random.Generator, caption: ObjectCaption, lane: tuple[float, float],
+                   layout: str = "uniform") -> ObjectSpec:
+    """Place an object so that it stays inside the frame (and inside its vertical lane).
+
+    ``layout`` (one of ``LAYOUTS``) says whether the start is drawn uniformly from the feasible range or
+    put at its middle (a path centred in the lane); the random stream is consumed the same way in both.
+    """
     y_lo, y_hi = lane
     size = rng.uniform(*SIZE_FRACTION) * (0.85 if y_hi - y_lo < 1 else 1.0)
     growth = 1.0
@@ -135,17 +150,22 @@ def _sample_object(rng: np.random.Generator, caption: ObjectCaption, lane: tuple
         yh -= travel
     x0 = rng.uniform(x_lo, max(x_lo, x_hi))
     y0 = rng.uniform(yl, max(yl, yh))
+    if layout == "anchored":
+        x0, y0 = (x_lo + x_hi) / 2, (yl + yh) / 2  # the lane centre, also where a grown object overflows
     return ObjectSpec(caption, float(x0), float(y0), float(size), float(travel), float(growth))
 
 
-def sample_spec(rng: np.random.Generator, two_object_prob: float = 0.25, heldout: bool = False) -> VideoSpec:
+def sample_spec(rng: np.random.Generator, two_object_prob: float = 0.25, heldout: bool = False,
+                layout: str = "uniform") -> VideoSpec:
     """Draw a random clip spec.
 
     Args:
         rng (`np.random.Generator`): the source of randomness (the only one).
         two_object_prob (`float`, defaults to 0.25): probability of a two-object clip.
         heldout (`bool`, defaults to False): if False, held-out combinations are never drawn.
+        layout (`str`, defaults to "uniform"): where objects start, one of ``LAYOUTS``.
     """
+    check_layout(layout)
     n_obj = 2 if rng.random() < two_object_prob else 1
     colours = list(OBJECT_COLOURS)
     captions: list[ObjectCaption] = []
@@ -159,7 +179,7 @@ def sample_spec(rng: np.random.Generator, two_object_prob: float = 0.25, heldout
             continue
         captions.append(cap)
     lanes = [(0.0, 1.0)] if n_obj == 1 else [(0.0, 0.5), (0.5, 1.0)]
-    objects = tuple(_sample_object(rng, cap, lane) for cap, lane in zip(captions, lanes))
+    objects = tuple(_sample_object(rng, cap, lane, layout) for cap, lane in zip(captions, lanes))
     bgs = list(BACKGROUND_COLOURS)
     background = BackgroundCaption(bgs[rng.integers(len(bgs))], BACKGROUND_KINDS[rng.integers(3)])
     return VideoSpec(objects, background, float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0, 2 * np.pi)))
@@ -239,8 +259,11 @@ def render(spec: VideoSpec, frames: int = 16, height: int = 64, width: int = 64)
     return (video * 2 - 1).astype(np.float32)
 
 
-def batch(seed: int, index: int, size: int, frames: int, height: int, width: int, caption_dropout: float = 0.1):
+def batch(seed: int, index: int, size: int, frames: int, height: int, width: int, caption_dropout: float = 0.1,
+          layout: str = "uniform"):
     """Batch ``index`` of the training stream for ``seed``: deterministic and independent of history.
+
+    ``layout`` is passed to :func:`sample_spec`.
 
     Returns:
         (`np.ndarray` [B, 3, F, H, W], `list[str]` of B captions, "" where dropped for CFG).
@@ -248,7 +271,7 @@ def batch(seed: int, index: int, size: int, frames: int, height: int, width: int
     rng = np.random.default_rng([seed, index])
     videos, texts = [], []
     for _ in range(size):
-        spec = sample_spec(rng)
+        spec = sample_spec(rng, layout=layout)
         videos.append(render(spec, frames, height, width))
         texts.append("" if rng.random() < caption_dropout else spec.text)
     return np.stack(videos), texts

@@ -32,6 +32,8 @@ from vdit_accel.instrument.captions import MAX_CAPTION_TOKENS, VOCAB, tokenize
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "embedded-wan-v1"
 CONFIG_FORMAT = "vdit-accel/embedded-model"
 CONFIG_VERSION = 1
+PREDICTIONS = ("velocity", "sample")
+MIN_SIGMA_FOR_SAMPLE = 0.05  # x0 -> velocity divides by the noise level; below this it is held
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,16 @@ class EmbeddedConfig:
         flow_shift (`float`, defaults 3.0): flow-matching timestep shift used by the sampler.
         caption_mixer (`bool`, defaults False): add to every caption token an MLP summary of the whole
             caption, so that any cross-attention read carries every attribute (see ``CaptionEncoder``).
+        position_channels (`bool`, defaults False): concatenate three fixed coordinate channels (t, y, x
+            in [-1, 1]) to the transformer's input, as Wan2.1 image-to-video concatenates its condition
+            channels (``in_channels`` 6 instead of 3; see ``position_grid``). Wan's only position signal is
+            RoPE, which is relative: without these channels a token cannot tell where in the frame it is.
+        prediction (`str`, defaults "velocity"): what the transformer's last layer predicts. "velocity"
+            (Wan's own parameterisation) or "sample": it predicts the clean clip x0 and a forward hook
+            turns it into the velocity ``(x_t - x0) / max(t, 0.05)``, so callers always receive a
+            velocity. A pixel patch (2*4*4*3 = 96 values) is nearly as wide as the model (128): x0 is a
+            smooth, low-dimensional target, the velocity carries the full-rank noise (Li & He, "Back to
+            Basics: Let Denoising Generative Models Denoise", 2025).
     """
 
     model_id: str = "vdit-accel/embedded-wan-v1"
@@ -68,8 +80,12 @@ class EmbeddedConfig:
     vocab: tuple[str, ...] = field(default=VOCAB)
     flow_shift: float = 3.0
     caption_mixer: bool = False
+    position_channels: bool = False
+    prediction: str = "velocity"
 
     def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ConfigError(f"prediction={self.prediction!r} is not known: accepted {list(PREDICTIONS)}")
         for name in ("frames", "height", "width", "num_heads", "head_dim", "num_layers", "ffn_dim", "text_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is out of range: accepted [1, inf)")
@@ -98,7 +114,7 @@ class EmbeddedConfig:
             patch_size=self.patch_size,
             num_attention_heads=self.num_heads,
             attention_head_dim=self.head_dim,
-            in_channels=3,
+            in_channels=6 if self.position_channels else 3,
             out_channels=3,
             text_dim=self.text_dim,
             freq_dim=self.freq_dim,
@@ -165,8 +181,51 @@ class CaptionEncoder(nn.Module):
         return emb
 
 
+def position_grid(frames: int, height: int, width: int) -> torch.Tensor:
+    """Pixel-centre coordinates ``[3, F, H, W]``: channel 0 is time, 1 is y, 2 is x, each from -1 to 1.
+
+    Relative to the clip, so the same grid shape appears at every resolution of the training curriculum.
+    """
+    axes = [(torch.arange(n, dtype=torch.float32) + 0.5) / n * 2 - 1 for n in (frames, height, width)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))
+
+
+def _concat_position_channels(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of the transformer: video ``[B, 3, F, H, W]`` -> ``[B, 6, F, H, W]``."""
+    if args:
+        x, args = args[0], args[1:]
+    else:
+        x = kwargs.pop("hidden_states")
+    if x.shape[1] == 3:
+        grid = position_grid(*x.shape[2:]).to(device=x.device, dtype=x.dtype)
+        x = torch.cat([x, grid.expand(x.shape[0], *grid.shape)], dim=1)
+    return args, {**kwargs, "hidden_states": x}
+
+
+def _sample_to_velocity(module: nn.Module, args: tuple, kwargs: dict, output):
+    """Forward hook of an x0-predicting transformer: ``v = (x_t - x0) / max(t, MIN_SIGMA_FOR_SAMPLE)``.
+
+    ``x_t`` is the first 3 channels of the input ``[B, C, F, H, W]``; ``t = timestep / 1000`` ``[B]``.
+    """
+    x_t = (args[0] if args else kwargs["hidden_states"])[:, :3]
+    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+    sigma = (timestep.to(torch.float32) / 1000).clamp(min=MIN_SIGMA_FOR_SAMPLE).view(-1, 1, 1, 1, 1)
+    x0 = output[0] if isinstance(output, tuple) else output.sample
+    v = ((x_t.float() - x0.float()) / sigma).to(x0.dtype)
+    if isinstance(output, tuple):
+        return (v, *output[1:])
+    output.sample = v
+    return output
+
+
 class EmbeddedModel(nn.Module):
-    """The caption encoder and the Wan transformer, held together for training, saving and sampling."""
+    """The caption encoder and the Wan transformer, held together for training, saving and sampling.
+
+    With ``config.position_channels`` the transformer carries a forward pre-hook that appends the
+    coordinate channels, and with ``config.prediction == "sample"`` a forward hook that turns its x0 into a
+    velocity: every caller (sampler, training, methods, caches) passes the 3-channel video and gets a
+    velocity back, as from any Wan transformer.
+    """
 
     def __init__(self, config: EmbeddedConfig) -> None:
         super().__init__()
@@ -174,6 +233,10 @@ class EmbeddedModel(nn.Module):
         self.text_encoder = CaptionEncoder(len(config.vocab), config.max_text_len, config.text_dim,
                                            mixer=config.caption_mixer)
         self.transformer = WanTransformer3DModel(**config.wan_kwargs())
+        if config.position_channels:
+            self.transformer.register_forward_pre_hook(_concat_position_channels, with_kwargs=True)
+        if config.prediction == "sample":
+            self.transformer.register_forward_hook(_sample_to_velocity, with_kwargs=True)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts (``""`` = unconditional) -> caption embeddings ``[B, L, text_dim]``."""

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from vdit_accel.errors import ConfigError
+from vdit_accel.instrument.dataset import LAYOUTS
 from vdit_accel.instrument.dataset import batch as data_batch
 from vdit_accel.instrument.model import EmbeddedConfig, EmbeddedModel, check_geometry
 
@@ -57,6 +58,8 @@ class TrainConfig:
         caption_dropout (`float`, defaults 0.1): fraction of empty captions (for CFG).
         bf16 (`bool`, defaults True): CPU bf16 autocast for the forward/backward pass.
         checkpoint_every (`int`, defaults 100): steps between checkpoints.
+        layout (`str`, defaults "uniform"): where the training clips' objects start
+            (``dataset.LAYOUTS``).
     """
 
     seed: int = 0
@@ -71,6 +74,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     bf16: bool = True
     checkpoint_every: int = 100
+    layout: str = "uniform"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(s if isinstance(s, Stage) else Stage(**s) for s in self.stages))
@@ -81,6 +85,8 @@ class TrainConfig:
                 raise ConfigError(f"stage {s} is not accepted: steps and batch must be >= 1")
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError(f"caption_dropout={self.caption_dropout} is out of range: accepted [0, 1)")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"layout={self.layout!r} is not known: accepted {list(LAYOUTS)}")
 
     @property
     def total_steps(self) -> int:
@@ -214,7 +220,7 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: Embe
     while step < end:
         stage = cfg.stage_at(step)
         videos, texts = data_batch(cfg.seed, step, stage.batch, stage.frames, stage.height, stage.width,
-                                   cfg.caption_dropout)
+                                   cfg.caption_dropout, cfg.layout)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, step)
