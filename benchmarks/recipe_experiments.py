@@ -4,11 +4,15 @@
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/recipe_experiments.py wide
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/recipe_experiments.py mixer
     PYTHONPATH=src OMP_NUM_THREADS=2 .venv/bin/python benchmarks/recipe_experiments.py wide-64  # after wide
+    PYTHONPATH=src OMP_NUM_THREADS=2 .venv/bin/python benchmarks/recipe_experiments.py anchored-xyz-x0  # 8 min
 
 Each variant trains from scratch (or, for ``wide-64``, continues ``wide``) into ``runs/exp-NAME`` with
 checkpoints (rerun to resume), then runs ``benchmarks/conditioning_probe.py`` on the result at the
 geometry of its last stage, writing ``runs/exp-NAME/conditioning_probe.json``. The 1,000-step variants
-train at 16 x 32 x 32 only: a cheap read of how fast each one learns to use the caption.
+train at 16 x 32 x 32 only: a cheap read of how fast each one learns to use the caption; the
+``anchored*`` variants (session 3) add the anchored layout, position channels and x0 prediction, and
+``anchored-xyz-x0-64`` continues ``anchored-xyz-x0`` at the bench geometry (then run
+``heldout_adherence.py --weights runs/exp-anchored-xyz-x0-64/release``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ VARIANTS: dict[str, tuple[EmbeddedConfig, TrainConfig, str | None]] = {
     "anchored-xyz": (EmbeddedConfig(position_channels=True), dataclasses.replace(SHORT, layout="anchored"), None),
     "anchored-xyz-x0": (EmbeddedConfig(position_channels=True, prediction="sample"),
                         dataclasses.replace(SHORT, layout="anchored"), None),
+    "anchored-xyz-x0-64": (EmbeddedConfig(model_id="vdit-accel/embedded-wan-v2", position_channels=True,
+                                          prediction="sample"),
+                           TrainConfig(seed=2, stages=(Stage(16, 64, 64, 1500, 8),), lr=1e-3, warmup=100,
+                                       checkpoint_every=50, layout="anchored"), "runs/exp-anchored-xyz-x0/release"),
     "wide-64": (WIDE, TrainConfig(seed=2, stages=(Stage(16, 64, 64, 1200, 8),), lr=1e-3, warmup=100,
                                   checkpoint_every=50), "runs/exp-wide/release"),
 }

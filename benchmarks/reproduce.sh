@@ -25,6 +25,13 @@ $PY benchmarks/sampler_sweep.py --prompts 10 --settings 5,3 3,3 5,8 3,8 --out do
 # recipe experiments (15-35 min each, 1 thread; outputs in runs/exp-NAME, copied to docs/results/instrument/recipe_experiments/)
 # for n in base wide mixer; do OMP_NUM_THREADS=1 $PY benchmarks/recipe_experiments.py $n; done
 # $PY benchmarks/recipe_experiments.py wide-64
+# session 3 (2 threads, one at a time): anchored layout, + position channels, + x0 prediction; then at 64 px
+# for n in anchored anchored-xyz anchored-xyz-x0 anchored-xyz-x0-64; do $PY benchmarks/recipe_experiments.py $n; done
+# for n in anchored anchored-xyz anchored-xyz-x0; do $PY benchmarks/x0_grid.py --weights runs/exp-$n/release \
+#     --size 32 --out docs/results/instrument/recipe_experiments/$n-x0_grid; done
+# $PY benchmarks/x0_grid.py --weights runs/exp-anchored-xyz-x0-64/release --size 64 --out docs/results/instrument/recipe_experiments/anchored-xyz-x0-64-x0_grid
+# $PY benchmarks/x0_grid.py --size 64 --out docs/results/instrument/recipe_experiments/v1-x0_grid
+# $PY benchmarks/heldout_adherence.py --weights runs/exp-anchored-xyz-x0-64/release --out docs/results/instrument/recipe_experiments/anchored-xyz-x0-64
 
 # 2. calibrations and searches (presets land in src/vdit_accel/presets/)
 $VA calibrate magcache

@@ -67,3 +67,20 @@ def test_sampler_sweep_scores_both_prompt_sets(tmp_path):
     for row in doc["results"]:
         for name in ("heldout", "training"):
             assert 0 <= row[name]["adherence"] <= 1 and "object0.shape" in row[name]["attributes"]
+
+
+def test_x0_grid_names_the_nearest_shape(tmp_path):
+    from vdit_accel.instrument.captions import SHAPES
+
+    grid = _load("x0_grid")
+    tiny_model().save(tmp_path / "m")
+    out = tmp_path / "grid"
+    assert grid.main(["--weights", str(tmp_path / "m"), "--size", "8", "--out", str(out)]) == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert [(r["shape"], r["t"]) for r in doc["rows"]] == [(s, t) for s in SHAPES for t in grid.NOISE_LEVELS]
+    for row in doc["rows"]:
+        assert row["nearest"] == min(row["mse_to"], key=row["mse_to"].get) and set(row["mse_to"]) == set(SHAPES)
+    for t, fraction in doc["own_shape_fraction_per_t"].items():
+        own = [r["nearest"] == r["shape"] for r in doc["rows"] if r["t"] == float(t)]
+        assert fraction == pytest.approx(sum(own) / len(SHAPES))
