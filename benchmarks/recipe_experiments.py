@@ -27,16 +27,16 @@ from vdit_accel.instrument.train import Stage, TrainConfig, train
 
 SHORT = TrainConfig(seed=0, stages=(Stage(16, 32, 32, 1000, 16),), checkpoint_every=100)
 WIDE = EmbeddedConfig(num_heads=4, ffn_dim=512)
+ANCHORED = dataclasses.replace(SHORT, layout="anchored")
 
 #: name -> (model config, recipe, run to start from or None)
 VARIANTS: dict[str, tuple[EmbeddedConfig, TrainConfig, str | None]] = {
     "base": (EmbeddedConfig(), SHORT, None),
     "wide": (WIDE, SHORT, None),
     "mixer": (EmbeddedConfig(caption_mixer=True), SHORT, None),
-    "anchored": (EmbeddedConfig(), dataclasses.replace(SHORT, layout="anchored"), None),
-    "anchored-xyz": (EmbeddedConfig(position_channels=True), dataclasses.replace(SHORT, layout="anchored"), None),
-    "anchored-xyz-x0": (EmbeddedConfig(position_channels=True, prediction="sample"),
-                        dataclasses.replace(SHORT, layout="anchored"), None),
+    "anchored": (EmbeddedConfig(), ANCHORED, None),
+    "anchored-xyz": (EmbeddedConfig(position_channels=True), ANCHORED, None),
+    "anchored-xyz-x0": (EmbeddedConfig(position_channels=True, prediction="sample"), ANCHORED, None),
     "anchored-xyz-x0-64": (EmbeddedConfig(model_id="vdit-accel/embedded-wan-v2", position_channels=True,
                                           prediction="sample"),
                            TrainConfig(seed=2, stages=(Stage(16, 64, 64, 1500, 8),), lr=1e-3, warmup=100,
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     frames, height, width = cfg.stages[-1].frames, cfg.stages[-1].height, cfg.stages[-1].width
     probe = Path(__file__).parent / "conditioning_probe.py"
     subprocess.run([sys.executable, str(probe), "--weights", str(out / "release"), "--frames", str(frames),
-                    "--height", str(height), "--width", str(width), "--layout", cfg.layout, "--out", str(out / "conditioning_probe.json")],
-                   check=True)
+                    "--height", str(height), "--width", str(width), "--layout", cfg.layout,
+                    "--out", str(out / "conditioning_probe.json")], check=True)
     return 0
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from vdit_accel.errors import PromptError
+from vdit_accel.errors import ConfigError, PromptError
 from vdit_accel.instrument.captions import (
     BACKGROUND_COLOURS,
     MOTIONS,
@@ -101,5 +101,5 @@ def test_anchored_layout_centres_each_path_in_its_lane():
 
 
 def test_unknown_layout_is_named():
-    with pytest.raises(ValueError, match="layout='grid'.*anchored"):
+    with pytest.raises(ConfigError, match="layout='grid'.*anchored"):
         sample_spec(np.random.default_rng(0), layout="grid")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vdit_accel.errors import ConfigError
 from vdit_accel.instrument.captions import (
     BACKGROUND_COLOURS,
     BACKGROUND_KINDS,
@@ -113,9 +114,9 @@ def heldout_prompts() -> list[str]:
 
 
 def check_layout(layout: str) -> None:
-    """Raise ``ValueError`` naming ``layout`` and the accepted values unless it is one of ``LAYOUTS``."""
+    """Raise :class:`ConfigError` naming ``layout`` and the accepted values unless it is one of ``LAYOUTS``."""
     if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is not known: accepted {list(LAYOUTS)}")
+        raise ConfigError(f"layout={layout!r} is not known: accepted {list(LAYOUTS)}")
 
 
 def _sample_object(rng: np.random.Generator, caption: ObjectCaption, lane: tuple[float, float],

@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from vdit_accel.errors import ConfigError
-from vdit_accel.instrument.dataset import LAYOUTS
 from vdit_accel.instrument.dataset import batch as data_batch
+from vdit_accel.instrument.dataset import check_layout
 from vdit_accel.instrument.model import EmbeddedConfig, EmbeddedModel, check_geometry
 
 logger = logging.getLogger(__name__)
@@ -85,8 +85,7 @@ class TrainConfig:
                 raise ConfigError(f"stage {s} is not accepted: steps and batch must be >= 1")
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError(f"caption_dropout={self.caption_dropout} is out of range: accepted [0, 1)")
-        if self.layout not in LAYOUTS:
-            raise ConfigError(f"layout={self.layout!r} is not known: accepted {list(LAYOUTS)}")
+        check_layout(self.layout)
 
     @property
     def total_steps(self) -> int:
