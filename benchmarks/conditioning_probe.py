@@ -31,7 +31,7 @@ from vdit_accel.instrument.captions import (
     Caption,
     format_caption,
 )
-from vdit_accel.instrument.dataset import LAYOUTS, render, sample_spec
+from vdit_accel.instrument.dataset import LAYOUTS, SIZE_FRACTION, render, sample_spec
 from vdit_accel.instrument.model import EmbeddedModel
 
 NOISE_LEVELS = (0.3, 0.6, 0.8, 0.95)
@@ -74,13 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--layout", default="uniform", choices=LAYOUTS,
                    help="where the clips' objects start (use the model's training layout)")
+    p.add_argument("--object-size", type=float, nargs=2, default=SIZE_FRACTION, metavar=("LO", "HI"),
+                   help="object diameter range of the clips (use the model's training range)")
     p.add_argument("--out", default="docs/results/instrument/conditioning_probe.json")
     a = p.parse_args(argv)
     model = EmbeddedModel.load(a.weights).eval()
     cfg = model.config
     geometry = (a.frames or cfg.frames, a.height or cfg.height, a.width or cfg.width)
     rng = np.random.default_rng(a.seed)
-    specs = [sample_spec(rng, two_object_prob=0.0, layout=a.layout) for _ in range(a.clips)]
+    specs = [sample_spec(rng, two_object_prob=0.0, layout=a.layout, size_range=tuple(a.object_size))
+             for _ in range(a.clips)]
     videos = torch.from_numpy(np.stack([render(s, *geometry) for s in specs]))
     captions = [Caption(tuple(o.caption for o in s.objects), s.background) for s in specs]
     texts = {"true": [format_caption(c) for c in captions], "empty": [""] * a.clips}
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": command_line(__file__, argv),
         **machine_info(),
         "settings": {"model_id": cfg.model_id, "clips": a.clips, "geometry": list(geometry), "seed": a.seed,
-                     "layout": a.layout},
+                     "layout": a.layout,
+                     "object_size": list(a.object_size)},
         "per_noise_level": rows,
         "mean_gap": {k: float(np.mean([r["gap"][k] for r in rows])) for k in rows[0]["gap"]},
         "wall_s": time.perf_counter() - t0,

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=GenerationConfig().steps)
     p.add_argument("--guidance", type=float, default=GenerationConfig().guidance)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flow-shift", type=float, default=None, help="sampler shift (default: the model's)")
     p.add_argument("--out", default="docs/results/instrument")
     p.add_argument("--weights", default=None, help="model folder (default: the shipped embedded model)")
     a = p.parse_args(argv)
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model = EmbeddedModel.load(a.weights)
     sampler = Sampler(model)
-    gen = GenerationConfig(steps=a.steps, guidance=a.guidance, seed=a.seed)
+    gen = GenerationConfig(steps=a.steps, guidance=a.guidance, seed=a.seed, flow_shift=a.flow_shift)
     rows, clips = [], []
     t0 = time.perf_counter()
     for prompt in resolve_prompts(a.prompts):
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command_line(__file__, argv),
         **machine_info(),
         "settings": {"prompts": a.prompts, "steps": a.steps, "guidance": a.guidance, "seed": a.seed,
-                     "model_id": model.config.model_id},
+                     "flow_shift": a.flow_shift or model.config.flow_shift, "model_id": model.config.model_id},
         "mean_adherence": float(np.mean([r["adherence"] for r in rows])),
         "all_correct_share": float(np.mean([r["all_correct"] for r in rows])),
         "wall_s": time.perf_counter() - t0,

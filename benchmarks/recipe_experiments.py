@@ -28,6 +28,7 @@ from vdit_accel.instrument.train import Stage, TrainConfig, train
 SHORT = TrainConfig(seed=0, stages=(Stage(16, 32, 32, 1000, 16),), checkpoint_every=100)
 WIDE = EmbeddedConfig(num_heads=4, ffn_dim=512)
 ANCHORED = dataclasses.replace(SHORT, layout="anchored")
+V2 = EmbeddedConfig(model_id="vdit-accel/embedded-wan-v2", position_channels=True, prediction="sample")
 
 #: name -> (model config, recipe, run to start from or None)
 VARIANTS: dict[str, tuple[EmbeddedConfig, TrainConfig, str | None]] = {
@@ -37,10 +38,16 @@ VARIANTS: dict[str, tuple[EmbeddedConfig, TrainConfig, str | None]] = {
     "anchored": (EmbeddedConfig(), ANCHORED, None),
     "anchored-xyz": (EmbeddedConfig(position_channels=True), ANCHORED, None),
     "anchored-xyz-x0": (EmbeddedConfig(position_channels=True, prediction="sample"), ANCHORED, None),
-    "anchored-xyz-x0-64": (EmbeddedConfig(model_id="vdit-accel/embedded-wan-v2", position_channels=True,
-                                          prediction="sample"),
+    "anchored-xyz-x0-64": (V2,
                            TrainConfig(seed=2, stages=(Stage(16, 64, 64, 1500, 8),), lr=1e-3, warmup=100,
                                        checkpoint_every=50, layout="anchored"), "runs/exp-anchored-xyz-x0/release"),
+    "anchored-xyz-x0-64-hit": (V2, TrainConfig(seed=3, stages=(Stage(16, 64, 64, 400, 8),), lr=5e-4, warmup=50,
+                                               checkpoint_every=50, layout="anchored", timestep_shift=10.0),
+                               "runs/exp-anchored-xyz-x0-64/release"),
+    "anchored-xyz-x0-64-hit-large": (V2, TrainConfig(seed=4, stages=(Stage(16, 64, 64, 600, 8),), lr=5e-4,
+                                                     warmup=50, checkpoint_every=50, layout="anchored",
+                                                     timestep_shift=10.0, object_size=(0.38, 0.46)),
+                                     "runs/exp-anchored-xyz-x0-64-hit/release"),
     "wide-64": (WIDE, TrainConfig(seed=2, stages=(Stage(16, 64, 64, 1200, 8),), lr=1e-3, warmup=100,
                                   checkpoint_every=50), "runs/exp-wide/release"),
 }
@@ -59,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     probe = Path(__file__).parent / "conditioning_probe.py"
     subprocess.run([sys.executable, str(probe), "--weights", str(out / "release"), "--frames", str(frames),
                     "--height", str(height), "--width", str(width), "--layout", cfg.layout,
+                    "--object-size", *(str(v) for v in cfg.object_size),
                     "--out", str(out / "conditioning_probe.json")], check=True)
     return 0
 

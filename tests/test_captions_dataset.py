@@ -100,6 +100,23 @@ def test_anchored_layout_centres_each_path_in_its_lane():
             assert mid_y == pytest.approx((y_lo + y_hi) / 2, abs=1e-6)
 
 
+def test_size_range_scales_objects_and_keeps_the_stream():
+    """Same captions and backgrounds for any size range; sizes come from the range (0.85 of it in a lane)."""
+    for seed in range(200):
+        base = sample_spec(np.random.default_rng(seed))
+        big = sample_spec(np.random.default_rng(seed), size_range=(0.38, 0.46))
+        assert big.caption == base.caption and big.background == base.background
+        lane = 0.85 if len(big.objects) == 2 else 1.0
+        assert all(0.38 * lane <= o.size <= 0.46 * lane for o in big.objects)
+        assert np.isfinite(render(big, 4, 16, 16)).all()
+
+
+@pytest.mark.parametrize("bad", [(0.0, 0.3), (0.4, 0.3), (0.3, 0.6)])
+def test_bad_size_range_is_named(bad):
+    with pytest.raises(ConfigError, match=r"object size range .* is not accepted: need 0 < lo <= hi <= 0.5"):
+        sample_spec(np.random.default_rng(0), size_range=bad)
+
+
 def test_unknown_layout_is_named():
     with pytest.raises(ConfigError, match="layout='grid'.*anchored"):
         sample_spec(np.random.default_rng(0), layout="grid")

@@ -17,10 +17,19 @@ def test_generation_is_bit_deterministic(tiny_model):
 
 @pytest.mark.parametrize("kw, match", [
     ({"steps": 0}, "steps=0"), ({"guidance": -0.5}, "guidance=-0.5"), ({"seed": -1}, "seed=-1"),
+    ({"flow_shift": 0.0}, r"flow_shift=0.0 is out of range: accepted \(0, inf\)"),
 ])
 def test_bad_generation_settings(kw, match):
     with pytest.raises(ConfigError, match=match):
         GenerationConfig(**kw)
+
+
+def test_flow_shift_none_is_the_models_shift(tiny_model):
+    s = Sampler(tiny_model)
+    default = s(TINY_PROMPT, GenerationConfig(steps=3, seed=7), progress=False)
+    same = s(TINY_PROMPT, GenerationConfig(steps=3, seed=7, flow_shift=tiny_model.config.flow_shift), progress=False)
+    other = s(TINY_PROMPT, GenerationConfig(steps=3, seed=7, flow_shift=9.0), progress=False)
+    assert torch.equal(default, same) and not torch.equal(default, other)
 
 
 def test_bad_geometry_before_compute(tiny_model):

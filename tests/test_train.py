@@ -1,5 +1,6 @@
 """Training: deterministic, checkpointed, and a resumed run equals an uninterrupted one."""
 
+import dataclasses
 import json
 
 import pytest
@@ -42,8 +43,23 @@ def test_bad_recipe_values():
         TrainConfig(stages=(Stage(4, 8, 8, 0, 2),))
     with pytest.raises(ConfigError, match="layout='grid' is not known"):
         TrainConfig(layout="grid")
+    for bad in (0.0, -3.0):
+        with pytest.raises(ConfigError, match=f"timestep_shift={bad} is out of range"):
+            TrainConfig(timestep_shift=bad)
+    with pytest.raises(ConfigError, match="object size range"):
+        TrainConfig(object_size=(0.3, 0.7))
     with pytest.raises(ConfigError, match="height=10"):
         train("/tmp/never", TrainConfig(stages=(Stage(4, 10, 8, 1, 1),)), TINY, progress=False)
+
+
+def test_timestep_shift_defaults_to_the_models_flow_shift(tmp_path):
+    """``timestep_shift=None`` trains exactly as the model's own shift does; another shift trains differently."""
+    default = _weights(train(tmp_path / "a", CFG, TINY, progress=False))
+    same = _weights(train(tmp_path / "b", dataclasses.replace(CFG, timestep_shift=TINY.flow_shift), TINY,
+                          progress=False))
+    other = _weights(train(tmp_path / "c", dataclasses.replace(CFG, timestep_shift=12.0), TINY, progress=False))
+    assert all(torch.equal(default[k], same[k]) for k in default)
+    assert not all(torch.equal(default[k], other[k]) for k in default)
 
 
 def test_fine_tune_starts_from_saved_weights(tmp_path):

@@ -36,7 +36,8 @@ from vdit_accel.instrument.captions import (
 )
 
 TRAVEL_FRACTION = (0.25, 0.4)  # displacement over the clip, in frame widths (single object)
-SIZE_FRACTION = (0.25, 0.34)  # object diameter, in frame widths
+SIZE_FRACTION = (0.25, 0.34)  # object diameter, in frame widths (embedded-wan-v1's range)
+MAX_SIZE = 0.5  # the largest diameter a grown object (x 1.9) still fits the frame with
 GROWTH = (1.6, 1.9)  # size ratio last/first frame for "grow" (inverse for "shrink")
 EDGE_PX_AT_64 = 1.0  # anti-aliasing ramp width at 64 px
 GRADIENT_AMPLITUDE = 0.15
@@ -119,15 +120,24 @@ def check_layout(layout: str) -> None:
         raise ConfigError(f"layout={layout!r} is not known: accepted {list(LAYOUTS)}")
 
 
+def check_size(size: tuple[float, float]) -> tuple[float, float]:
+    """Return ``size`` as a ``(lo, hi)`` float pair; raise :class:`ConfigError` unless 0 < lo <= hi <= MAX_SIZE."""
+    lo, hi = (float(v) for v in size)
+    if not 0 < lo <= hi <= MAX_SIZE:
+        raise ConfigError(f"object size range {(lo, hi)} is not accepted: need 0 < lo <= hi <= {MAX_SIZE}")
+    return lo, hi
+
+
 def _sample_object(rng: np.random.Generator, caption: ObjectCaption, lane: tuple[float, float],
-                   layout: str = "uniform") -> ObjectSpec:
+                   layout: str = "uniform", size_range: tuple[float, float] = SIZE_FRACTION) -> ObjectSpec:
     """Place an object so that it stays inside the frame (and inside its vertical lane).
 
     ``layout`` (one of ``LAYOUTS``) says whether the start is drawn uniformly from the feasible range or
     put at its middle (a path centred in the lane); the random stream is consumed the same way in both.
+    ``size_range`` is the range of the diameter (frame widths; 0.85 of it in a two-object lane).
     """
     y_lo, y_hi = lane
-    size = rng.uniform(*SIZE_FRACTION) * (0.85 if y_hi - y_lo < 1 else 1.0)
+    size = rng.uniform(*size_range) * (0.85 if y_hi - y_lo < 1 else 1.0)
     growth = 1.0
     if caption.motion == "grow":
         growth = rng.uniform(*GROWTH)
@@ -157,7 +167,7 @@ def _sample_object(rng: np.random.Generator, caption: ObjectCaption, lane: tuple
 
 
 def sample_spec(rng: np.random.Generator, two_object_prob: float = 0.25, heldout: bool = False,
-                layout: str = "uniform") -> VideoSpec:
+                layout: str = "uniform", size_range: tuple[float, float] = SIZE_FRACTION) -> VideoSpec:
     """Draw a random clip spec.
 
     Args:
@@ -165,8 +175,11 @@ def sample_spec(rng: np.random.Generator, two_object_prob: float = 0.25, heldout
         two_object_prob (`float`, defaults to 0.25): probability of a two-object clip.
         heldout (`bool`, defaults to False): if False, held-out combinations are never drawn.
         layout (`str`, defaults to "uniform"): where objects start, one of ``LAYOUTS``.
+        size_range (`tuple[float, float]`, defaults to ``SIZE_FRACTION``): object diameters drawn from, in frame
+            widths (see :func:`check_size`); the random stream is the same for every range.
     """
     check_layout(layout)
+    size_range = check_size(size_range)
     n_obj = 2 if rng.random() < two_object_prob else 1
     colours = list(OBJECT_COLOURS)
     captions: list[ObjectCaption] = []
@@ -180,7 +193,7 @@ def sample_spec(rng: np.random.Generator, two_object_prob: float = 0.25, heldout
             continue
         captions.append(cap)
     lanes = [(0.0, 1.0)] if n_obj == 1 else [(0.0, 0.5), (0.5, 1.0)]
-    objects = tuple(_sample_object(rng, cap, lane, layout) for cap, lane in zip(captions, lanes))
+    objects = tuple(_sample_object(rng, cap, lane, layout, size_range) for cap, lane in zip(captions, lanes))
     bgs = list(BACKGROUND_COLOURS)
     background = BackgroundCaption(bgs[rng.integers(len(bgs))], BACKGROUND_KINDS[rng.integers(3)])
     return VideoSpec(objects, background, float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0, 2 * np.pi)))
@@ -261,10 +274,10 @@ def render(spec: VideoSpec, frames: int = 16, height: int = 64, width: int = 64)
 
 
 def batch(seed: int, index: int, size: int, frames: int, height: int, width: int, caption_dropout: float = 0.1,
-          layout: str = "uniform"):
+          layout: str = "uniform", size_range: tuple[float, float] = SIZE_FRACTION):
     """Batch ``index`` of the training stream for ``seed``: deterministic and independent of history.
 
-    ``layout`` is passed to :func:`sample_spec`.
+    ``layout`` and ``size_range`` are passed to :func:`sample_spec`.
 
     Returns:
         (`np.ndarray` [B, 3, F, H, W], `list[str]` of B captions, "" where dropped for CFG).
@@ -272,7 +285,7 @@ def batch(seed: int, index: int, size: int, frames: int, height: int, width: int
     rng = np.random.default_rng([seed, index])
     videos, texts = [], []
     for _ in range(size):
-        spec = sample_spec(rng, layout=layout)
+        spec = sample_spec(rng, layout=layout, size_range=size_range)
         videos.append(render(spec, frames, height, width))
         texts.append("" if rng.random() < caption_dropout else spec.text)
     return np.stack(videos), texts

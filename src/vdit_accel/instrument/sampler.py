@@ -38,6 +38,8 @@ class GenerationConfig:
         guidance (`float`, defaults 5.0): classifier-free guidance scale, >= 0; <= 1 runs no uncond branch.
         seed (`int`, defaults 0): noise seed, >= 0.
         frames, height, width (`int | None`): pixel geometry; ``None`` = the model's bench geometry.
+        flow_shift (`float | None`): the scheduler's timestep shift, > 0; ``None`` = the model's
+            ``flow_shift``. A larger shift spends more of the steps at high noise.
     """
 
     steps: int = 50
@@ -46,11 +48,14 @@ class GenerationConfig:
     frames: int | None = None
     height: int | None = None
     width: int | None = None
+    flow_shift: float | None = None
 
     def __post_init__(self) -> None:
         check_range("steps", self.steps, lo=1)
         check_range("guidance", self.guidance, lo=0.0)
         check_range("seed", self.seed, lo=0)
+        if self.flow_shift is not None and not self.flow_shift > 0:
+            raise ConfigError(f"flow_shift={self.flow_shift!r} is out of range: accepted (0, inf) or None")
 
     def replace(self, **kw) -> GenerationConfig:
         return dataclasses.replace(self, **kw)
@@ -99,7 +104,8 @@ class Sampler:
         use_cfg = cfg.guidance > 1.0
         uncond = self.model.encode_prompts([""] * len(prompts)) if use_cfg else None
         x = self.initial_noise(cfg, len(prompts)) if latents is None else latents.clone()
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=self.model.config.flow_shift)
+        shift = self.model.config.flow_shift if cfg.flow_shift is None else cfg.flow_shift
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
         scheduler.set_timesteps(cfg.steps)
         transformer._reset_stateful_cache()
         try:
