@@ -76,8 +76,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the clips' objects start (use the model's training layout)")
     p.add_argument("--object-size", type=float, nargs=2, default=SIZE_FRACTION, metavar=("LO", "HI"),
                    help="object diameter range of the clips (use the model's training range)")
+    p.add_argument("--noise-levels", type=float, nargs="+", default=NOISE_LEVELS, metavar="T",
+                   help="noise levels t in (0, 1) to probe at")
     p.add_argument("--out", default="docs/results/instrument/conditioning_probe.json")
     a = p.parse_args(argv)
+    bad = [t for t in a.noise_levels if not 0 < t < 1]
+    if bad:
+        p.error(f"--noise-levels {bad} out of range: accepted (0, 1)")
     model = EmbeddedModel.load(a.weights).eval()
     cfg = model.config
     geometry = (a.frames or cfg.frames, a.height or cfg.height, a.width or cfg.width)
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = []
     with torch.no_grad():
-        for t in NOISE_LEVELS:
+        for t in a.noise_levels:
             x_t = (1 - t) * videos + t * noise
             losses = {}
             for name, tx in texts.items():
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command_line(__file__, argv),
         **machine_info(),
         "settings": {"model_id": cfg.model_id, "clips": a.clips, "geometry": list(geometry), "seed": a.seed,
-                     "layout": a.layout,
+                     "layout": a.layout, "noise_levels": list(a.noise_levels),
                      "object_size": list(a.object_size)},
         "per_noise_level": rows,
         "mean_gap": {k: float(np.mean([r["gap"][k] for r in rows])) for k in rows[0]["gap"]},

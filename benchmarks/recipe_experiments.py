@@ -48,6 +48,10 @@ VARIANTS: dict[str, tuple[EmbeddedConfig, TrainConfig, str | None]] = {
                                                      warmup=50, checkpoint_every=50, layout="anchored",
                                                      timestep_shift=10.0, object_size=(0.38, 0.46)),
                                      "runs/exp-anchored-xyz-x0-64-hit/release"),
+    "anchored-xyz-x0-64-hit-large-long": (V2, TrainConfig(seed=5, stages=(Stage(16, 64, 64, 1500, 8),), lr=5e-4,
+                                                          warmup=50, checkpoint_every=50, layout="anchored",
+                                                          timestep_shift=10.0, object_size=(0.38, 0.46)),
+                                          "runs/exp-anchored-xyz-x0-64-hit-large/release"),
     "wide-64": (WIDE, TrainConfig(seed=2, stages=(Stage(16, 64, 64, 1200, 8),), lr=1e-3, warmup=100,
                                   checkpoint_every=50), "runs/exp-wide/release"),
 }

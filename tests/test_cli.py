@@ -64,6 +64,7 @@ def test_bench_quick_dense_and_one_peer(weights, tmp_path, capsys):
     (["generate", "a red hexagon moves left on a blue background"], "hexagon"),
     (["generate", TINY_PROMPT, "--steps", "0"], "steps=0"),
     (["generate", TINY_PROMPT, "--guidance", "-1"], "guidance=-1"),
+    (["generate", TINY_PROMPT, "--flow-shift", "0"], "flow_shift=0.0 is out of range"),
     (["bench", "--methods", "dense,warp-drive"], "warp-drive"),
     (["generate", TINY_PROMPT, "--weights", "/nonexistent/weights"], "missing"),
 ])

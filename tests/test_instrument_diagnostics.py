@@ -1,4 +1,4 @@
-"""The instrument's diagnostics: benchmarks/conditioning_probe.py and benchmarks/sampler_sweep.py."""
+"""The instrument's diagnostics: conditioning_probe, sampler_sweep, x0_grid and oracle_gap (benchmarks/)."""
 
 from __future__ import annotations
 
@@ -84,3 +84,33 @@ def test_x0_grid_names_the_nearest_shape(tmp_path):
     for t, fraction in doc["own_shape_fraction_per_t"].items():
         own = [r["nearest"] == r["shape"] for r in doc["rows"] if r["t"] == float(t)]
         assert fraction == pytest.approx(sum(own) / len(SHAPES))
+
+
+def test_probe_takes_noise_levels_and_object_size(probe, tmp_path):
+    tiny_model().save(tmp_path / "m")
+    out = tmp_path / "probe.json"
+    assert probe.main(["--weights", str(tmp_path / "m"), "--clips", "1", "--noise-levels", "0.5", "0.995",
+                       "--object-size", "0.4", "0.44", "--layout", "anchored", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [r["t"] for r in doc["per_noise_level"]] == [0.5, 0.995]
+    assert doc["settings"]["object_size"] == [0.4, 0.44] and doc["settings"]["layout"] == "anchored"
+    with pytest.raises(SystemExit) as e:
+        probe.main(["--weights", str(tmp_path / "m"), "--noise-levels", "1.0", "--out", str(out)])
+    assert e.value.code == 2
+
+
+def test_oracle_mean_clip_of_a_fixed_placement_is_the_clip_itself():
+    """With the layout anchored, one size and no motion, every placement is the same: the mean is that clip."""
+    import numpy as np
+
+    from vdit_accel.instrument.captions import BackgroundCaption, Caption, ObjectCaption
+    from vdit_accel.instrument.dataset import render, spec_for_caption
+
+    oracle = _load("oracle_gap")
+    obj = ObjectCaption("red", "triangle", "still")
+    mean = oracle.mean_clip(obj, "anchored", (0.3, 0.3), 3, np.random.default_rng(0), 4, 16)
+    spec = spec_for_caption(Caption((obj,), BackgroundCaption("blue", "solid")), np.random.default_rng(1),
+                            "anchored", (0.3, 0.3))
+    np.testing.assert_allclose(mean, render(spec, 4, 16, 16), atol=1e-6)
+    jittered = oracle.mean_clip(obj, "uniform", (0.3, 0.3), 3, np.random.default_rng(0), 4, 16)
+    assert np.abs(jittered - mean).max() > 0.1  # uniform starts blur the mean

@@ -46,7 +46,7 @@ def cmd_generate(a) -> int:
     from vdit_accel.instrument.video import to_frames, write_video
     from vdit_accel.registry import apply
 
-    cfg = GenerationConfig(steps=a.steps, guidance=a.guidance, seed=a.seed)
+    cfg = GenerationConfig(steps=a.steps, guidance=a.guidance, seed=a.seed, flow_shift=a.flow_shift)
     model = _load_model(a.weights)
     model.encode_prompts([a.prompt])  # validate before any compute
     method_cfg = _method_config(a.method, a.preset, a.steps)
@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=g.steps)
     s.add_argument("--seed", type=int, default=g.seed)
     s.add_argument("--guidance", type=float, default=g.guidance)
+    s.add_argument("--flow-shift", type=float, default=None, help="sampler timestep shift (default: the model's)")
     s.add_argument("--out", default=DEFAULT_OUT, help="output path; .mp4 and .gif are written")
     s.add_argument("--method", default=None, help="acceleration method: timeripple or astraea (default dense)")
     s.add_argument("--preset", default=None, help="preset name or JSON file for --method")

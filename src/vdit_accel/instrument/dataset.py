@@ -199,10 +199,16 @@ def sample_spec(rng: np.random.Generator, two_object_prob: float = 0.25, heldout
     return VideoSpec(objects, background, float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0, 2 * np.pi)))
 
 
-def spec_for_caption(caption: Caption, rng: np.random.Generator) -> VideoSpec:
-    """A random placement of the objects a caption names (used for ground-truth scorer checks)."""
+def spec_for_caption(caption: Caption, rng: np.random.Generator, layout: str = "uniform",
+                     size_range: tuple[float, float] = SIZE_FRACTION) -> VideoSpec:
+    """A random placement of the objects a caption names (ground-truth scorer checks, ideal-gap estimates).
+
+    ``layout`` and ``size_range`` as in :func:`sample_spec`.
+    """
+    check_layout(layout)
+    size_range = check_size(size_range)
     lanes = [(0.0, 1.0)] if len(caption.objects) == 1 else [(0.0, 0.5), (0.5, 1.0)]
-    objects = tuple(_sample_object(rng, cap, lane) for cap, lane in zip(caption.objects, lanes))
+    objects = tuple(_sample_object(rng, cap, lane, layout, size_range) for cap, lane in zip(caption.objects, lanes))
     return VideoSpec(objects, caption.background, float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0, 2 * np.pi)))
 
 
