@@ -124,3 +124,46 @@ def test_sample_prediction_returns_a_velocity(tmp_path):
     assert torch.allclose(v, (x - x0) / sigma, atol=1e-5) and torch.equal(v, as_dict)
     with pytest.raises(ConfigError, match="prediction='eps' is not known"):
         EmbeddedConfig(prediction="eps")
+
+
+def test_pooled_text_starts_as_a_no_op_then_conditions_the_modulation(tmp_path):
+    """A fresh PooledCaption adds zero (outputs bit-identical to the model without it); once trained, the
+    caption reaches the timestep embedding, with per-batch and per-token (Wan2.2 TI2V) timesteps alike."""
+    cfg = dataclasses.replace(EmbeddedConfig.tiny(), pooled_text=True)
+    torch.manual_seed(0)
+    plain = EmbeddedModel(dataclasses.replace(cfg, pooled_text=False))
+    pooled = EmbeddedModel(cfg)
+    missing, unexpected = pooled.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("pooled_caption.") for k in missing)
+    x, t = torch.randn(2, 3, 4, 8, 8), torch.full((2,), 700.0)
+    c = plain.encode_prompts(["a red circle grows on a gray background", "a blue square moves up on a black "
+                              "background"])
+    with torch.no_grad():
+        ref = plain.transformer(x, timestep=t, encoder_hidden_states=c, return_dict=False)[0]
+        assert torch.equal(pooled.transformer(x, timestep=t, encoder_hidden_states=c, return_dict=False)[0], ref)
+        torch.nn.init.normal_(pooled.pooled_caption.proj[2].weight, std=0.5)
+        out = pooled.transformer(x, timestep=t, encoder_hidden_states=c, return_dict=False)[0]
+        per_token = pooled.transformer(x, timestep=t[:, None].expand(2, 8), encoder_hidden_states=c,
+                                       return_dict=False)[0]
+    assert not torch.allclose(out, ref, atol=1e-4)
+    torch.testing.assert_close(per_token, out, atol=1e-5, rtol=1e-5)  # same t on every token: same result
+    pooled.save(tmp_path / "m")
+    with torch.no_grad():
+        again = EmbeddedModel.load(tmp_path / "m").transformer(x, timestep=t, encoder_hidden_states=c,
+                                                               return_dict=False)[0]
+    assert torch.equal(again, out)
+
+
+def test_start_from_fills_only_no_op_modules(tmp_path):
+    cfg = EmbeddedConfig.tiny()
+    torch.manual_seed(0)
+    EmbeddedModel(cfg).save(tmp_path / "plain")
+    grown = EmbeddedModel(dataclasses.replace(cfg, pooled_text=True))
+    grown.start_from(tmp_path / "plain")  # pooled_caption stays zero-initialised
+    plain = EmbeddedModel.load(tmp_path / "plain")
+    assert all(torch.equal(grown.state_dict()[k], v) for k, v in plain.state_dict().items())
+    with pytest.raises(WeightsError, match="do not fit this config"):
+        EmbeddedModel(dataclasses.replace(cfg, position_channels=True)).start_from(tmp_path / "plain")
+    grown.save(tmp_path / "grown")
+    with pytest.raises(WeightsError, match="unexpected"):
+        EmbeddedModel(cfg).start_from(tmp_path / "grown")

@@ -34,6 +34,7 @@ CONFIG_FORMAT = "vdit-accel/embedded-model"
 CONFIG_VERSION = 1
 PREDICTIONS = ("velocity", "sample")
 MIN_SIGMA_FOR_SAMPLE = 0.05  # x0 -> velocity divides by the noise level; below this it is held
+NO_OP_MODULES = ("pooled_caption.",)  # start as a no-op: a fine-tune may start from weights without them
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,11 @@ class EmbeddedConfig:
             velocity. A pixel patch (2*4*4*3 = 96 values) is nearly as wide as the model (128): x0 is a
             smooth, low-dimensional target, the velocity carries the full-rank noise (Li & He, "Back to
             Basics: Let Denoising Generative Models Denoise", 2025).
+        pooled_text (`bool`, defaults False): add a projection of the mean caption embedding to the timestep
+            embedding, so the caption also drives every block's adaLN modulation (as the pooled CLIP vector
+            does in HunyuanVideo and SD3), not only the cross-attention. A forward hook on Wan's
+            ``condition_embedder`` adds it (see ``PooledCaption``); its last layer starts at zero, so a model
+            fine-tuned from weights without it starts out computing exactly what they did.
     """
 
     model_id: str = "vdit-accel/embedded-wan-v1"
@@ -82,6 +88,7 @@ class EmbeddedConfig:
     caption_mixer: bool = False
     position_channels: bool = False
     prediction: str = "velocity"
+    pooled_text: bool = False
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:
@@ -218,6 +225,22 @@ def _sample_to_velocity(module: nn.Module, args: tuple, kwargs: dict, output):
     return output
 
 
+class PooledCaption(nn.Module):
+    """Mean caption embedding -> a vector for the timestep embedding: ``[B, L, text_dim]`` -> ``[B, dim]``.
+
+    The last layer is zero-initialised: a fresh ``PooledCaption`` adds nothing.
+    """
+
+    def __init__(self, text_dim: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(text_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        nn.init.zeros_(self.proj[2].weight)
+        nn.init.zeros_(self.proj[2].bias)
+
+    def forward(self, captions: torch.Tensor) -> torch.Tensor:
+        return self.proj(captions.mean(dim=1))
+
+
 class EmbeddedModel(nn.Module):
     """The caption encoder and the Wan transformer, held together for training, saving and sampling.
 
@@ -237,6 +260,23 @@ class EmbeddedModel(nn.Module):
             self.transformer.register_forward_pre_hook(_concat_position_channels, with_kwargs=True)
         if config.prediction == "sample":
             self.transformer.register_forward_hook(_sample_to_velocity, with_kwargs=True)
+        self.pooled_caption = None
+        if config.pooled_text:
+            self.pooled_caption = PooledCaption(config.text_dim, config.num_heads * config.head_dim)
+            self.transformer.condition_embedder.register_forward_hook(self._add_pooled_caption, with_kwargs=True)
+
+    def _add_pooled_caption(self, module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple:
+        """Forward hook of Wan's ``condition_embedder``: ``temb += PooledCaption(captions)``, and the blocks'
+        modulation ``timestep_proj`` recomputed from it by the embedder's own layers.
+
+        ``captions`` is the embedder's input ``[B, L, text_dim]``; ``temb`` is ``[B, dim]`` (or
+        ``[B, S, dim]`` with per-token timesteps, as in Wan2.2 TI2V).
+        """
+        captions = args[1] if len(args) > 1 else kwargs["encoder_hidden_states"]
+        temb, _, text, image = output
+        pooled = self.pooled_caption(captions).to(temb.dtype)
+        temb = temb + (pooled.unsqueeze(1) if temb.ndim == 3 else pooled)
+        return temb, module.time_proj(module.act_fn(temb)), text, image
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts (``""`` = unconditional) -> caption embeddings ``[B, L, text_dim]``."""
@@ -252,6 +292,19 @@ class EmbeddedModel(nn.Module):
         tensors = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()}
         save_file(tensors, str(directory / "model.safetensors"), metadata={"model_id": self.config.model_id})
         (directory / "config.json").write_text(json.dumps({**self.config.to_dict(), **(extra or {})}, indent=1))
+
+    def start_from(self, directory: str | Path) -> None:
+        """Copy the weights of a saved model (a fine-tune's start); modules that begin as a no-op
+        (``pooled_caption``) may be absent from it and keep their initialisation. Other mismatches raise
+        :class:`WeightsError`."""
+        state = EmbeddedModel.load(directory).state_dict()
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # a shape mismatch
+            raise WeightsError(f"the weights in {str(directory)!r} do not fit this config: {e}") from e
+        if unexpected or any(not k.startswith(NO_OP_MODULES) for k in missing):
+            raise WeightsError(f"the weights in {str(directory)!r} do not fit this config: missing "
+                               f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
     @classmethod
     def load(cls, directory: str | Path | None = None) -> EmbeddedModel:

@@ -208,7 +208,7 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: Embe
     torch.manual_seed(cfg.seed)
     model = EmbeddedModel(model_cfg)
     if init_from is not None:
-        model.load_state_dict(EmbeddedModel.load(init_from).state_dict())
+        model.start_from(init_from)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
