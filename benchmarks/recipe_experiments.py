@@ -17,6 +17,7 @@ train at 16 x 32 x 32 only: a cheap read of how fast each one learns to use the 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import subprocess
 import sys
@@ -29,6 +30,9 @@ SHORT = TrainConfig(seed=0, stages=(Stage(16, 32, 32, 1000, 16),), checkpoint_ev
 WIDE = EmbeddedConfig(num_heads=4, ffn_dim=512)
 ANCHORED = dataclasses.replace(SHORT, layout="anchored")
 V2 = EmbeddedConfig(model_id="vdit-accel/embedded-wan-v2", position_channels=True, prediction="sample")
+#: session 4: 1,500 more steps of the high-noise, large-object recipe (with or without pooled text)
+LONG = TrainConfig(seed=5, stages=(Stage(16, 64, 64, 1500, 8),), lr=5e-4, warmup=50, checkpoint_every=50,
+                   layout="anchored", timestep_shift=10.0, object_size=(0.38, 0.46))
 
 #: name -> (model config, recipe, run to start from or None)
 VARIANTS: dict[str, tuple[EmbeddedConfig, TrainConfig, str | None]] = {
@@ -48,10 +52,9 @@ VARIANTS: dict[str, tuple[EmbeddedConfig, TrainConfig, str | None]] = {
                                                      warmup=50, checkpoint_every=50, layout="anchored",
                                                      timestep_shift=10.0, object_size=(0.38, 0.46)),
                                      "runs/exp-anchored-xyz-x0-64-hit/release"),
-    "anchored-xyz-x0-64-hit-large-long": (V2, TrainConfig(seed=5, stages=(Stage(16, 64, 64, 1500, 8),), lr=5e-4,
-                                                          warmup=50, checkpoint_every=50, layout="anchored",
-                                                          timestep_shift=10.0, object_size=(0.38, 0.46)),
-                                          "runs/exp-anchored-xyz-x0-64-hit-large/release"),
+    "anchored-xyz-x0-64-hit-large-long": (V2, LONG, "runs/exp-anchored-xyz-x0-64-hit-large/release"),
+    "anchored-xyz-x0-64-hit-large-pooled": (dataclasses.replace(V2, pooled_text=True), LONG,
+                                            "runs/exp-anchored-xyz-x0-64-hit-large/release"),
     "wide-64": (WIDE, TrainConfig(seed=2, stages=(Stage(16, 64, 64, 1200, 8),), lr=1e-3, warmup=100,
                                   checkpoint_every=50), "runs/exp-wide/release"),
 }
@@ -59,13 +62,23 @@ VARIANTS: dict[str, tuple[EmbeddedConfig, TrainConfig, str | None]] = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0] not in VARIANTS:
-        print(f"usage: recipe_experiments.py NAME, NAME in {sorted(VARIANTS)}", file=sys.stderr)
-        return 2
-    name = argv[0]
-    model_cfg, cfg, init_from = VARIANTS[name]
-    out = Path("runs") / f"exp-{name}"
-    train(out, cfg, model_cfg, init_from=init_from)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("name", choices=sorted(VARIANTS))
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after N steps (a mid-run snapshot: the same weights the full run has at step N) and "
+                        "write the EMA weights to runs/exp-NAME-stepN/release")
+    a = p.parse_args(argv)
+    model_cfg, cfg, init_from = VARIANTS[a.name]
+    if a.max_steps is None:
+        out = Path("runs") / f"exp-{a.name}"
+        train(out, cfg, model_cfg, init_from=init_from)
+    else:
+        if not 1 <= a.max_steps < cfg.total_steps:
+            p.error(f"--max-steps {a.max_steps} out of range: accepted [1, {cfg.total_steps - 1}]")
+        out = Path("runs") / f"exp-{a.name}-step{a.max_steps}"
+        model = train(out, cfg, model_cfg, init_from=init_from, max_steps=a.max_steps)
+        model.save(out / "release", extra={"training": {"snapshot_of": a.name, "steps": a.max_steps,
+                                                        "of_steps": cfg.total_steps, "init_from": init_from}})
     frames, height, width = cfg.stages[-1].frames, cfg.stages[-1].height, cfg.stages[-1].width
     probe = Path(__file__).parent / "conditioning_probe.py"
     subprocess.run([sys.executable, str(probe), "--weights", str(out / "release"), "--frames", str(frames),

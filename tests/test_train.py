@@ -82,6 +82,11 @@ def test_fine_tune_release_records_its_lineage(tmp_path):
     assert record["parent"]["steps"] == 5 and record["parent"]["recipe"] == base["recipe"]
     assert "loss" not in record["parent"] and record["total_steps"] == 6
     assert record["total_wall_time_s"] == pytest.approx(base["wall_time_s"] + record["wall_time_s"], abs=0.11)
+    train(tmp_path / "ft2", one, TINY, progress=False, init_from=tmp_path / "ft" / "release")
+    grandchild = json.loads((tmp_path / "ft2" / "release" / "training.json").read_text())
+    assert grandchild["parent"]["parent"]["steps"] == 5 and grandchild["total_steps"] == 7  # the whole lineage
+    assert grandchild["total_wall_time_s"] == pytest.approx(record["total_wall_time_s"] + grandchild["wall_time_s"],
+                                                            abs=0.11)
 
 
 def test_named_recipes():

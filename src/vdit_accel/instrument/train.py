@@ -271,7 +271,8 @@ def _parent_record(init_from: str | None) -> dict | None:
         return None
     parent = json.loads(path.read_text())
     return {k: parent[k] for k in ("steps", "seed", "init_from", "wall_time_s", "threads", "recipe",
-                                   "final_loss_mean_last_100", "loss", "parent") if k in parent}
+                                   "final_loss_mean_last_100", "loss", "parent", "total_steps", "total_wall_time_s")
+            if k in parent}
 
 
 def write_release(out_dir: Path, model: EmbeddedModel, cfg: TrainConfig, record: dict) -> None:
@@ -296,8 +297,9 @@ def write_release(out_dir: Path, model: EmbeddedModel, cfg: TrainConfig, record:
     if parent is not None:  # lineage: the weights this run started from, and the totals of both runs
         parent_loss = parent.pop("loss", [])
         training["parent"] = parent
-        training["total_steps"] = parent["steps"] + training["steps"]
-        training["total_wall_time_s"] = round(parent["wall_time_s"] + training["wall_time_s"], 1)
+        training["total_steps"] = parent.get("total_steps", parent["steps"]) + training["steps"]
+        training["total_wall_time_s"] = round(parent.get("total_wall_time_s", parent["wall_time_s"])
+                                              + training["wall_time_s"], 1)
     model.save(rel, extra={"training": training})
     (rel / "training.json").write_text(json.dumps({**training, "loss": record["loss"]}, indent=0))
     loss = np.array(parent_loss + record["loss"])
