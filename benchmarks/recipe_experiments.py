@@ -5,6 +5,7 @@
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/recipe_experiments.py mixer
     PYTHONPATH=src OMP_NUM_THREADS=2 .venv/bin/python benchmarks/recipe_experiments.py wide-64  # after wide
     PYTHONPATH=src OMP_NUM_THREADS=2 .venv/bin/python benchmarks/recipe_experiments.py anchored-xyz-x0  # 8 min
+    PYTHONPATH=src OMP_NUM_THREADS=2 .venv/bin/python benchmarks/recipe_experiments.py anchored-xyz-x0-64-hit
 
 Each variant trains from scratch (or, for ``wide-64``, continues ``wide``) into ``runs/exp-NAME`` with
 checkpoints (rerun to resume), then runs ``benchmarks/conditioning_probe.py`` on the result at the
@@ -12,7 +13,12 @@ geometry of its last stage, writing ``runs/exp-NAME/conditioning_probe.json``. T
 train at 16 x 32 x 32 only: a cheap read of how fast each one learns to use the caption; the
 ``anchored*`` variants (session 3) add the anchored layout, position channels and x0 prediction, and
 ``anchored-xyz-x0-64`` continues ``anchored-xyz-x0`` at the bench geometry (then run
-``heldout_adherence.py --weights runs/exp-anchored-xyz-x0-64/release``).
+``heldout_adherence.py --weights runs/exp-anchored-xyz-x0-64/release``). Session 4 continues that lineage
+with high-noise training (``-hit``: ``timestep_shift`` 10), then larger objects (``-hit-large``: diameter
+0.38-0.46), then 1,500 more steps of the same (``-hit-large-long``) or the same with pooled caption text in
+the modulation (``-hit-large-pooled``), and ``-hit-large-mix`` continues ``-long`` 400 steps with half of
+each batch at shift 1 (fine detail); each starts from its parent's release, so run them in order.
+``--max-steps N`` stops a variant at step N (the weights the full run has there) for a mid-run reading.
 """
 
 from __future__ import annotations
@@ -55,6 +61,9 @@ VARIANTS: dict[str, tuple[EmbeddedConfig, TrainConfig, str | None]] = {
     "anchored-xyz-x0-64-hit-large-long": (V2, LONG, "runs/exp-anchored-xyz-x0-64-hit-large/release"),
     "anchored-xyz-x0-64-hit-large-pooled": (dataclasses.replace(V2, pooled_text=True), LONG,
                                             "runs/exp-anchored-xyz-x0-64-hit-large/release"),
+    "anchored-xyz-x0-64-hit-large-mix": (V2, dataclasses.replace(LONG, seed=6, stages=(Stage(16, 64, 64, 400, 8),),
+                                                                 timestep_shift=(10.0, 1.0)),
+                                         "runs/exp-anchored-xyz-x0-64-hit-large-long/release"),
     "wide-64": (WIDE, TrainConfig(seed=2, stages=(Stage(16, 64, 64, 1200, 8),), lr=1e-3, warmup=100,
                                   checkpoint_every=50), "runs/exp-wide/release"),
 }

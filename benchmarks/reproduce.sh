@@ -32,6 +32,19 @@ $PY benchmarks/sampler_sweep.py --prompts 10 --settings 5,3 3,3 5,8 3,8 --out do
 # $PY benchmarks/x0_grid.py --weights runs/exp-anchored-xyz-x0-64/release --size 64 --out docs/results/instrument/recipe_experiments/anchored-xyz-x0-64-x0_grid
 # $PY benchmarks/x0_grid.py --size 64 --out docs/results/instrument/recipe_experiments/v1-x0_grid
 # $PY benchmarks/heldout_adherence.py --weights runs/exp-anchored-xyz-x0-64/release --out docs/results/instrument/recipe_experiments/anchored-xyz-x0-64
+# session 4 (2 threads, in this order: each continues the previous one's release)
+# R=docs/results/instrument/recipe_experiments
+# $PY benchmarks/oracle_gap.py --samples 30 --out $R/oracle_gap.json
+# for n in anchored-xyz-x0-64-hit anchored-xyz-x0-64-hit-large anchored-xyz-x0-64-hit-large-long \
+#     anchored-xyz-x0-64-hit-large-pooled; do
+#   $PY benchmarks/recipe_experiments.py $n
+#   $PY benchmarks/heldout_adherence.py --weights runs/exp-$n/release --out $R/$n
+# done
+# $PY benchmarks/heldout_adherence.py --weights runs/exp-anchored-xyz-x0-64-hit/release --flow-shift 8 \
+#     --out $R/anchored-xyz-x0-64-hit-shift8
+# $PY benchmarks/recipe_experiments.py anchored-xyz-x0-64-hit-large-long --max-steps 600  # mid-run reading
+# $PY benchmarks/heldout_adherence.py --weights runs/exp-anchored-xyz-x0-64-hit-large-long-step600/release \
+#     --out $R/anchored-xyz-x0-64-hit-large-long-step600
 
 # 2. calibrations and searches (presets land in src/vdit_accel/presets/)
 $VA calibrate magcache

@@ -43,8 +43,8 @@ def test_bad_recipe_values():
         TrainConfig(stages=(Stage(4, 8, 8, 0, 2),))
     with pytest.raises(ConfigError, match="layout='grid' is not known"):
         TrainConfig(layout="grid")
-    for bad in (0.0, -3.0):
-        with pytest.raises(ConfigError, match=f"timestep_shift={bad} is out of range"):
+    for bad in (0.0, -3.0, (), (3.0, 0.0)):
+        with pytest.raises(ConfigError, match=r"timestep_shift=.* is out of range"):
             TrainConfig(timestep_shift=bad)
     with pytest.raises(ConfigError, match="object size range"):
         TrainConfig(object_size=(0.3, 0.7))
@@ -53,13 +53,19 @@ def test_bad_recipe_values():
 
 
 def test_timestep_shift_defaults_to_the_models_flow_shift(tmp_path):
-    """``timestep_shift=None`` trains exactly as the model's own shift does; another shift trains differently."""
+    """``timestep_shift=None`` trains exactly as the model's own shift does (so does a 1-tuple of it); another
+    shift, or a mixture, trains differently."""
     default = _weights(train(tmp_path / "a", CFG, TINY, progress=False))
     same = _weights(train(tmp_path / "b", dataclasses.replace(CFG, timestep_shift=TINY.flow_shift), TINY,
                           progress=False))
     other = _weights(train(tmp_path / "c", dataclasses.replace(CFG, timestep_shift=12.0), TINY, progress=False))
-    assert all(torch.equal(default[k], same[k]) for k in default)
+    one = _weights(train(tmp_path / "d", dataclasses.replace(CFG, timestep_shift=[TINY.flow_shift]), TINY,
+                         progress=False))
+    mixed = _weights(train(tmp_path / "e", dataclasses.replace(CFG, timestep_shift=(TINY.flow_shift, 12.0)), TINY,
+                           progress=False))
+    assert all(torch.equal(default[k], same[k]) and torch.equal(default[k], one[k]) for k in default)
     assert not all(torch.equal(default[k], other[k]) for k in default)
+    assert not any(all(torch.equal(w[k], mixed[k]) for k in w) for w in (default, other))
 
 
 def test_fine_tune_starts_from_saved_weights(tmp_path):

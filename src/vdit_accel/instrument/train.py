@@ -60,10 +60,11 @@ class TrainConfig:
         checkpoint_every (`int`, defaults 100): steps between checkpoints.
         layout (`str`, defaults "uniform"): where the training clips' objects start
             (``dataset.LAYOUTS``).
-        timestep_shift (`float`, optional): the shift of the training noise levels,
+        timestep_shift (`float` or `tuple[float, ...]`, optional): the shift of the training noise levels,
             ``t = shift * u / (1 + (shift - 1) * u)`` with ``u`` logit-normal; ``None`` (the default) uses the
             model's ``flow_shift`` (the sampler's). A larger shift trains more at high noise, where the caption
-            alone decides the layout: shift 3 puts 3% of the samples above t = 0.95, shift 12 about 30%.
+            alone decides the layout: shift 3 puts 3% of the samples above t = 0.95, shift 12 about 30%. A
+            tuple is a mixture: sample ``i`` of each batch uses ``shift[i % len(shift)]``.
         object_size (`tuple[float, float]`, defaults ``dataset.SIZE_FRACTION``): the training objects' diameter
             range in frame widths (``dataset.check_size``).
     """
@@ -81,7 +82,7 @@ class TrainConfig:
     bf16: bool = True
     checkpoint_every: int = 100
     layout: str = "uniform"
-    timestep_shift: float | None = None
+    timestep_shift: float | tuple[float, ...] | None = None
     object_size: tuple[float, float] = SIZE_FRACTION
 
     def __post_init__(self) -> None:
@@ -95,8 +96,12 @@ class TrainConfig:
             raise ConfigError(f"caption_dropout={self.caption_dropout} is out of range: accepted [0, 1)")
         check_layout(self.layout)
         object.__setattr__(self, "object_size", check_size(self.object_size))
-        if self.timestep_shift is not None and not self.timestep_shift > 0:
-            raise ConfigError(f"timestep_shift={self.timestep_shift} is out of range: accepted (0, inf) or None")
+        if isinstance(self.timestep_shift, (list, tuple)):
+            object.__setattr__(self, "timestep_shift", tuple(float(v) for v in self.timestep_shift))
+        shifts = self.timestep_shift if isinstance(self.timestep_shift, tuple) else (self.timestep_shift,)
+        if self.timestep_shift is not None and not (shifts and all(v > 0 for v in shifts)):
+            raise ConfigError(f"timestep_shift={self.timestep_shift} is out of range: accepted a value or a "
+                              "non-empty tuple of values in (0, inf), or None")
 
     @property
     def total_steps(self) -> int:
@@ -137,14 +142,18 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def flow_matching_loss(model: EmbeddedModel, videos: torch.Tensor, texts: list[str], gen: torch.Generator,
-                       shift: float) -> torch.Tensor:
+                       shift: float | tuple[float, ...]) -> torch.Tensor:
     """Rectified-flow loss: x_t = (1 - t) x0 + t eps, target eps - x0, t = shift(logit-normal).
+
+    ``shift`` is one value or a per-sample cycle (sample ``i`` uses ``shift[i % len(shift)]``).
 
     Args:
         videos: `[B, 3, F, H, W]` clean clips in [-1, 1].
     """
     b = videos.shape[0]
     u = torch.sigmoid(torch.randn(b, generator=gen))
+    if isinstance(shift, tuple):
+        shift = torch.tensor([shift[i % len(shift)] for i in range(b)])
     t = shift * u / (1 + (shift - 1) * u)
     eps = torch.randn(videos.shape, generator=gen)
     tt = t.view(b, 1, 1, 1, 1)
