@@ -42,6 +42,11 @@ $PY benchmarks/sampler_sweep.py --prompts 10 --settings 5,3 3,3 5,8 3,8 --out do
 # done
 # $PY benchmarks/heldout_adherence.py --weights runs/exp-anchored-xyz-x0-64-hit/release --flow-shift 8 \
 #     --out $R/anchored-xyz-x0-64-hit-shift8
+# $PY benchmarks/recipe_experiments.py anchored-xyz-x0-64-hit-large-mix
+# $PY benchmarks/heldout_adherence.py --weights runs/exp-anchored-xyz-x0-64-hit-large-mix/release \
+#     --out $R/anchored-xyz-x0-64-hit-large-mix
+# for n in anchored-xyz-x0-64-hit-large-pooled anchored-xyz-x0-64-hit-large-long; do  # a second noise seed
+#   $PY benchmarks/heldout_adherence.py --weights runs/exp-$n/release --seed 1 --out $R/$n-seed1; done
 # $PY benchmarks/recipe_experiments.py anchored-xyz-x0-64-hit-large-long --max-steps 600  # mid-run reading
 # $PY benchmarks/heldout_adherence.py --weights runs/exp-anchored-xyz-x0-64-hit-large-long-step600/release \
 #     --out $R/anchored-xyz-x0-64-hit-large-long-step600
