@@ -18,6 +18,7 @@ VA=.venv/bin/vdit-accel
 # 1. the instrument
 $VA score --ground-truth 200 > docs/results/instrument/scorer_ground_truth.json
 $VA score --ground-truth 100 --mp4 > docs/results/instrument/scorer_ground_truth_mp4.json
+$VA score --ground-truth 100 --object-size 0.38 0.46 > docs/results/instrument/scorer_ground_truth_large_objects.json
 $PY benchmarks/heldout_adherence.py --out docs/results/instrument
 $VA inspect --prompts quick --steps 50 --out docs/results/instrument/inspect.json
 $PY benchmarks/conditioning_probe.py --out docs/results/instrument/conditioning_probe.json

@@ -148,3 +148,9 @@ def test_bad_inputs_raise():
         score(frames, "a red hexagon grows on a black background")
     with pytest.raises(ConfigError, match="n_clips"):
         ground_truth_accuracy(n_clips=0)
+
+
+def test_ground_truth_accuracy_with_larger_objects():
+    """The v2 candidates train on diameters 0.38-0.46 (v1: 0.25-0.34); the scorer must read those too."""
+    acc = ground_truth_accuracy(n_clips=20, seed=5, size_range=(0.38, 0.46))
+    assert acc["overall"] >= ACCURACY_TARGET, acc

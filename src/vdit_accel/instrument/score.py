@@ -722,7 +722,8 @@ def score_file(path: str | Path, prompt: str, size: int = REFERENCE_SIZE) -> Sco
 
 
 def ground_truth_accuracy(
-    n_clips: int = 200, seed: int = 0, through_mp4: bool = False, workdir: str | Path | None = None
+    n_clips: int = 200, seed: int = 0, through_mp4: bool = False, workdir: str | Path | None = None,
+    size_range: tuple[float, float] = SIZE_FRACTION,
 ) -> dict[str, float | int]:
     """Attribute accuracy of the scorer on ground-truth clips (the scorer's own acceptance measurement).
 
@@ -734,6 +735,8 @@ def ground_truth_accuracy(
         seed (`int`, defaults to 0): seed of the clip stream.
         through_mp4 (`bool`, defaults to False): write every clip as MP4 and read it back before scoring.
         workdir (`str` or `Path`, *optional*): folder for the MP4 files (a temporary folder if None).
+        size_range (`tuple[float, float]`, defaults to ``SIZE_FRACTION``): the clips' object diameters (frame
+            widths), as in :func:`sample_spec`.
 
     Returns:
         `dict`: ``overall`` (fraction of correct attributes), ``all_correct`` (fraction of clips with every
@@ -754,7 +757,7 @@ def ground_truth_accuracy(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(workdir) if workdir is not None else Path(tmp)
         for i in range(n_clips):
-            spec = sample_spec(rng, two_object_prob=1 / 3, heldout=bool(i % 2))
+            spec = sample_spec(rng, two_object_prob=1 / 3, heldout=bool(i % 2), size_range=size_range)
             frames = to_frames(render(spec))
             if through_mp4:
                 frames = read_video(write_video(frames, folder / f"clip{i:04d}.mp4"), size=frames.shape[1])
