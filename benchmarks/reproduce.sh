@@ -36,6 +36,10 @@ $PY benchmarks/sampler_sweep.py --prompts 10 --settings 5,3 3,3 5,8 3,8 --out do
 # session 4 (2 threads, in this order: each continues the previous one's release)
 # R=docs/results/instrument/recipe_experiments
 # $PY benchmarks/oracle_gap.py --samples 30 --out $R/oracle_gap.json
+# $PY benchmarks/conditioning_probe.py --weights runs/exp-anchored-xyz-x0-64/release --layout anchored \
+#     --noise-levels 0.98 0.995 --out $R/anchored-xyz-x0-64-conditioning_probe-high-t.json
+# (after the loop below) the same for runs/exp-anchored-xyz-x0-64-hit-large-pooled/release with
+#     --object-size 0.38 0.46 --out $R/anchored-xyz-x0-64-hit-large-pooled-conditioning_probe-high-t.json
 # for n in anchored-xyz-x0-64-hit anchored-xyz-x0-64-hit-large anchored-xyz-x0-64-hit-large-long \
 #     anchored-xyz-x0-64-hit-large-pooled; do
 #   $PY benchmarks/recipe_experiments.py $n
