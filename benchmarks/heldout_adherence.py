@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command_line(__file__, argv),
         **machine_info(),
         "settings": {"prompts": a.prompts, "steps": a.steps, "guidance": a.guidance, "seed": a.seed,
-                     "flow_shift": a.flow_shift or model.config.flow_shift, "model_id": model.config.model_id},
+                     "flow_shift": sampler.flow_shift(gen), "model_id": model.config.model_id},
         "mean_adherence": float(np.mean([r["adherence"] for r in rows])),
         "all_correct_share": float(np.mean([r["all_correct"] for r in rows])),
         "wall_s": time.perf_counter() - t0,

@@ -74,6 +74,10 @@ class Sampler:
         check_geometry(*g, mc.patch_size)
         return g
 
+    def flow_shift(self, cfg: GenerationConfig) -> float:
+        """The scheduler shift of a generation: ``cfg.flow_shift``, or the model's where that is ``None``."""
+        return self.model.config.flow_shift if cfg.flow_shift is None else cfg.flow_shift
+
     def initial_noise(self, cfg: GenerationConfig, batch: int = 1) -> torch.Tensor:
         """Seeded Gaussian noise `[B, 3, F, H, W]` (one generator per call, on CPU)."""
         f, h, w = self.geometry(cfg)
@@ -104,8 +108,7 @@ class Sampler:
         use_cfg = cfg.guidance > 1.0
         uncond = self.model.encode_prompts([""] * len(prompts)) if use_cfg else None
         x = self.initial_noise(cfg, len(prompts)) if latents is None else latents.clone()
-        shift = self.model.config.flow_shift if cfg.flow_shift is None else cfg.flow_shift
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=self.flow_shift(cfg))
         scheduler.set_timesteps(cfg.steps)
         transformer._reset_stateful_cache()
         try:
