@@ -30,15 +30,19 @@ import sys
 from pathlib import Path
 
 from vdit_accel.instrument.model import EmbeddedConfig
-from vdit_accel.instrument.train import Stage, TrainConfig, train
+from vdit_accel.instrument.train import CHAINS, Stage, TrainConfig, train
 
 SHORT = TrainConfig(seed=0, stages=(Stage(16, 32, 32, 1000, 16),), checkpoint_every=100)
 WIDE = EmbeddedConfig(num_heads=4, ffn_dim=512)
 ANCHORED = dataclasses.replace(SHORT, layout="anchored")
-V2 = EmbeddedConfig(model_id="vdit-accel/embedded-wan-v2", position_channels=True, prediction="sample")
+V2_CHAIN = CHAINS["v2"]
+V2 = V2_CHAIN[-1].model
+#: the experiments that became the links of ``CHAINS["v2"]`` (``vdit-accel train --recipe v2``), in order
+LINEAGE = ("anchored-xyz-x0", "anchored-xyz-x0-64", "anchored-xyz-x0-64-hit", "anchored-xyz-x0-64-hit-large",
+           "anchored-xyz-x0-64-hit-large-pooled")
 #: session 4: 1,500 more steps of the high-noise, large-object recipe (with or without pooled text)
-LONG = TrainConfig(seed=5, stages=(Stage(16, 64, 64, 1500, 8),), lr=5e-4, warmup=50, checkpoint_every=50,
-                   layout="anchored", timestep_shift=10.0, object_size=(0.38, 0.46))
+LONG = V2_CHAIN[4].recipe
+NO_POOL = dataclasses.replace(V2, pooled_text=False)
 
 #: name -> (model config, recipe, run to start from or None)
 VARIANTS: dict[str, tuple[EmbeddedConfig, TrainConfig, str | None]] = {
@@ -47,23 +51,23 @@ VARIANTS: dict[str, tuple[EmbeddedConfig, TrainConfig, str | None]] = {
     "mixer": (EmbeddedConfig(caption_mixer=True), SHORT, None),
     "anchored": (EmbeddedConfig(), ANCHORED, None),
     "anchored-xyz": (EmbeddedConfig(position_channels=True), ANCHORED, None),
-    "anchored-xyz-x0": (EmbeddedConfig(position_channels=True, prediction="sample"), ANCHORED, None),
-    "anchored-xyz-x0-64": (V2,
-                           TrainConfig(seed=2, stages=(Stage(16, 64, 64, 1500, 8),), lr=1e-3, warmup=100,
-                                       checkpoint_every=50, layout="anchored"), "runs/exp-anchored-xyz-x0/release"),
-    "anchored-xyz-x0-64-hit": (V2, TrainConfig(seed=3, stages=(Stage(16, 64, 64, 400, 8),), lr=5e-4, warmup=50,
-                                               checkpoint_every=50, layout="anchored", timestep_shift=10.0),
-                               "runs/exp-anchored-xyz-x0-64/release"),
-    "anchored-xyz-x0-64-hit-large": (V2, TrainConfig(seed=4, stages=(Stage(16, 64, 64, 600, 8),), lr=5e-4,
-                                                     warmup=50, checkpoint_every=50, layout="anchored",
-                                                     timestep_shift=10.0, object_size=(0.38, 0.46)),
-                                     "runs/exp-anchored-xyz-x0-64-hit/release"),
-    "anchored-xyz-x0-64-hit-large-long": (V2, LONG, "runs/exp-anchored-xyz-x0-64-hit-large/release"),
-    "anchored-xyz-x0-64-hit-large-pooled": (dataclasses.replace(V2, pooled_text=True), LONG,
-                                            "runs/exp-anchored-xyz-x0-64-hit-large/release"),
-    "anchored-xyz-x0-64-hit-large-mix": (V2, dataclasses.replace(LONG, seed=6, stages=(Stage(16, 64, 64, 400, 8),),
-                                                                 timestep_shift=(10.0, 1.0)),
-                                         "runs/exp-anchored-xyz-x0-64-hit-large-long/release"),
+    **{name: (phase.model, phase.recipe, None if k == 0 else f"runs/exp-{LINEAGE[k - 1]}/release")
+       for k, (name, phase) in enumerate(zip(LINEAGE, V2_CHAIN, strict=True))},
+    "anchored-xyz-x0-64-hit-large-long": (NO_POOL, LONG, "runs/exp-anchored-xyz-x0-64-hit-large/release"),
+    "anchored-xyz-x0-64-hit-large-mix": (
+        NO_POOL, dataclasses.replace(LONG, seed=6, stages=(Stage(16, 64, 64, 400, 8),), timestep_shift=(10.0, 1.0)),
+        "runs/exp-anchored-xyz-x0-64-hit-large-long/release"),
+    "anchored-xyz-x0-64-hit-large-pooled-mix3": (
+        V2,
+        dataclasses.replace(LONG, seed=7, stages=(Stage(16, 64, 64, 1000, 8),), lr=3e-4, timestep_shift=(10.0, 3.0)),
+        "runs/exp-anchored-xyz-x0-64-hit-large-pooled/release"),
+    "anchored-xyz-x0-64-hit-large-pooled-scene": (
+        V2, dataclasses.replace(LONG, seed=8, stages=(Stage(16, 64, 64, 1000, 8),), layout="anchored-scene"),
+        "runs/exp-anchored-xyz-x0-64-hit-large-pooled/release"),
+    # session 5: the v2 model's data and noise from the first step, in one run (32 px, then the bench geometry)
+    "v2-direct": (V2, TrainConfig(seed=9, stages=(Stage(16, 32, 32, 1000, 16), Stage(16, 64, 64, 5000, 8)),
+                                  lr=1e-3, warmup=200, checkpoint_every=50, layout="anchored",
+                                  timestep_shift=(10.0, 3.0), object_size=(0.38, 0.46)), None),
     "wide-64": (WIDE, TrainConfig(seed=2, stages=(Stage(16, 64, 64, 1200, 8),), lr=1e-3, warmup=100,
                                   checkpoint_every=50), "runs/exp-wide/release"),
 }

@@ -55,6 +55,20 @@ $PY benchmarks/sampler_sweep.py --prompts 10 --settings 5,3 3,3 5,8 3,8 --out do
 # $PY benchmarks/recipe_experiments.py anchored-xyz-x0-64-hit-large-long --max-steps 600  # mid-run reading
 # $PY benchmarks/heldout_adherence.py --weights runs/exp-anchored-xyz-x0-64-hit-large-long-step600/release \
 #     --out $R/anchored-xyz-x0-64-hit-large-long-step600
+# session 5: two 1,000-step continuations of -hit-large-pooled (each ~20 min), two noise seeds each; the
+# background measurements of the renderer's clips of the held-out prompts; guidance on the -scene weights
+# (the pooled run below rewrites its session-4 JSON with the same verdicts plus the background measurements)
+# $PY benchmarks/heldout_adherence.py --weights runs/exp-anchored-xyz-x0-64-hit-large-pooled/release \
+#     --out $R/anchored-xyz-x0-64-hit-large-pooled
+# $PY benchmarks/heldout_adherence.py --render anchored --object-size 0.38 0.46 --out $R/heldout-rendered-anchored
+# for n in anchored-xyz-x0-64-hit-large-pooled-mix3 anchored-xyz-x0-64-hit-large-pooled-scene; do
+#   $PY benchmarks/recipe_experiments.py $n
+#   $PY benchmarks/heldout_adherence.py --weights runs/exp-$n/release --out $R/$n
+#   $PY benchmarks/heldout_adherence.py --weights runs/exp-$n/release --seed 1 --out $R/$n-seed1; done
+# $PY benchmarks/sampler_sweep.py --weights runs/exp-anchored-xyz-x0-64-hit-large-pooled-scene/release \
+#     --prompts 10 --settings 5,3 3,3 2,3 --out $R/anchored-xyz-x0-64-hit-large-pooled-scene-sampler_sweep.json
+# the same lineage as one resumable command (5 links, ~94 min): vdit-accel train --recipe v2 --out runs/v2
+# not finished in session 5 (rerun to resume): $PY benchmarks/recipe_experiments.py v2-direct
 
 # 2. calibrations and searches (presets land in src/vdit_accel/presets/)
 $VA calibrate magcache

@@ -12,12 +12,14 @@ from vdit_accel.instrument.captions import (
     tokenize,
 )
 from vdit_accel.instrument.dataset import (
+    ANCHORED_BG_POSE,
     batch,
     heldout_combos,
     heldout_prompts,
     is_heldout,
     render,
     sample_spec,
+    spec_for_caption,
 )
 
 
@@ -98,6 +100,20 @@ def test_anchored_layout_centres_each_path_in_its_lane():
             mid_x, mid_y = a.x0 + dx * a.travel / 2, a.y0 + dy * a.travel / 2  # centre of the path
             assert mid_x == pytest.approx(0.5, abs=1e-6)
             assert mid_y == pytest.approx((y_lo + y_hi) / 2, abs=1e-6)
+
+
+def test_anchored_scene_fixes_the_background_pose_and_keeps_the_rest():
+    """Objects as in the anchored layout (same random stream); every background has the same direction and phase."""
+    for seed in range(200):
+        anc = sample_spec(np.random.default_rng(seed), layout="anchored")
+        scene = sample_spec(np.random.default_rng(seed), layout="anchored-scene")
+        assert scene.objects == anc.objects and scene.background == anc.background
+        assert (scene.bg_direction, scene.bg_phase) == ANCHORED_BG_POSE
+        rng_a, rng_s = np.random.default_rng(seed), np.random.default_rng(seed)
+        caption = anc.caption
+        assert spec_for_caption(caption, rng_s, "anchored-scene").objects == spec_for_caption(caption, rng_a,
+                                                                                               "anchored").objects
+        assert rng_a.random() == rng_s.random()  # both drew the same numbers
 
 
 def test_size_range_scales_objects_and_keeps_the_stream():

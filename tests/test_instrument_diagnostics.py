@@ -114,3 +114,20 @@ def test_oracle_mean_clip_of_a_fixed_placement_is_the_clip_itself():
     np.testing.assert_allclose(mean, render(spec, 4, 16, 16), atol=1e-6)
     jittered = oracle.mean_clip(obj, "uniform", (0.3, 0.3), 3, np.random.default_rng(0), 4, 16)
     assert np.abs(jittered - mean).max() > 0.1  # uniform starts blur the mean
+
+
+def test_heldout_adherence_records_background_measurements_and_scores_renders(tmp_path):
+    heldout = _load("heldout_adherence")
+    tiny_model().save(tmp_path / "m")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moves left on a blue background\n"
+                       "a red square grows on a gray gradient background\n")
+    out = tmp_path / "gt"
+    assert heldout.main(["--weights", str(tmp_path / "m"), "--prompts", str(prompts), "--render", "anchored",
+                         "--object-size", "0.38", "0.46", "--out", str(out)]) == 0
+    doc = json.loads((out / "heldout_adherence.json").read_text())
+    assert doc["settings"]["render"] == "anchored" and doc["settings"]["object_size"] == [0.38, 0.46]
+    assert set(doc["background_kind_thresholds"]) == {"temporal_change", "plane_residual", "plane_range"}
+    solid, gradient = (row["background"] for row in doc["clips"])
+    assert solid["temporal_change"] < 1e-6 and solid["plane_range"] < 1e-6  # a rendered solid background is flat
+    assert gradient["plane_range"] > doc["background_kind_thresholds"]["plane_range"]

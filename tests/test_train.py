@@ -8,7 +8,7 @@ import torch
 
 from vdit_accel.errors import ConfigError
 from vdit_accel.instrument.model import EmbeddedConfig, EmbeddedModel
-from vdit_accel.instrument.train import Stage, TrainConfig, recipe, train
+from vdit_accel.instrument.train import CHAINS, Phase, Stage, TrainConfig, phase_dir, recipe, train, train_chain
 
 CFG = TrainConfig(stages=(Stage(4, 8, 8, 3, 2), Stage(4, 16, 16, 2, 2)), warmup=2, checkpoint_every=1, bf16=False)
 TINY = EmbeddedConfig.tiny()
@@ -99,3 +99,27 @@ def test_named_recipes():
     assert recipe("scratch") == TrainConfig() and recipe("finetune", seed=7).seed == 7
     with pytest.raises(ConfigError, match="recipe='nope' is not known"):
         recipe("nope")
+
+
+def test_chain_equals_its_fine_tunes_in_a_row_and_resumes(tmp_path):
+    one = TrainConfig(stages=(Stage(4, 8, 8, 1, 2),), warmup=1, checkpoint_every=1, bf16=False, seed=3)
+    pooled = dataclasses.replace(TINY, pooled_text=True)  # a link may switch on a module that starts as a no-op
+    chain = (Phase("base", TINY, CFG), Phase("tune", pooled, one))
+    train(tmp_path / "b1", CFG, TINY, progress=False)
+    by_hand = train(tmp_path / "b2", one, pooled, progress=False, init_from=tmp_path / "b1" / "release")
+    chained = train_chain(tmp_path / "c", chain, progress=False)
+    assert all(torch.equal(v, chained.state_dict()[k]) for k, v in by_hand.state_dict().items())
+    assert phase_dir(tmp_path / "c", 1, chain[1]) == tmp_path / "c" / "2-tune"
+    record = json.loads((tmp_path / "c" / "release" / "training.json").read_text())
+    assert record["init_from"] == str(tmp_path / "c" / "1-base" / "release") and record["total_steps"] == 6
+    again = train_chain(tmp_path / "c", chain, progress=False)  # every link done: loads the release
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in by_hand.state_dict().items())
+    with pytest.raises(ConfigError, match="phases=\\(\\) is not accepted"):
+        train_chain(tmp_path / "d", ())
+
+
+def test_v2_chain_links_fit_the_model_and_start_where_the_last_stopped():
+    chain = CHAINS["v2"]
+    assert chain[-1].model.model_id == "vdit-accel/embedded-wan-v2" and len({p.name for p in chain}) == len(chain)
+    for p in chain:
+        assert p.model.position_channels and p.model.prediction == "sample" and p.recipe.layout == "anchored"

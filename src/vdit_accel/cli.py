@@ -106,8 +106,17 @@ def cmd_train(a) -> int:
 
     from vdit_accel.errors import ConfigError
     from vdit_accel.instrument.model import EmbeddedConfig, EmbeddedModel
-    from vdit_accel.instrument.train import recipe, train
+    from vdit_accel.instrument.train import CHAINS, recipe, train, train_chain
 
+    if a.recipe in CHAINS:
+        given = [f for f, v in (("--init-from", a.init_from), ("--model-id", a.model_id), ("--seed", a.seed),
+                                ("--max-steps", a.max_steps)) if v is not None]
+        if given:
+            raise ConfigError(f"--recipe {a.recipe} is a chain of fine-tunes with its own seeds and model configs: "
+                              f"{', '.join(given)} not accepted with it (stop with Ctrl-C and rerun to resume)")
+        train_chain(a.out, CHAINS[a.recipe], progress=not a.quiet)
+        print(f"each phase's run in {a.out}/<k>-<phase>; the final release in {a.out}/release")
+        return 0
     cfg = recipe(a.recipe, a.seed)
     if a.recipe == "finetune" and a.init_from is None:
         raise ConfigError("--recipe finetune needs --init-from: the saved model folder to start from")
@@ -184,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train the embedded model (resumes from OUT/checkpoint)")
     s.add_argument("--out", default="runs/train")
-    s.add_argument("--recipe", default="scratch", help="scratch (random init) or finetune (needs --init-from)")
+    s.add_argument("--recipe", default="scratch",
+                   help="scratch (random init; made embedded-wan-v1), finetune (needs --init-from) or a chained "
+                        "recipe (v2: several fine-tunes in a row, resumable)")
     s.add_argument("--init-from", default=None, help="saved model folder to start from (fine-tuning)")
     s.add_argument("--model-id", default=None, help="model id recorded in the released config")
     s.add_argument("--seed", type=int, default=None, help="override the recipe's seed")

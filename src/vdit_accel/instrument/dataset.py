@@ -47,7 +47,11 @@ CROSS_ARM = 0.4  # arm half-thickness relative to the half-size
 #: Where objects start. ``uniform``: anywhere their path stays inside the frame (embedded-wan-v1).
 #: ``anchored``: the path is centred in the frame (or in the object's lane), so the layout follows from
 #: the caption and only size, travel, growth and the background vary between clips.
-LAYOUTS = ("uniform", "anchored")
+#: ``anchored-scene``: ``anchored``, and the background's direction and phase are fixed too
+#: (``ANCHORED_BG_POSE``), so a gradient always ramps the same way and a texture starts from the same pattern.
+LAYOUTS = ("uniform", "anchored", "anchored-scene")
+#: (direction, phase) of every background in the ``anchored-scene`` layout, radians: ramps darkest at top left
+ANCHORED_BG_POSE = (np.pi / 4, 0.0)
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ def _sample_object(rng: np.random.Generator, caption: ObjectCaption, lane: tuple
         yh -= travel
     x0 = rng.uniform(x_lo, max(x_lo, x_hi))
     y0 = rng.uniform(yl, max(yl, yh))
-    if layout == "anchored":
+    if layout != "uniform":
         x0, y0 = (x_lo + x_hi) / 2, (yl + yh) / 2  # the lane centre, also where a grown object overflows
     return ObjectSpec(caption, float(x0), float(y0), float(size), float(travel), float(growth))
 
@@ -196,7 +200,7 @@ def sample_spec(rng: np.random.Generator, two_object_prob: float = 0.25, heldout
     objects = tuple(_sample_object(rng, cap, lane, layout, size_range) for cap, lane in zip(captions, lanes))
     bgs = list(BACKGROUND_COLOURS)
     background = BackgroundCaption(bgs[rng.integers(len(bgs))], BACKGROUND_KINDS[rng.integers(3)])
-    return VideoSpec(objects, background, float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0, 2 * np.pi)))
+    return VideoSpec(objects, background, *_background_pose(rng, layout))
 
 
 def spec_for_caption(caption: Caption, rng: np.random.Generator, layout: str = "uniform",
@@ -209,7 +213,13 @@ def spec_for_caption(caption: Caption, rng: np.random.Generator, layout: str = "
     size_range = check_size(size_range)
     lanes = [(0.0, 1.0)] if len(caption.objects) == 1 else [(0.0, 0.5), (0.5, 1.0)]
     objects = tuple(_sample_object(rng, cap, lane, layout, size_range) for cap, lane in zip(caption.objects, lanes))
-    return VideoSpec(objects, caption.background, float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0, 2 * np.pi)))
+    return VideoSpec(objects, caption.background, *_background_pose(rng, layout))
+
+
+def _background_pose(rng: np.random.Generator, layout: str) -> tuple[float, float]:
+    """The background's (direction, phase): random, or ``ANCHORED_BG_POSE`` (drawn anyway: same random stream)."""
+    pose = float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0, 2 * np.pi))
+    return ANCHORED_BG_POSE if layout == "anchored-scene" else pose
 
 
 def _shape_sdf(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
