@@ -18,6 +18,10 @@ with high-noise training (``-hit``: ``timestep_shift`` 10), then larger objects 
 0.38-0.46), then 1,500 more steps of the same (``-hit-large-long``) or the same with pooled caption text in
 the modulation (``-hit-large-pooled``), and ``-hit-large-mix`` continues ``-long`` 400 steps with half of
 each batch at shift 1 (fine detail); each starts from its parent's release, so run them in order.
+Session 5 continues ``-hit-large-pooled`` 1,000 steps with half of each batch at shift 3 (``-pooled-mix3``) or
+in the ``anchored-scene`` layout (``-pooled-scene``), and ``v2-direct`` trains the v2 model on the final data
+and noise mixture from scratch.
+The five links of the lineage that made ``-hit-large-pooled`` come from ``train.CHAINS["v2"]``.
 ``--max-steps N`` stops a variant at step N (the weights the full run has there) for a mid-run reading.
 """
 
