@@ -67,8 +67,20 @@ $PY benchmarks/sampler_sweep.py --prompts 10 --settings 5,3 3,3 5,8 3,8 --out do
 #   $PY benchmarks/heldout_adherence.py --weights runs/exp-$n/release --seed 1 --out $R/$n-seed1; done
 # $PY benchmarks/sampler_sweep.py --weights runs/exp-anchored-xyz-x0-64-hit-large-pooled-scene/release \
 #     --prompts 10 --settings 5,3 3,3 2,3 --out $R/anchored-xyz-x0-64-hit-large-pooled-scene-sampler_sweep.json
-# the same lineage as one resumable command (5 links, ~94 min): vdit-accel train --recipe v2 --out runs/v2
-# not finished in session 5 (rerun to resume): $PY benchmarks/recipe_experiments.py v2-direct
+# the same lineage as one resumable command (5 links, ~94 min): vdit-accel train --recipe v2-lineage --out runs/v2l
+# session 6: the v2 model in one run (~104 min; = vdit-accel train --recipe v2, whose weights are committed as
+# src/vdit_accel/instrument/weights/embedded-wan-v2), read at CFG 5, guidance chosen on 40 fresh
+# training-distribution prompts, then read once at the chosen CFG 2 (the first sweep also ran the held-out set)
+# $PY benchmarks/recipe_experiments.py v2-direct
+# $PY benchmarks/heldout_adherence.py --weights runs/exp-v2-direct/release --out $R/v2-direct
+# $PY benchmarks/heldout_adherence.py --weights runs/exp-v2-direct/release --seed 1 --out $R/v2-direct-seed1
+# $PY benchmarks/sampler_sweep.py --weights runs/exp-v2-direct/release --prompts 20 --settings 5,3 3,3 \
+#     --out $R/v2-direct-sampler_sweep-g5-g3.json  # and --settings 4,3 2,3 --out $R/v2-direct-sampler_sweep-g4-g2.json
+# S="$PY benchmarks/sampler_sweep.py --weights runs/exp-v2-direct/release --prompts 40 --sets training --training-seed 456"
+# $S --settings 5,3 3,3 --out $R/v2-direct-select-g5-g3.json; $S --settings 4,3 2,3 --out $R/v2-direct-select-g4-g2.json
+# $S --settings 1.5,3 --out $R/v2-direct-select-g1.5.json; $S --settings 1,3 --out $R/v2-direct-select-g1.json
+# for s in 0 1; do $PY benchmarks/heldout_adherence.py --weights runs/exp-v2-direct/release --guidance 2 \
+#     --seed $s --out $R/v2-direct-g2$([ $s = 1 ] && echo -seed1); done
 
 # 2. calibrations and searches (presets land in src/vdit_accel/presets/)
 $VA calibrate magcache

@@ -77,9 +77,9 @@ def test_bad_input_exits_2_with_a_clear_message(argv, match, capsys, weights):
 
 @pytest.mark.parametrize("argv, match", [
     (["train", "--recipe", "overnight"], "recipe='overnight' is not known: accepted \\['finetune', 'scratch'\\] "
-                                         "\\(chained: \\['v2'\\]\\)"),
+                                         "\\(chained: \\['v2', 'v2-lineage'\\]\\)"),
     (["train", "--recipe", "finetune"], "needs --init-from"),
-    (["train", "--recipe", "v2", "--seed", "3"], "--recipe v2 is a chain .*--seed not accepted"),
+    (["train", "--recipe", "v2", "--seed", "3"], "--recipe v2 is a chained recipe .*--seed not accepted"),
 ])
 def test_bad_train_recipe_exits_2_before_training(argv, match, capsys, tmp_path):
     assert main(argv + ["--out", str(tmp_path / "never")]) == 2

@@ -51,16 +51,29 @@ def test_geometry_not_divisible_by_patch():
         EmbeddedConfig(height=30)
 
 
-def test_shipped_model_is_small_and_documented():
-    from vdit_accel.instrument.model import WEIGHTS_DIR
+@pytest.mark.parametrize("which", ["WEIGHTS_DIR", "V2_WEIGHTS_DIR"])
+def test_shipped_model_is_small_and_documented(which):
+    from vdit_accel.instrument import model as model_module
 
-    assert (WEIGHTS_DIR / "model.safetensors").stat().st_size < 50 * 2**20
-    record = json.loads((WEIGHTS_DIR / "training.json").read_text())
-    assert record["steps"] == len(record["loss"]) and record["wall_time_s"] > 0
-    assert (WEIGHTS_DIR / "loss.png").is_file()
-    cfg = EmbeddedModel.load().config
+    weights_dir = getattr(model_module, which)
+    assert (weights_dir / "model.safetensors").stat().st_size < 50 * 2**20
+    record = json.loads((weights_dir / "training.json").read_text())
+    assert record["steps"] == len(record["loss"]) and 0 < record["wall_time_s"] <= 2 * 3600
+    assert (weights_dir / "loss.png").is_file()
+    cfg = EmbeddedModel.load(weights_dir).config
     t, h, w = (cfg.frames // cfg.patch_size[0], cfg.height // cfg.patch_size[1], cfg.width // cfg.patch_size[2])
     assert t * h * w >= 2048 and cfg.head_dim >= 64
+
+
+def test_v2_weights_were_trained_by_the_v2_recipe():
+    from vdit_accel.instrument.model import V2_WEIGHTS_DIR
+    from vdit_accel.instrument.train import CHAINS
+
+    (phase,) = CHAINS["v2"]
+    record = json.loads((V2_WEIGHTS_DIR / "training.json").read_text())
+    assert record["init_from"] is None and record["steps"] == phase.recipe.total_steps
+    assert record["recipe"] == json.loads(json.dumps(dataclasses.asdict(phase.recipe)))
+    assert EmbeddedModel.load(V2_WEIGHTS_DIR).config == phase.model
 
 
 def test_caption_mixer_spreads_every_word_to_every_token(tmp_path):

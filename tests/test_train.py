@@ -118,8 +118,11 @@ def test_chain_equals_its_fine_tunes_in_a_row_and_resumes(tmp_path):
         train_chain(tmp_path / "d", ())
 
 
-def test_v2_chain_links_fit_the_model_and_start_where_the_last_stopped():
-    chain = CHAINS["v2"]
+@pytest.mark.parametrize("name", ["v2", "v2-lineage"])
+def test_v2_chain_links_fit_the_model_and_end_with_pooled_text(name):
+    chain = CHAINS[name]
     assert chain[-1].model.model_id == "vdit-accel/embedded-wan-v2" and len({p.name for p in chain}) == len(chain)
+    assert chain[-1].model.pooled_text and chain[-1].recipe.object_size == (0.38, 0.46)
     for p in chain:
         assert p.model.position_channels and p.model.prediction == "sample" and p.recipe.layout == "anchored"
+    assert sum(p.recipe.total_steps for p in chain) == {"v2": 6000, "v2-lineage": 5000}[name]

@@ -112,7 +112,7 @@ def cmd_train(a) -> int:
         given = [f for f, v in (("--init-from", a.init_from), ("--model-id", a.model_id), ("--seed", a.seed),
                                 ("--max-steps", a.max_steps)) if v is not None]
         if given:
-            raise ConfigError(f"--recipe {a.recipe} is a chain of fine-tunes with its own seeds and model configs: "
+            raise ConfigError(f"--recipe {a.recipe} is a chained recipe with its own seeds and model configs: "
                               f"{', '.join(given)} not accepted with it (stop with Ctrl-C and rerun to resume)")
         train_chain(a.out, CHAINS[a.recipe], progress=not a.quiet)
         print(f"each phase's run in {a.out}/<k>-<phase>; the final release in {a.out}/release")
@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/train")
     s.add_argument("--recipe", default="scratch",
                    help="scratch (random init; made embedded-wan-v1), finetune (needs --init-from) or a chained "
-                        "recipe (v2: several fine-tunes in a row, resumable)")
+                        "recipe, resumable (v2: the v2 model from scratch, 104 min; v2-lineage: the five "
+                        "fine-tunes that made the session-4 model)")
     s.add_argument("--init-from", default=None, help="saved model folder to start from (fine-tuning)")
     s.add_argument("--model-id", default=None, help="model id recorded in the released config")
     s.add_argument("--seed", type=int, default=None, help="override the recipe's seed")

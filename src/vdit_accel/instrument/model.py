@@ -30,6 +30,9 @@ from vdit_accel.errors import ConfigError, WeightsError
 from vdit_accel.instrument.captions import MAX_CAPTION_TOKENS, VOCAB, tokenize
 
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "embedded-wan-v1"
+#: the next model (``vdit-accel train --recipe v2``), committed but not yet the default: the presets and every
+#: published figure are still for v1 (``docs/instrument.md``, session 6). Load it with ``--weights V2_WEIGHTS_DIR``.
+V2_WEIGHTS_DIR = Path(__file__).parent / "weights" / "embedded-wan-v2"
 CONFIG_FORMAT = "vdit-accel/embedded-model"
 CONFIG_VERSION = 1
 PREDICTIONS = ("velocity", "sample")
