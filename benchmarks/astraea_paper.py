@@ -787,7 +787,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--experiments", default=",".join(EXPERIMENTS),
                    help=f"comma-separated subset of {','.join(EXPERIMENTS)}")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale of the evaluation (full fidelity)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale of the evaluation (full fidelity; default: the model's)")
     p.add_argument("--prompts", default="heldout", help="evaluation prompt set name or file (never the search set)")
     p.add_argument("--n-prompts", type=int, default=4, help="prompts taken evenly spaced from the set")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per prompt")
@@ -823,6 +824,8 @@ def main(argv=None) -> dict[str, Path]:
     args = parse_args(argv)
     out = Path(args.out)
     model = load_model(args.model)
+    if args.guidance is None:
+        args.guidance = model.config.guidance  # the model's CFG scale, recorded as used
     sampler = Sampler(model)
     search_prompts = list(prompt_sets()["calib"])
     prompts = spaced(resolve_prompts(args.prompts), args.n_prompts)

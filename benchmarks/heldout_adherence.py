@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", default="heldout")
     p.add_argument("--steps", type=int, default=GenerationConfig().steps)
-    p.add_argument("--guidance", type=float, default=GenerationConfig().guidance)
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flow-shift", type=float, default=None, help="sampler shift (default: the model's)")
     p.add_argument("--out", default="docs/results/instrument")
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "command": command_line(__file__, argv),
         **machine_info(),
-        "settings": {"prompts": a.prompts, "steps": a.steps, "guidance": a.guidance, "seed": a.seed,
+        "settings": {"prompts": a.prompts, "steps": a.steps, "guidance": sampler.guidance(gen), "seed": a.seed,
                      "flow_shift": sampler.flow_shift(gen), "model_id": None if a.render else model.config.model_id,
                      "render": a.render, "object_size": list(a.object_size) if a.render else None},
         "background_kind_thresholds": {"temporal_change": TEXTURE_CHANGE_THRESHOLD,

@@ -801,7 +801,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--prompts", type=int, default=8,
                    help="held-out prompts for fig8; fig7 and ablations use min(2, this), fig5 the first one")
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fig8-stride", type=int, default=2, help="fig8 measures every N-th step")
     p.add_argument("--ablation-steps", type=int, default=None, help="steps for the ablations (default: --steps)")
@@ -826,6 +826,8 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model)
+    if args.guidance is None:
+        args.guidance = model.config.guidance  # the model's CFG scale, recorded as used
     held, source = prompt_sets()["heldout"], HELDOUT_SOURCE
     if args.prompts > len(held):
         raise SystemExit(f"--prompts {args.prompts}: only {len(held)} held-out prompts")

@@ -58,6 +58,7 @@ def test_bench_quick_dense_and_one_peer(weights, tmp_path, capsys):
     for name in ("results.md", "pareto.png", "compare.gif", "compare.png"):
         assert (out / name).stat().st_size > 0
     assert res["git_commit"] and res["versions"]["diffusers"].startswith("0.42")
+    assert res["settings"]["guidance"] == 5.0  # no --guidance: the model's, recorded as the value used
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -22,6 +24,19 @@ def test_generation_is_bit_deterministic(tiny_model):
 def test_bad_generation_settings(kw, match):
     with pytest.raises(ConfigError, match=match):
         GenerationConfig(**kw)
+
+
+def test_guidance_none_is_the_models_guidance(tiny_model):
+    s = Sampler(tiny_model)
+    assert tiny_model.config.guidance == 5.0 and s.guidance(GenerationConfig()) == 5.0
+    default = s(TINY_PROMPT, GenerationConfig(steps=3, seed=7), progress=False)
+    same = s(TINY_PROMPT, GenerationConfig(steps=3, seed=7, guidance=5.0), progress=False)
+    tiny_model.config = dataclasses.replace(tiny_model.config, guidance=2.0)  # read by the sampler only
+    own = s(TINY_PROMPT, GenerationConfig(steps=3, seed=7), progress=False)
+    explicit = s(TINY_PROMPT, GenerationConfig(steps=3, seed=7, guidance=2.0), progress=False)
+    assert torch.equal(default, same) and torch.equal(own, explicit) and not torch.equal(default, own)
+    with pytest.raises(ConfigError, match=r"guidance=-1.0 is out of range: accepted \[0.0, inf\)"):
+        dataclasses.replace(tiny_model.config, guidance=-1.0)
 
 
 def test_flow_shift_none_is_the_models_shift(tiny_model):

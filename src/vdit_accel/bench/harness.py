@@ -82,13 +82,14 @@ class BenchConfig:
     prompts: str = "bench"
     seeds: int = 2
     steps: int = 50
-    guidance: float = 5.0
+    guidance: float | None = None  # None: the model's (``EmbeddedConfig.guidance``)
     quick: bool = False
 
     def __post_init__(self) -> None:
         check_range("seeds", self.seeds, lo=1)
         check_range("steps", self.steps, lo=1)
-        check_range("guidance", self.guidance, lo=0.0)
+        if self.guidance is not None:
+            check_range("guidance", self.guidance, lo=0.0)
 
     def effective(self) -> BenchConfig:
         """``--quick``: 2 prompts, 1 seed, 8 steps (a smoke test)."""
@@ -163,6 +164,8 @@ def run_bench(model: EmbeddedModel, cfg: BenchConfig, out_dir: str | Path | None
         The results dictionary (what ``results.json`` holds).
     """
     cfg = cfg.effective()
+    if cfg.guidance is None:
+        cfg = dataclasses.replace(cfg, guidance=model.config.guidance)  # recorded as the value used
     points = operating_points(cfg.methods)  # validates every name before any compute
     prompts = resolve_prompts(cfg.prompts)
     for p in prompts:

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vdit_accel.errors import ConfigError, WeightsError
+from vdit_accel.errors import ConfigError, WeightsError, check_range
 from vdit_accel.instrument.captions import MAX_CAPTION_TOKENS, VOCAB, tokenize
 
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "embedded-wan-v1"
@@ -55,6 +55,9 @@ class EmbeddedConfig:
         max_text_len (`int`, defaults 20): padded caption length.
         vocab (`tuple[str, ...]`): caption vocabulary (index 0 is padding).
         flow_shift (`float`, defaults 3.0): flow-matching timestep shift used by the sampler.
+        guidance (`float`, defaults 5.0): the classifier-free guidance scale the sampler uses for this model when a
+            generation does not set one (``GenerationConfig.guidance=None``), >= 0; chosen per model on
+            training-distribution prompts (v2: 2.0, ``docs/instrument.md``). Read by the sampler only.
         caption_mixer (`bool`, defaults False): add to every caption token an MLP summary of the whole
             caption, so that any cross-attention read carries every attribute (see ``CaptionEncoder``).
         position_channels (`bool`, defaults False): concatenate three fixed coordinate channels (t, y, x
@@ -88,6 +91,7 @@ class EmbeddedConfig:
     max_text_len: int = MAX_CAPTION_TOKENS
     vocab: tuple[str, ...] = field(default=VOCAB)
     flow_shift: float = 3.0
+    guidance: float = 5.0
     caption_mixer: bool = False
     position_channels: bool = False
     prediction: str = "velocity"
@@ -99,6 +103,7 @@ class EmbeddedConfig:
         for name in ("frames", "height", "width", "num_heads", "head_dim", "num_layers", "ffn_dim", "text_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is out of range: accepted [1, inf)")
+        check_range("guidance", self.guidance, lo=0.0)
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
         object.__setattr__(self, "vocab", tuple(self.vocab))
         check_geometry(self.frames, self.height, self.width, self.patch_size)

@@ -35,7 +35,8 @@ class GenerationConfig:
 
     Args:
         steps (`int`, defaults 50): denoising steps (the papers' setting), >= 1.
-        guidance (`float`, defaults 5.0): classifier-free guidance scale, >= 0; <= 1 runs no uncond branch.
+        guidance (`float | None`): classifier-free guidance scale, >= 0; <= 1 runs no uncond branch; ``None`` =
+            the model's ``guidance`` (5.0 for embedded-wan-v1).
         seed (`int`, defaults 0): noise seed, >= 0.
         frames, height, width (`int | None`): pixel geometry; ``None`` = the model's bench geometry.
         flow_shift (`float | None`): the scheduler's timestep shift, > 0; ``None`` = the model's
@@ -43,7 +44,7 @@ class GenerationConfig:
     """
 
     steps: int = 50
-    guidance: float = 5.0
+    guidance: float | None = None
     seed: int = 0
     frames: int | None = None
     height: int | None = None
@@ -52,7 +53,8 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         check_range("steps", self.steps, lo=1)
-        check_range("guidance", self.guidance, lo=0.0)
+        if self.guidance is not None:
+            check_range("guidance", self.guidance, lo=0.0)
         check_range("seed", self.seed, lo=0)
         if self.flow_shift is not None and not self.flow_shift > 0:
             raise ConfigError(f"flow_shift={self.flow_shift!r} is out of range: accepted (0, inf) or None")
@@ -77,6 +79,10 @@ class Sampler:
     def flow_shift(self, cfg: GenerationConfig) -> float:
         """The scheduler shift of a generation: ``cfg.flow_shift``, or the model's where that is ``None``."""
         return self.model.config.flow_shift if cfg.flow_shift is None else cfg.flow_shift
+
+    def guidance(self, cfg: GenerationConfig) -> float:
+        """The CFG scale of a generation: ``cfg.guidance``, or the model's where that is ``None``."""
+        return self.model.config.guidance if cfg.guidance is None else cfg.guidance
 
     def initial_noise(self, cfg: GenerationConfig, batch: int = 1) -> torch.Tensor:
         """Seeded Gaussian noise `[B, 3, F, H, W]` (one generator per call, on CPU)."""
@@ -105,7 +111,8 @@ class Sampler:
             raise ConfigError("prompts=[] is not accepted: give at least one prompt")
         transformer = self.model.transformer
         cond = self.model.encode_prompts(prompts)  # validates every prompt
-        use_cfg = cfg.guidance > 1.0
+        guidance = self.guidance(cfg)
+        use_cfg = guidance > 1.0
         uncond = self.model.encode_prompts([""] * len(prompts)) if use_cfg else None
         x = self.initial_noise(cfg, len(prompts)) if latents is None else latents.clone()
         scheduler = FlowMatchEulerDiscreteScheduler(shift=self.flow_shift(cfg))
@@ -123,7 +130,7 @@ class Sampler:
                     with transformer.cache_context("uncond", **ctx):
                         pred_u = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond,
                                              return_dict=False)[0]
-                    pred = pred_u + cfg.guidance * (pred - pred_u)
+                    pred = pred_u + guidance * (pred - pred_u)
                 x = scheduler.step(pred, t, x, return_dict=False)[0]
                 if on_step is not None:
                     on_step(i, x)

@@ -148,13 +148,14 @@ _V2_HIGH_NOISE = TrainConfig(seed=3, stages=(Stage(16, 64, 64, 400, 8),), lr=5e-
 #: ``v2`` trains the session-6 model in one run from scratch (held-out adherence 0.87 / 0.89 on seeds 0 / 1, not
 #: shipped: the target is 0.90): anchored layout, position channels, x0 prediction and pooled caption text,
 #: 1,000 steps at 32 px then 5,000 at the bench geometry, every batch half at noise shift 10 (where the caption
-#: decides) and half at shift 3, objects 0.38-0.46 of the frame. 6,000 steps, 104 min on 2 cores.
+#: decides) and half at shift 3, objects 0.38-0.46 of the frame. 6,000 steps, 104 min on 2 cores. Its sampler
+#: default is CFG 2 (``EmbeddedConfig.guidance``), chosen after training on training-distribution prompts.
 #: ``v2-lineage`` remakes the best model of sessions 3-4 (0.79 / 0.81) as the fine-tunes it was made by: anchored
 #: layout, position channels and x0 prediction at 32 px, then at the bench geometry; then high-noise training
 #: (shift 10), larger objects, and pooled caption text in the modulation. 5,000 steps, 94 min on 2 cores.
 CHAINS: dict[str, tuple[Phase, ...]] = {
     "v2": (
-        Phase("direct", dataclasses.replace(_V2_MODEL, pooled_text=True),
+        Phase("direct", dataclasses.replace(_V2_MODEL, pooled_text=True, guidance=2.0),
               TrainConfig(seed=9, stages=(Stage(16, 32, 32, 1000, 16), Stage(16, 64, 64, 5000, 8)), lr=1e-3,
                           warmup=200, checkpoint_every=50, layout="anchored", timestep_shift=(10.0, 3.0),
                           object_size=(0.38, 0.46))),

@@ -121,13 +121,14 @@ def step_sensitivity(fitness: ScheduleFitness, cfg: EvolutionConfig, probe: tupl
 
 def search_astraea(sampler: Sampler, prompts: list[str], target: float, *, steps: int = 50,
                    evolution: EvolutionConfig | None = None, proxy: Fidelity | None = Fidelity((8, 32, 32), 1.0, 50),
-                   full_guidance: float = 5.0, rerank: int = 5, base: AstraeaConfig | None = None,
+                   full_guidance: float | None = None, rerank: int = 5, base: AstraeaConfig | None = None,
                    workdir: str | Path | None = None, progress: bool = True) -> tuple[AstraeaConfig, dict]:
     """Search a per-step budget schedule for ``target``; return the config and the search record.
 
     Args:
         evolution: EA settings (defaults: the paper's population 50, 30 children, 30 generations).
         proxy: fidelity of the EA's fitness (``None``: the full fidelity, no re-rank).
+        full_guidance: CFG scale of the full fidelity (``None``: the model's ``guidance``).
         rerank: how many of the final population's best to re-evaluate at full fidelity.
         workdir: checkpoint folder (EA state after every generation, dense references); resumable.
     """
@@ -139,7 +140,7 @@ def search_astraea(sampler: Sampler, prompts: list[str], target: float, *, steps
         raise ConfigError(f"evolution config (target={evolution.target}, num_steps={evolution.num_steps}) does not "
                           f"match target={target}, steps={steps}")
     workdir = Path(workdir) if workdir is not None else None
-    full = Fidelity(None, full_guidance, steps)
+    full = Fidelity(None, sampler.model.config.guidance if full_guidance is None else full_guidance, steps)
     proxy = dataclasses.replace(proxy, steps=steps) if proxy is not None else None
     t0 = time.perf_counter()
     search_fit = ScheduleFitness(sampler, prompts, proxy or full, base, workdir)

@@ -111,7 +111,7 @@ def calibrate_timeripple(sampler: Sampler, prompts: list[str], target: float, ge
         "max_iterations": max_iterations,
         "tried": [[round(t, 6), round(s, 4)] for t, s in tried],
         "prompts": list(prompts),
-        "guidance": gen_cfg.guidance,
+        "guidance": sampler.guidance(gen_cfg),
         "measure": "qk_savings_active: mean over reuse-active self-attention calls (both CFG branches)",
     }
     return cfg, record
