@@ -27,3 +27,16 @@ def test_peer_engages_and_removes_exactly(label, monkeypatch):
         handle.remove()
     assert not torch.equal(out, dense), f"{label} did not change the output: it did not engage"
     assert torch.equal(sampler(TINY_PROMPT, GEN, progress=False), dense)
+
+
+def test_bench_checks_every_operating_point_before_any_compute(tmp_path):
+    from vdit_accel.bench.harness import BenchConfig, run_bench
+    from vdit_accel.errors import WeightsError
+
+    model = tiny_model()  # model id "vdit-accel/tiny-test": no MagCache ratios were calibrated for it
+    calls = []
+    model.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(WeightsError, match="no MagCache ratios for model 'vdit-accel/tiny-test'"):
+        run_bench(model, BenchConfig(methods="dense,fbc-0.05,magcache-0.12", prompts="quick", seeds=1, steps=3),
+                  tmp_path / "never", progress=False)
+    assert calls == [] and not (tmp_path / "never").exists()

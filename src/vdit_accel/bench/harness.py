@@ -176,6 +176,9 @@ def run_bench(model: EmbeddedModel, cfg: BenchConfig, out_dir: str | Path | None
     gen_cfg = GenerationConfig(steps=cfg.steps, guidance=cfg.guidance)
     jobs = [(p, s) for p in prompts for s in range(cfg.seeds)]
     model_id = model.config.model_id
+    env = BenchEnv(sampler, gen_cfg.steps, model_id)
+    for point in points:
+        point.make_config(env)  # presets, calibrations, step counts: every setting checked before any compute
     bar = tqdm(total=len(jobs) * (len(points) + 2) + 1, disable=not progress, desc="bench")
     sampler(prompts[0], gen_cfg.replace(steps=2), progress=False)  # warm-up: first-call allocations
     bar.update(1)
