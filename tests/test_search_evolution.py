@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from vdit_accel.errors import ConfigError
 from vdit_accel.search import evolution as evolution_mod
@@ -308,3 +309,25 @@ def test_progress_bar_does_not_change_the_result(capsys):
 def test_docstring_examples():
     result = doctest.testmod(evolution_mod, extraglobs={"np": np})
     assert result.attempted >= 12 and result.failed == 0
+
+
+def test_search_workdir_belongs_to_one_model_and_prompt_list(tmp_path):
+    from vdit_accel.errors import ConfigError
+    from vdit_accel.instrument.sampler import Sampler
+    from vdit_accel.methods.astraea import AstraeaConfig
+    from vdit_accel.search.astraea_search import Fidelity, ScheduleFitness
+    from vdit_accel.testing import TINY_PROMPT, tiny_model
+
+    fid, base = Fidelity(None, 1.0, 2), AstraeaConfig(num_steps=2)
+    a, b = Sampler(tiny_model(1)), Sampler(tiny_model(2))
+    first = ScheduleFitness(a, [TINY_PROMPT], fid, base, tmp_path / "w")
+    again = ScheduleFitness(a, [TINY_PROMPT], fid, base, tmp_path / "w")  # same model and prompts: resumes
+    assert torch.equal(first.reference, again.reference)
+    with pytest.raises(ConfigError, match="belongs to another search \\(its weights_sha256 differ"):
+        ScheduleFitness(b, [TINY_PROMPT], fid, base, tmp_path / "w")
+    with pytest.raises(ConfigError, match="its prompts differ"):
+        ScheduleFitness(a, [TINY_PROMPT, TINY_PROMPT], fid, base, tmp_path / "w")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "evolution.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds files but no identity.json"):
+        ScheduleFitness(a, [TINY_PROMPT], fid, base, tmp_path / "old")

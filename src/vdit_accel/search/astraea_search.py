@@ -19,6 +19,7 @@ sensitivities (each step alone at budgets 0 and 0.5, every other step dense; pie
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -44,6 +45,43 @@ class Fidelity:
     steps: int
 
 
+WORKDIR_IDENTITY = "identity.json"
+
+
+def weights_digest(model) -> str:
+    """SHA-256 of a model's state dict (keys and raw tensor bytes, in key order)."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def claim_workdir(workdir: Path, sampler: Sampler, prompts: list[str]) -> None:
+    """Tie a search's checkpoint folder to one model and prompt list, or check that it is theirs.
+
+    Its dense references and EA state are only valid for the model and prompts that made them, and their file names
+    do not say which: a folder of another model (say embedded-wan-v1's ``runs/search-astraea-50`` reused for v2), or
+    one written before this record existed, raises ``ConfigError`` instead of being resumed silently.
+    """
+    ident = {"model_id": sampler.model.config.model_id, "weights_sha256": weights_digest(sampler.model),
+             "prompts": list(prompts)}
+    path = workdir / WORKDIR_IDENTITY
+    if path.is_file():
+        have = json.loads(path.read_text())
+        diff = [k for k in ident if have.get(k) != ident[k]]
+        if diff:
+            raise ConfigError(f"checkpoint folder {str(workdir)!r} belongs to another search (its {', '.join(diff)} "
+                              f"differ; model {have.get('model_id')!r}): give another folder (--checkpoint) or "
+                              "remove it")
+        return
+    if workdir.is_dir() and any(workdir.iterdir()):
+        raise ConfigError(f"checkpoint folder {str(workdir)!r} holds files but no {WORKDIR_IDENTITY} (written before "
+                          "searches recorded their model): give another folder (--checkpoint) or remove it")
+    workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ident, indent=1))
+
+
 class ScheduleFitness:
     """Batched fitness: MSE of final latents vs dense over the prompt set, one batch per candidate.
 
@@ -52,7 +90,8 @@ class ScheduleFitness:
         prompts (`list[str]`): fitness prompts; prompt ``i`` uses seed ``i`` (fixed noise).
         fidelity (`Fidelity`): geometry / guidance / steps.
         base (`AstraeaConfig`): everything but the budgets.
-        cache_dir (`Path | None`): where the dense reference is kept (safetensors) across resumes.
+        cache_dir (`Path | None`): where the dense reference is kept (safetensors) across resumes; tied to this
+            model and prompt list by ``claim_workdir`` (another model's folder is a ``ConfigError``).
     """
 
     def __init__(self, sampler: Sampler, prompts: list[str], fidelity: Fidelity, base: AstraeaConfig,
@@ -64,6 +103,8 @@ class ScheduleFitness:
         self.noise = torch.cat(noise)
         self.evaluations = 0
         self.seconds = 0.0
+        if cache_dir is not None:
+            claim_workdir(Path(cache_dir), sampler, prompts)
         ref_file = None if cache_dir is None else cache_dir / f"dense-{f}x{h}x{w}-g{fidelity.guidance}.safetensors"
         if ref_file is not None and ref_file.is_file():
             self.reference = load_file(str(ref_file))["latents"]
