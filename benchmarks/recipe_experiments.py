@@ -22,7 +22,8 @@ Session 5 continues ``-hit-large-pooled`` 1,000 steps with half of each batch at
 in the ``anchored-scene`` layout (``-pooled-scene``), and ``v2-direct`` trains the v2 model on the final data
 and noise mixture from scratch.
 The five links of the lineage that made ``-hit-large-pooled`` come from ``train.CHAINS["v2-lineage"]``;
-``v2-direct`` is the one link of ``train.CHAINS["v2"]`` (session 6: it beat the lineage, 0.87 / 0.89 held-out).
+``v2-direct`` is the one link of ``train.CHAINS["v2"]`` (session 6: it beat the lineage, 0.87 / 0.89 held-out at
+CFG 5).
 ``--max-steps N`` stops a variant at step N (the weights the full run has there) for a mid-run reading.
 """
 
