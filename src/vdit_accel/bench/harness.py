@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from vdit_accel.instrument.model import EmbeddedModel
 from vdit_accel.instrument.sampler import GenerationConfig, Sampler
 from vdit_accel.instrument.score import score
 from vdit_accel.instrument.video import to_frames
-from vdit_accel.registry import BenchEnv, OperatingPoint, apply, operating_points
+from vdit_accel.registry import BenchEnv, apply, operating_points
 
 logger = logging.getLogger(__name__)
 
@@ -139,9 +140,9 @@ def stats_summary(handle) -> dict:
     return dict(stats) if isinstance(stats, dict) else {}
 
 
-def _run_point(point: OperatingPoint, sampler: Sampler, jobs, gen_cfg: GenerationConfig, model_id: str,
+def _run_point(config: Any, sampler: Sampler, jobs, gen_cfg: GenerationConfig,
                bar) -> tuple[list[torch.Tensor], list[float], dict, PeakMemory]:
-    handle = apply(sampler.model.transformer, point.make_config(BenchEnv(sampler, gen_cfg.steps, model_id)))
+    handle = apply(sampler.model.transformer, config)
     videos, latencies = [], []
     try:
         with PeakMemory() as mem:
@@ -164,32 +165,31 @@ def run_bench(model: EmbeddedModel, cfg: BenchConfig, out_dir: str | Path | None
         The results dictionary (what ``results.json`` holds).
     """
     cfg = cfg.effective()
-    if cfg.guidance is None:
-        cfg = dataclasses.replace(cfg, guidance=model.config.guidance)  # recorded as the value used
+    sampler = Sampler(model)
+    cfg = dataclasses.replace(cfg, guidance=sampler.guidance(GenerationConfig(guidance=cfg.guidance)))  # as used
     points = operating_points(cfg.methods)  # validates every name before any compute
     prompts = resolve_prompts(cfg.prompts)
     for p in prompts:
         model.encode_prompts([p])  # validates every prompt before any compute
     points = [p for p in points if p.label != "dense"]
     dense = operating_points("dense")[0]
-    sampler = Sampler(model)
     gen_cfg = GenerationConfig(steps=cfg.steps, guidance=cfg.guidance)
     jobs = [(p, s) for p in prompts for s in range(cfg.seeds)]
     model_id = model.config.model_id
     env = BenchEnv(sampler, gen_cfg.steps, model_id)
-    for point in points:
-        point.make_config(env)  # presets, calibrations, step counts: every setting checked before any compute
+    # presets, calibrations, step counts: every setting is built (and so checked) before any compute
+    configs = [point.make_config(env) for point in points]
     bar = tqdm(total=len(jobs) * (len(points) + 2) + 1, disable=not progress, desc="bench")
     sampler(prompts[0], gen_cfg.replace(steps=2), progress=False)  # warm-up: first-call allocations
     bar.update(1)
-    ref_videos, dense_lat, _, dense_mem = _run_point(dense, sampler, jobs, gen_cfg, model_id, bar)
+    ref_videos, dense_lat, _, dense_mem = _run_point(dense.make_config(env), sampler, jobs, gen_cfg, bar)
     rows, all_videos = [], {"dense": ref_videos}
-    for point in points:
+    for point, config in zip(points, configs, strict=True):
         bar.set_postfix(method=point.label)
-        videos, lat, stats, mem = _run_point(point, sampler, jobs, gen_cfg, model_id, bar)
+        videos, lat, stats, mem = _run_point(config, sampler, jobs, gen_cfg, bar)
         all_videos[point.label] = videos
         rows.append((point, videos, lat, stats, mem))
-    _, dense_lat2, _, dense_mem2 = _run_point(dense, sampler, jobs, gen_cfg, model_id, bar)
+    _, dense_lat2, _, dense_mem2 = _run_point(dense.make_config(env), sampler, jobs, gen_cfg, bar)
     bar.close()
     dense_median = float(np.median(dense_lat + dense_lat2))
 

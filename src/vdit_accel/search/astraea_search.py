@@ -181,7 +181,7 @@ def search_astraea(sampler: Sampler, prompts: list[str], target: float, *, steps
         raise ConfigError(f"evolution config (target={evolution.target}, num_steps={evolution.num_steps}) does not "
                           f"match target={target}, steps={steps}")
     workdir = Path(workdir) if workdir is not None else None
-    full = Fidelity(None, sampler.model.config.guidance if full_guidance is None else full_guidance, steps)
+    full = Fidelity(None, sampler.guidance(GenerationConfig(guidance=full_guidance)), steps)
     proxy = dataclasses.replace(proxy, steps=steps) if proxy is not None else None
     t0 = time.perf_counter()
     search_fit = ScheduleFitness(sampler, prompts, proxy or full, base, workdir)
