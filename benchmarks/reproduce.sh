@@ -15,14 +15,14 @@ VA=.venv/bin/vdit-accel
 # $PY benchmarks/heldout_adherence.py --weights runs/train-ft/release --out docs/results/instrument/finetune
 # $PY benchmarks/conditioning_probe.py --weights runs/train-ft/release --out docs/results/instrument/finetune/conditioning_probe.json
 
-# 1. the instrument
-$VA score --ground-truth 200 > docs/results/instrument/scorer_ground_truth.json
-$VA score --ground-truth 100 --mp4 > docs/results/instrument/scorer_ground_truth_mp4.json
-$VA score --ground-truth 100 --object-size 0.38 0.46 > docs/results/instrument/scorer_ground_truth_large_objects.json
-$PY benchmarks/heldout_adherence.py --out docs/results/instrument
-$VA inspect --prompts quick --steps 50 --out docs/results/instrument/inspect.json
-$PY benchmarks/conditioning_probe.py --out docs/results/instrument/conditioning_probe.json
-$PY benchmarks/sampler_sweep.py --prompts 10 --settings 5,3 3,3 5,8 3,8 --out docs/results/instrument/sampler_sweep.json
+# embedded-wan-v1's instrument figures (docs/results/v1/instrument/; run at commit b341aea, v1 the default):
+# $VA score --ground-truth 200 > docs/results/instrument/scorer_ground_truth.json
+# $VA score --ground-truth 100 --mp4 > docs/results/instrument/scorer_ground_truth_mp4.json
+# $VA score --ground-truth 100 --object-size 0.38 0.46 > docs/results/instrument/scorer_ground_truth_large_objects.json
+# $PY benchmarks/heldout_adherence.py --out docs/results/instrument
+# $VA inspect --prompts quick --steps 50 --out docs/results/instrument/inspect.json
+# $PY benchmarks/conditioning_probe.py --out docs/results/instrument/conditioning_probe.json
+# $PY benchmarks/sampler_sweep.py --prompts 10 --settings 5,3 3,3 5,8 3,8 --out docs/results/instrument/sampler_sweep.json
 # recipe experiments (15-35 min each, 1 thread; outputs in runs/exp-NAME, copied to docs/results/instrument/recipe_experiments/)
 # for n in base wide mixer; do OMP_NUM_THREADS=1 $PY benchmarks/recipe_experiments.py $n; done
 # $PY benchmarks/recipe_experiments.py wide-64
@@ -82,16 +82,30 @@ $PY benchmarks/sampler_sweep.py --prompts 10 --settings 5,3 3,3 5,8 3,8 --out do
 # for s in 0 1; do $PY benchmarks/heldout_adherence.py --weights runs/exp-v2-direct/release --guidance 2 \
 #     --seed $s --out $R/v2-direct-g2$([ $s = 1 ] && echo -seed1); done
 
-# 2. calibrations and searches (presets land in src/vdit_accel/presets/)
+# The figures of the shipped model (embedded-wan-v2 since session 7), in priority order (~2 h on 2 cores; run
+# nothing else meanwhile: every step measures time). The same commands at commit b341aea, when the default was
+# embedded-wan-v1, made docs/results/v1/ (its presets: docs/results/v1/presets/).
+# 1. calibrations and searches (presets land in src/vdit_accel/presets/; searches checkpoint in runs/search-*)
 $VA calibrate magcache
 for t in 0.75 0.80 0.85; do $VA calibrate timeripple --target $t; done
 for t in 0.4 0.7; do $VA search astraea --target $t --generations 8; done  # short searches
 $VA search astraea --target 0.5  # the paper's settings: population 50, 30 children, 30 generations
 
-# 3. the paper experiments
+# 2. the side-by-side bench (all methods, one process)
+$VA bench --methods dense,pab,fbc,taylorseer,fastercache,magcache,timeripple,astraea --prompts quick --seeds 2 --steps 50 --out docs/results/bench
+
+# 3. the instrument (the scorer on the renderer's clips: v1's data, then v2's anchored layout and larger objects)
+$VA score --ground-truth 200 > docs/results/instrument/scorer_ground_truth.json
+$VA score --ground-truth 100 --mp4 > docs/results/instrument/scorer_ground_truth_mp4.json
+$VA score --ground-truth 100 --object-size 0.38 0.46 > docs/results/instrument/scorer_ground_truth_large_objects.json
+$VA score --ground-truth 200 --layout anchored --object-size 0.38 0.46 > docs/results/instrument/scorer_ground_truth_v2_data.json
+$PY benchmarks/heldout_adherence.py --out docs/results/instrument
+$PY benchmarks/heldout_adherence.py --seed 1 --out docs/results/instrument/heldout-seed1
+$VA inspect --prompts quick --steps 50 --out docs/results/instrument/inspect.json
+# v2's conditioning probe and its guidance choice were measured on the same weights in session 6 (recipe_experiments/
+# v2-direct-conditioning_probe.json, v2-direct-select-*.json; commands in the session-6 block above)
+
+# 4. the paper experiments
 for e in fig7 fig8 fig5; do $PY benchmarks/timeripple_paper.py --model embedded --experiments $e --out docs/results/timeripple; done
 $PY benchmarks/timeripple_paper.py --model embedded --experiments ablations --ablation-steps 20 --out docs/results/timeripple
 for e in baselines ablations score_options; do $PY benchmarks/astraea_paper.py --model embedded --experiments $e --out docs/results/astraea; done
-
-# 4. the side-by-side bench (all methods, one process)
-$VA bench --methods dense,pab,fbc,taylorseer,fastercache,magcache,timeripple,astraea --prompts quick --seeds 2 --steps 50 --out docs/results/bench

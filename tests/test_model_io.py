@@ -51,7 +51,7 @@ def test_geometry_not_divisible_by_patch():
         EmbeddedConfig(height=30)
 
 
-@pytest.mark.parametrize("which", ["WEIGHTS_DIR", "V2_WEIGHTS_DIR"])
+@pytest.mark.parametrize("which", ["V1_WEIGHTS_DIR", "V2_WEIGHTS_DIR"])
 def test_shipped_model_is_small_and_documented(which):
     from vdit_accel.instrument import model as model_module
 
@@ -65,9 +65,11 @@ def test_shipped_model_is_small_and_documented(which):
     assert t * h * w >= 2048 and cfg.head_dim >= 64
 
 
-def test_v2_weights_were_trained_by_the_v2_recipe():
-    from vdit_accel.instrument.model import V2_WEIGHTS_DIR
+def test_v2_weights_were_trained_by_the_v2_recipe_and_are_the_default():
+    from vdit_accel.instrument.model import V2_WEIGHTS_DIR, WEIGHTS_DIR
     from vdit_accel.instrument.train import CHAINS
+
+    assert WEIGHTS_DIR == V2_WEIGHTS_DIR and EmbeddedModel.load().config.model_id == "vdit-accel/embedded-wan-v2"
 
     (phase,) = CHAINS["v2"]
     record = json.loads((V2_WEIGHTS_DIR / "training.json").read_text())

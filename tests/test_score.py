@@ -154,3 +154,11 @@ def test_ground_truth_accuracy_with_larger_objects():
     """The v2 candidates train on diameters 0.38-0.46 (v1: 0.25-0.34); the scorer must read those too."""
     acc = ground_truth_accuracy(n_clips=20, seed=5, size_range=(0.38, 0.46))
     assert acc["overall"] >= ACCURACY_TARGET, acc
+
+
+def test_ground_truth_accuracy_anchored_large_objects():
+    """The shipped v2 model's training distribution (anchored layout, objects 0.38-0.46 frame widths)."""
+    acc = ground_truth_accuracy(n_clips=20, seed=3, layout="anchored", size_range=(0.38, 0.46))
+    assert acc["overall"] >= 0.95, acc
+    with pytest.raises(ConfigError, match="layout='diagonal'"):
+        ground_truth_accuracy(n_clips=2, layout="diagonal")

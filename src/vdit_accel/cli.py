@@ -76,7 +76,7 @@ def cmd_score(a) -> int:
 
     if a.ground_truth:
         sizes = {} if a.object_size is None else {"size_range": tuple(a.object_size)}
-        acc = ground_truth_accuracy(n_clips=a.ground_truth, through_mp4=a.mp4, **sizes)
+        acc = ground_truth_accuracy(n_clips=a.ground_truth, through_mp4=a.mp4, layout=a.layout, **sizes)
         print(json.dumps({"command": "vdit-accel " + " ".join(sys.argv[1:]), **acc}, indent=1))
         return 0
     if not a.clip or not a.prompt:
@@ -181,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ground-truth", type=int, default=0, help="instead: accuracy on N ground-truth clips")
     s.add_argument("--mp4", action="store_true", help="with --ground-truth: through an MP4 round trip")
     s.add_argument("--object-size", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="with --ground-truth: the clips' object diameter range (default: the training data's)")
+                   help="with --ground-truth: the clips' object diameter range (default: embedded-wan-v1's data)")
+    s.add_argument("--layout", default="uniform", help="with --ground-truth: where objects start, one of "
+                   "uniform (default; v1's data), anchored (v2's data), anchored-scene")
     s.set_defaults(fn=cmd_score)
 
     s = sub.add_parser("inspect", help="instrument report: Q/K adjacency and self-attention time share")

@@ -29,10 +29,12 @@ from torch import nn
 from vdit_accel.errors import ConfigError, WeightsError, check_range
 from vdit_accel.instrument.captions import MAX_CAPTION_TOKENS, VOCAB, tokenize
 
-WEIGHTS_DIR = Path(__file__).parent / "weights" / "embedded-wan-v1"
-#: the next model (``vdit-accel train --recipe v2``), committed but not yet the default: the presets and every
-#: published figure are still for v1 (``docs/instrument.md``, session 6). Load it with ``--weights V2_WEIGHTS_DIR``.
+#: the shipped default (``vdit-accel train --recipe v2``, session 6): every preset and published figure is for it.
 V2_WEIGHTS_DIR = Path(__file__).parent / "weights" / "embedded-wan-v2"
+#: the first model (``--recipe scratch``), the default until session 7; ``docs/results/v1/`` holds its figures.
+#: Load it with ``--weights V1_WEIGHTS_DIR`` (its own CFG 5 follows from its config).
+V1_WEIGHTS_DIR = Path(__file__).parent / "weights" / "embedded-wan-v1"
+WEIGHTS_DIR = V2_WEIGHTS_DIR
 CONFIG_FORMAT = "vdit-accel/embedded-model"
 CONFIG_VERSION = 1
 PREDICTIONS = ("velocity", "sample")

@@ -74,6 +74,7 @@ from vdit_accel.instrument.dataset import (
     TEXTURE_AMPLITUDE,
     ObjectSpec,
     VideoSpec,
+    check_layout,
     render,
     sample_spec,
 )
@@ -723,7 +724,7 @@ def score_file(path: str | Path, prompt: str, size: int = REFERENCE_SIZE) -> Sco
 
 def ground_truth_accuracy(
     n_clips: int = 200, seed: int = 0, through_mp4: bool = False, workdir: str | Path | None = None,
-    size_range: tuple[float, float] = SIZE_FRACTION,
+    size_range: tuple[float, float] = SIZE_FRACTION, layout: str = "uniform",
 ) -> dict[str, float | int]:
     """Attribute accuracy of the scorer on ground-truth clips (the scorer's own acceptance measurement).
 
@@ -737,6 +738,7 @@ def ground_truth_accuracy(
         workdir (`str` or `Path`, *optional*): folder for the MP4 files (a temporary folder if None).
         size_range (`tuple[float, float]`, defaults to ``SIZE_FRACTION``): the clips' object diameters (frame
             widths), as in :func:`sample_spec`.
+        layout (`str`, defaults to "uniform"): where objects start (one of ``LAYOUTS``), as in :func:`sample_spec`.
 
     Returns:
         `dict`: ``overall`` (fraction of correct attributes), ``all_correct`` (fraction of clips with every
@@ -750,6 +752,7 @@ def ground_truth_accuracy(
     """
     if n_clips < 1:
         raise ConfigError(f"n_clips={n_clips!r} is out of range: accepted [1, inf)")
+    check_layout(layout)
     rng = np.random.default_rng(seed)
     keys = ("object_colour", "object_shape", "object_motion", "background_colour", "background_kind")
     hits = {k: [] for k in keys}
@@ -757,7 +760,8 @@ def ground_truth_accuracy(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(workdir) if workdir is not None else Path(tmp)
         for i in range(n_clips):
-            spec = sample_spec(rng, two_object_prob=1 / 3, heldout=bool(i % 2), size_range=size_range)
+            spec = sample_spec(rng, two_object_prob=1 / 3, heldout=bool(i % 2), size_range=size_range,
+                               layout=layout)
             frames = to_frames(render(spec))
             if through_mp4:
                 frames = read_video(write_video(frames, folder / f"clip{i:04d}.mp4"), size=frames.shape[1])

@@ -146,7 +146,7 @@ _V2_HIGH_NOISE = TrainConfig(seed=3, stages=(Stage(16, 64, 64, 400, 8),), lr=5e-
 
 #: Chained recipes (``vdit-accel train --recipe``; ``docs/instrument.md``).
 #: ``v2`` trains the session-6 model in one run from scratch (held-out adherence 0.95 / 0.93 on seeds 0 / 1 at its
-#: CFG 2, 0.87 / 0.89 at CFG 5; committed as ``V2_WEIGHTS_DIR``, not yet the default): anchored layout, position
+#: CFG 2, 0.87 / 0.89 at CFG 5; ``V2_WEIGHTS_DIR``, the shipped default since session 7): anchored layout, position
 #: channels, x0 prediction and pooled caption text,
 #: 1,000 steps at 32 px then 5,000 at the bench geometry, every batch half at noise shift 10 (where the caption
 #: decides) and half at shift 3, objects 0.38-0.46 of the frame. 6,000 steps, 104 min on 2 cores. Its sampler
