@@ -26,6 +26,39 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
+def test_a_kill_while_saving_a_checkpoint_resumes_from_the_previous_complete_one(tmp_path):
+    """The checkpoint is a step folder plus ``state.json`` naming it, replaced last: a save killed before that
+    (here: a newer, half-written step folder, a stray state.json.tmp) resumes from the previous checkpoint and
+    still ends bit-equal to an uninterrupted run; each save keeps one folder."""
+    full = _weights(train(tmp_path / "a", CFG, TINY, progress=False))
+    train(tmp_path / "b", CFG, TINY, max_steps=3, progress=False)
+    ckpt = tmp_path / "b" / "checkpoint"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["state.json", "step-0000003"]
+    (ckpt / "step-0000004").mkdir()
+    (ckpt / "step-0000004" / "model.safetensors").write_bytes(b"half written")
+    (ckpt / "state.json.tmp").write_text("{")
+    resumed = _weights(train(tmp_path / "b", CFG, TINY, progress=False))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert json.loads((ckpt / "state.json").read_text())["files"] == "step-0000005"
+    assert not (ckpt / "step-0000004").exists() and not (ckpt / "step-0000003").exists()
+
+
+def test_a_checkpoint_of_the_earlier_layout_still_resumes(tmp_path):
+    """Checkpoints written before step folders kept their three files beside state.json (no "files" key)."""
+    full = _weights(train(tmp_path / "a", CFG, TINY, progress=False))
+    train(tmp_path / "b", CFG, TINY, max_steps=3, progress=False)
+    ckpt = tmp_path / "b" / "checkpoint"
+    for f in (ckpt / "step-0000003").iterdir():
+        f.replace(ckpt / f.name)
+    (ckpt / "step-0000003").rmdir()
+    state = json.loads((ckpt / "state.json").read_text())
+    del state["files"]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    resumed = _weights(train(tmp_path / "b", CFG, TINY, progress=False))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["state.json", "step-0000005"]
+
+
 def test_release_has_weights_record_and_loss_plot(tmp_path):
     train(tmp_path / "r", CFG, TINY, progress=False)
     rel = tmp_path / "r" / "release"

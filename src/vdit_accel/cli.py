@@ -195,10 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train the embedded model (resumes from OUT/checkpoint)")
     s.add_argument("--out", default="runs/train")
-    s.add_argument("--recipe", default="scratch",
-                   help="scratch (random init; made embedded-wan-v1), finetune (needs --init-from) or a chained "
-                        "recipe, resumable (v2: the v2 model from scratch, 104 min; v2-lineage: the five "
-                        "fine-tunes that made the session-4 model)")
+    s.add_argument("--recipe", default="v2",
+                   help="v2 (default: the shipped embedded-wan-v2 from scratch, one resumable run, 104 min on 2 "
+                        "cores), v2-lineage (the five fine-tunes that made the session-4 model), scratch (random "
+                        "init; made embedded-wan-v1, 51 min) or finetune (needs --init-from)")
     s.add_argument("--init-from", default=None, help="saved model folder to start from (fine-tuning)")
     s.add_argument("--model-id", default=None, help="model id recorded in the released config")
     s.add_argument("--seed", type=int, default=None, help="override the recipe's seed")

@@ -246,11 +246,15 @@ def flow_matching_loss(model: EmbeddedModel, videos: torch.Tensor, texts: list[s
 
 
 def _save_checkpoint(ckpt: Path, model, ema, opt, step: int, record: dict) -> None:
+    """Write the resumable state as ``ckpt/step-NNNNNNN/`` (weights, EMA, optimiser tensors), then ``state.json``
+    naming that folder. ``state.json`` is replaced atomically and last, so a kill at any point leaves it naming a
+    complete folder: the new one, or the previous one (still there until the new ``state.json`` is in place)."""
     ckpt.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt / "tmp"
-    tmp.mkdir(exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    save_file({k: v.detach().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+    folder = ckpt / f"step-{step:07d}"
+    shutil.rmtree(folder, ignore_errors=True)  # a partial folder of a killed save of this same step
+    folder.mkdir()
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    save_file({k: v.detach().contiguous() for k, v in ema.items()}, str(folder / "ema.safetensors"))
     opt_tensors, opt_scalars = {}, {}
     for pid, st in opt.state_dict()["state"].items():
         for name, value in st.items():
@@ -259,17 +263,23 @@ def _save_checkpoint(ckpt: Path, model, ema, opt, step: int, record: dict) -> No
                 opt_tensors[key] = value.contiguous()
             else:
                 opt_scalars[key] = value
-    save_file(opt_tensors, str(tmp / "optim.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "opt_scalars": opt_scalars, "record": record}))
-    for name in ("model.safetensors", "ema.safetensors", "optim.safetensors", "state.json"):
-        (tmp / name).replace(ckpt / name)  # state.json last: a checkpoint is complete once it exists
+    save_file(opt_tensors, str(folder / "optim.safetensors"))
+    tmp = ckpt / "state.json.tmp"
+    tmp.write_text(json.dumps({"step": step, "files": folder.name, "opt_scalars": opt_scalars, "record": record}))
+    tmp.replace(ckpt / "state.json")
+    for old in ckpt.iterdir():  # earlier folders; the loose files and tmp/ of checkpoints made before step folders
+        if old.is_dir() and old.name != folder.name and (old.name.startswith("step-") or old.name == "tmp"):
+            shutil.rmtree(old)
+        elif old.name in ("model.safetensors", "ema.safetensors", "optim.safetensors"):
+            old.unlink()
 
 
 def _load_checkpoint(ckpt: Path, model, ema, opt) -> tuple[int, dict]:
     state = json.loads((ckpt / "state.json").read_text())
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-    ema.update(load_file(str(ckpt / "ema.safetensors")))
-    tensors = load_file(str(ckpt / "optim.safetensors"))
+    files = ckpt / state.get("files", "")  # checkpoints written before step folders keep their files in ckpt
+    model.load_state_dict(load_file(str(files / "model.safetensors")))
+    ema.update(load_file(str(files / "ema.safetensors")))
+    tensors = load_file(str(files / "optim.safetensors"))
     sd = opt.state_dict()
     per: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(state["opt_scalars"].items()):
