@@ -23,7 +23,8 @@ def test_generate_writes_mp4_and_gif(weights, tmp_path, capsys):
     assert out.stat().st_size > 0 and out.with_suffix(".gif").stat().st_size > 0
 
 
-def test_generate_with_methods(weights, tmp_path):
+def test_generate_with_methods(weights, tmp_path, caplog):
+    """Presets apply through --preset; one made for another model (here "t") is applied with a warning."""
     for method in ("timeripple", "astraea"):
         preset_file = tmp_path / f"{method}.json"
         from vdit_accel.methods.astraea import AstraeaConfig
@@ -35,6 +36,8 @@ def test_generate_with_methods(weights, tmp_path):
         save_preset(preset_file, method, cfg, model_id="t", geometry=[4, 8, 8], steps=3, seed=0)
         assert main(["generate", TINY_PROMPT, "--steps", "3", "--out", str(tmp_path / f"{method}.mp4"),
                      "--weights", weights, "--method", method, "--preset", str(preset_file), "--quiet"]) == 0
+        assert f"preset {preset_file} was made for model t, applied to" in caplog.text
+        caplog.clear()
 
 
 def test_score_command(weights, tmp_path, capsys):

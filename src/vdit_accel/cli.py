@@ -29,7 +29,7 @@ def _load_model(weights: str | None):
     return EmbeddedModel.load(weights)
 
 
-def _method_config(name: str | None, preset: str | None, steps: int):
+def _method_config(name: str | None, preset: str | None, steps: int, model_id: str | None = None):
     """The config of ``--method`` (optionally from ``--preset``), or None for dense."""
     if name in (None, "dense"):
         if preset:
@@ -37,7 +37,7 @@ def _method_config(name: str | None, preset: str | None, steps: int):
         return None
     from vdit_accel.search.presets import method_config_from_cli
 
-    return method_config_from_cli(name, preset, steps)
+    return method_config_from_cli(name, preset, steps, model_id)
 
 
 def cmd_generate(a) -> int:
@@ -49,7 +49,7 @@ def cmd_generate(a) -> int:
     cfg = GenerationConfig(steps=a.steps, guidance=a.guidance, seed=a.seed, flow_shift=a.flow_shift)
     model = _load_model(a.weights)
     model.encode_prompts([a.prompt])  # validate before any compute
-    method_cfg = _method_config(a.method, a.preset, a.steps)
+    method_cfg = _method_config(a.method, a.preset, a.steps, model.config.model_id)
     handle = apply(model.transformer, method_cfg) if method_cfg is not None else None
     try:
         video = Sampler(model)(a.prompt, cfg, progress=not a.quiet)

@@ -103,8 +103,9 @@ def load_preset(name_or_path: str | Path, *, method: str | None = None, steps: i
     return get_method(data["method"]).config_cls.from_dict(data["config"])
 
 
-def method_config_from_cli(method: str, preset: str | None, steps: int) -> Any:
-    """The config for ``--method`` with an optional ``--preset`` (defaults: the method's default preset)."""
+def method_config_from_cli(method: str, preset: str | None, steps: int, model_id: str | None = None) -> Any:
+    """The config for ``--method`` with an optional ``--preset`` (defaults: the method's default preset); a preset
+    made for another model than ``model_id`` is applied with a warning, as in the bench."""
     import vdit_accel.methods  # noqa: F401
     from vdit_accel.registry import get_method
 
@@ -115,7 +116,7 @@ def method_config_from_cli(method: str, preset: str | None, steps: int) -> Any:
             preset = str(default)
         else:
             return cls()
-    return load_preset(preset, method=method, steps=steps)
+    return load_preset(preset, method=method, steps=steps, model_id=model_id)
 
 
 def preset_operating_point(method: str, name: str):
