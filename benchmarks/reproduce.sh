@@ -108,4 +108,5 @@ $VA inspect --prompts quick --steps 50 --out docs/results/instrument/inspect.jso
 # 4. the paper experiments
 for e in fig7 fig8 fig5; do $PY benchmarks/timeripple_paper.py --model embedded --experiments $e --out docs/results/timeripple; done
 $PY benchmarks/timeripple_paper.py --model embedded --experiments ablations --ablation-steps 20 --out docs/results/timeripple
+$PY benchmarks/timeripple_paper.py --model embedded --experiments ablations --ablation-steps 50 --out docs/results/timeripple/ablations-50steps
 for e in baselines ablations score_options; do $PY benchmarks/astraea_paper.py --model embedded --experiments $e --out docs/results/astraea; done
