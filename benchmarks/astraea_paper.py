@@ -824,9 +824,8 @@ def main(argv=None) -> dict[str, Path]:
     args = parse_args(argv)
     out = Path(args.out)
     model = load_model(args.model)
-    if args.guidance is None:
-        args.guidance = model.config.guidance  # the model's CFG scale, recorded as used
     sampler = Sampler(model)
+    args.guidance = sampler.guidance(GenerationConfig(guidance=args.guidance))  # None: the model's; recorded as used
     search_prompts = list(prompt_sets()["calib"])
     prompts = spaced(resolve_prompts(args.prompts), args.n_prompts)
     for p in prompts:

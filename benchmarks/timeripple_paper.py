@@ -826,12 +826,12 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model)
-    if args.guidance is None:
-        args.guidance = model.config.guidance  # the model's CFG scale, recorded as used
+    sampler = Sampler(model)
+    args.guidance = sampler.guidance(GenerationConfig(guidance=args.guidance))  # None: the model's; recorded as used
     held, source = prompt_sets()["heldout"], HELDOUT_SOURCE
     if args.prompts > len(held):
         raise SystemExit(f"--prompts {args.prompts}: only {len(held)} held-out prompts")
-    env = Env(args.model, model, Sampler(model), args.steps, args.guidance, args.seed, args.prompts, out, args,
+    env = Env(args.model, model, sampler, args.steps, args.guidance, args.seed, args.prompts, out, args,
               held[: args.prompts], source)
     written = {}
     for name in args.experiments:
