@@ -434,8 +434,8 @@ class AstraeaBlockHook(ModelHook):
         idx = self._select(ctx.branch, state, hidden_states, count, b, n)
         kv = "rows" if self.config.kv == "selected" else ("cache" if settings["kv_reuse"] else "all")
         state.rows.dtype = CACHE_DTYPES.get(self.config.cache_dtype)
-        rows, lse = self.adapter.block_rows_forward(module, args, kwargs, idx, _attention_through(module, self.adapter),
-                                                    kv=kv, cache=state.rows)
+        attention = _attention_through(module, self.adapter)
+        rows, lse = self.adapter.block_rows_forward(module, args, kwargs, idx, attention, kv=kv, cache=state.rows)
         if state.out is None:
             out = rows if count == n else hidden_states.new_empty(hidden_states.shape).scatter(
                 1, idx[..., None].expand(-1, -1, rows.shape[-1]), rows)
