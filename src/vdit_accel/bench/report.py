@@ -133,7 +133,8 @@ def write_report(results: dict, videos: dict[str, list[torch.Tensor]], out: Path
     _compare_png(videos, out / "compare.png")
 
 
-def plot_pareto(results: dict, path: Path, fronts: list[tuple[str, str]] | tuple = DEFAULT_FRONTS) -> None:
+def plot_pareto(results: dict, path: Path,
+                fronts: list[tuple[str, str]] | tuple = DEFAULT_FRONTS) -> dict[str, list[str]]:
     """Speed (x) against mean PSNR vs dense (y), one panel per front, one marker style per method family.
 
     Args:
@@ -141,6 +142,9 @@ def plot_pareto(results: dict, path: Path, fronts: list[tuple[str, str]] | tuple
         path (`Path`): the PNG to write.
         fronts (`list[tuple[str, str]]`, defaults to ``[("W1 wall-clock", "speedup")]``): ``(front name, row key)``
             pairs, one panel each; rows lacking the key are skipped in that panel.
+
+    Returns:
+        `dict[str, list[str]]`: per front name, the labels of the rows drawn in its panel.
 
     Raises:
         ConfigError: if ``fronts`` is empty.
@@ -157,13 +161,16 @@ def plot_pareto(results: dict, path: Path, fronts: list[tuple[str, str]] | tuple
     families = sorted({m["method"] for m in rows})
     style = {name: (MARKERS[i % len(MARKERS)], plt.get_cmap("tab10")(i % 10)) for i, name in enumerate(families)}
     fig, axes = plt.subplots(1, len(fronts), figsize=(7 * len(fronts), 4.8), squeeze=False)
+    drawn: dict[str, list[str]] = {}
     for ax, (front, key) in zip(axes[0], fronts):
+        drawn[front] = []
         for name in families:
             pts = [m for m in rows if m["method"] == name and m.get(key) is not None and "psnr_mean" in m]
             if not pts:
                 continue
             xs = [m[key] for m in pts]
             ys = [min(m["psnr_mean"], PSNR_PLOT_CAP) for m in pts]
+            drawn[front].extend(m["label"] for m in pts)
             marker, color = style[name]
             ax.scatter(xs, ys, marker=marker, color=color, label=name, s=40)
             for m, x, y in zip(pts, xs, ys):
@@ -176,6 +183,7 @@ def plot_pareto(results: dict, path: Path, fronts: list[tuple[str, str]] | tuple
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return drawn
 
 
 def _compare_png(videos: dict[str, list[torch.Tensor]], path: Path) -> None:
