@@ -98,6 +98,26 @@ def markdown_table(results: dict) -> str:
 
 
 def write_report(results: dict, videos: dict[str, list[torch.Tensor]], out: Path) -> None:
+    """Write every bench output: :func:`write_summary` (JSON, Markdown, Pareto) and ``compare.gif``/``.png``.
+
+    Args:
+        results (`dict`): what :func:`~vdit_accel.bench.harness.run_bench` returns.
+        videos (`dict[str, list[torch.Tensor]]`): per point label, its videos `[3, F, H, W]` in job order.
+        out (`Path`): the output folder (created).
+    """
+    write_summary(results, out)
+    first = [to_frames(v[0]) for v in videos.values()]
+    strip = np.concatenate(first, axis=2)  # [F, H, W * methods, 3]
+    write_video(strip, out / "compare.gif")
+    _compare_png(videos, out / "compare.png")
+
+
+def write_summary(results: dict, out: Path) -> None:
+    """Write ``results.json``, ``results.md`` and ``pareto.png`` from the results alone (no videos needed).
+
+    A later pass that adds a key to each row (e.g. ``speedup_w2`` from a replayed measurement) calls this again
+    on the updated results: the table gains the optional column and ``pareto.png`` a panel for that front.
+    """
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     s = results["settings"]
@@ -122,15 +142,11 @@ def write_report(results: dict, videos: dict[str, list[torch.Tensor]], out: Path
         *([line, ""] if (line := drift_line(results)) else []),
         markdown_table(results),
         "",
-        "compare.gif / compare.png, left to right: " + ", ".join(videos),
+        "compare.gif / compare.png (first job), left to right: " + ", ".join(m["label"] for m in results["methods"]),
         "",
     ]
     (out / "results.md").write_text("\n".join(md))
     plot_pareto(results, out / "pareto.png", fronts_present(results) or list(DEFAULT_FRONTS))
-    first = [to_frames(v[0]) for v in videos.values()]
-    strip = np.concatenate(first, axis=2)  # [F, H, W * methods, 3]
-    write_video(strip, out / "compare.gif")
-    _compare_png(videos, out / "compare.png")
 
 
 def plot_pareto(results: dict, path: Path,
