@@ -265,10 +265,12 @@ def _structured(resolver, attention, fallback, q, k, v, *, grid, thresholds, var
                 priority, text_prefix, text_suffix, reuse_q, reuse_k, scale, rope_groups):
     check_choice("variant", variant, VARIANTS)
     row_fraction = check_row_fraction(DEFAULT_ROW_FRACTION if row_fraction is None else row_fraction)
-    q_masks, k_masks = _prepare(
-        q, k, v, grid, thresholds, window, axes, priority, text_prefix, text_suffix, reuse_q, reuse_k
-    )
-    if variant == "exact_sim" or (q_masks is None and k_masks is None):
+    q_masks = k_masks = None
+    if variant != "exact_sim":
+        q_masks, k_masks = _prepare(
+            q, k, v, grid, thresholds, window, axes, priority, text_prefix, text_suffix, reuse_q, reuse_k
+        )
+    if q_masks is None and k_masks is None:  # exact_sim, or nothing reused (every threshold 0)
         return fallback(
             q, k, v, grid=grid, thresholds=thresholds, window=window, axes=axes, priority=priority,
             text_prefix=text_prefix, text_suffix=text_suffix, reuse_q=reuse_q, reuse_k=reuse_k, scale=scale,
