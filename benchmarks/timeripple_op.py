@@ -49,7 +49,7 @@ from vdit_accel.bench.metrics import psnr
 from vdit_accel.instrument.sampler import GenerationConfig, Sampler
 from vdit_accel.methods.timeripple import TimeRippleConfig, apply_timeripple
 from vdit_accel.ops.timeripple import AXES, ReuseMasks, resolve_reuse, reuse_masks, wan_rope_groups, window_delta
-from vdit_accel.ops.timeripple_structured import dedup_attention, duplicate_roots, row_masks
+from vdit_accel.ops.timeripple_structured import dedup_attention, duplicate_roots, row_masks, row_roots
 
 PRIORITY = "thw"
 
@@ -148,6 +148,10 @@ def _sdpa_math(q, k, v):
         return _sdpa(q, k, v)
 
 
+def _token_rows(q, k, v, qm, km):
+    return dedup_attention(q, k, v, row_roots(qm, PRIORITY), row_roots(km, PRIORITY))
+
+
 def _structured(q, k, v, qm, km):
     qt, kt = resolve_reuse(q, qm, priority=PRIORITY), resolve_reuse(k, km, priority=PRIORITY)
     order = [qm.anchor[a] for a in PRIORITY]
@@ -187,7 +191,8 @@ def bench_call(rec, theta, args) -> dict:
                                    v),
     }
     for name, (a, b) in variants.items():
-        fns[name] = lambda a=a, b=b: _structured(q, k, v, a, b)
+        op = _token_rows if name.startswith("token_rows") else _structured
+        fns[name] = lambda a=a, b=b, op=op: op(q, k, v, a, b)
     med, outs = time_call(fns, args.repeats)
     dense_name = min(("dense_flash", "dense_math"), key=med.get)
     dense_s, sim, dense = med[dense_name], outs["exact_sim"], outs[dense_name]

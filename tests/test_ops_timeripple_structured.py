@@ -10,10 +10,12 @@ from vdit_accel.errors import ConfigError
 from vdit_accel.ops.timeripple import resolve_reuse, reuse_masks, timeripple_attention
 from vdit_accel.ops.timeripple_structured import (
     VARIANTS,
+    _anchor_order,
     dedup_attention,
     dedup_attention_reference,
     duplicate_roots,
     row_masks,
+    row_roots,
     structured_timeripple_attention,
     structured_timeripple_attention_reference,
 )
@@ -166,3 +168,14 @@ def test_bad_arguments_raise(kw, match):
     q = k = v = torch.zeros(1, 8, 1, 6)
     with pytest.raises(ConfigError, match=match):
         structured_timeripple_attention(q, k, v, grid=(2, 2, 2), thresholds=0.1, **kw)
+
+
+def test_row_roots_match_equality_roots_of_the_resolved_tensor():
+    grid = (4, 4, 4)
+    x = _const_along_t(grid, seed=11) + 0.05 * torch.randn(1, 64, 2, 6, dtype=torch.float64)
+    for priority in ("thw", "wht", "min_delta"):
+        m = row_masks(reuse_masks(x, grid, 0.06), 0.5)
+        xt = resolve_reuse(x, m, priority=priority)
+        roots = row_roots(m, priority)
+        assert (roots != torch.arange(64)).any()
+        assert torch.equal(roots, duplicate_roots(xt, _anchor_order(m, priority)))

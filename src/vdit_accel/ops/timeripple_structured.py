@@ -44,6 +44,8 @@ from vdit_accel.ops.timeripple import (
     Thresholds,
     _build_stats,
     _check_axes,
+    _check_priority,
+    _chosen,
     _prepare,
     resolve_reuse,
     resolve_reuse_reference,
@@ -130,6 +132,40 @@ def duplicate_roots(x: torch.Tensor, anchors: list[torch.Tensor]) -> torch.Tenso
         equal = (x == x.index_select(1, anchor)).all(-1).permute(0, 2, 1) & (anchor != ar)  # [B, H, S]
         parent = torch.where(equal & (parent == ar), anchor.expand(b, h, s), parent)
     for _ in range(s):  # pointer jumping to the fixed point (chains are at most len(anchors) long)
+        nxt = parent.gather(2, parent)
+        if torch.equal(nxt, parent):
+            return parent
+        parent = nxt
+    raise ConfigError("anchors form a cycle")  # pragma: no cover - anchors precede their tokens
+
+
+def row_roots(masks: ReuseMasks, priority: str = "thw") -> torch.Tensor:
+    """Roots of row-level decisions (`row_masks`) without resolving: follow each reused row's chosen anchor.
+
+    A root is a row that reuses nothing, so its resolved value is its own value: attention on the roots can read the
+    unresolved tensor (what the fast path of `"token_rows"` does; no Q̃/K̃ is materialised).
+
+    Args:
+        masks (`ReuseMasks`): row-level masks (constant along `D`), see `row_masks`.
+        priority (`str`, defaults to `"thw"`): see `resolve_reuse`.
+
+    Returns:
+        `[B, H, S]` long roots, as `duplicate_roots` on the resolved tensor (up to coincidental equal rows).
+
+    Example:
+        >>> from vdit_accel.ops.timeripple import reuse_masks
+        >>> row_roots(row_masks(reuse_masks(torch.zeros(1, 8, 1, 2), (2, 2, 2), 1.0))).flatten().tolist()
+        [0, 0, 0, 0, 0, 0, 0, 0]
+    """
+    _check_priority(priority, masks.axes)
+    chosen = _chosen(masks, priority)
+    first = next(iter(chosen.values()))
+    b, s, h, _ = first.shape
+    ar = torch.arange(s, device=first.device)
+    parent = ar.view(1, 1, s).expand(b, h, s)
+    for a, m in chosen.items():
+        parent = torch.where(m[..., 0].permute(0, 2, 1), masks.anchor[a].to(first.device).expand(b, h, s), parent)
+    for _ in range(s):
         nxt = parent.gather(2, parent)
         if torch.equal(nxt, parent):
             return parent
@@ -281,10 +317,15 @@ def _structured(resolver, attention, fallback, q, k, v, *, grid, thresholds, var
         k_masks = None if k_masks is None else row_masks(k_masks, row_fraction)
     b, s, h, _ = q.shape
     identity = torch.arange(s, device=q.device).expand(b, h, s)
-    qt = q if q_masks is None else resolver(q, q_masks, priority=priority)
-    kt = k if k_masks is None else resolver(k, k_masks, priority=priority)
-    q_root = identity if q_masks is None else duplicate_roots(qt, _anchor_order(q_masks, priority))
-    k_root = identity if k_masks is None else duplicate_roots(kt, _anchor_order(k_masks, priority))
+    if variant == "token_rows" and attention is dedup_attention:  # roots reuse nothing: no Q̃/K̃ needed
+        qt, kt = q, k
+        q_root = identity if q_masks is None else row_roots(q_masks, priority)
+        k_root = identity if k_masks is None else row_roots(k_masks, priority)
+    else:
+        qt = q if q_masks is None else resolver(q, q_masks, priority=priority)
+        kt = k if k_masks is None else resolver(k, k_masks, priority=priority)
+        q_root = identity if q_masks is None else duplicate_roots(qt, _anchor_order(q_masks, priority))
+        k_root = identity if k_masks is None else duplicate_roots(kt, _anchor_order(k_masks, priority))
     out, dstats = attention(qt, kt, v, q_root, k_root, scale=scale)
     stats = _build_stats(q_masks, k_masks, q.shape, _check_axes(axes), rope_groups)
     stats = dataclasses.replace(stats, rows_removed=dstats.rows_removed, keys_removed=dstats.keys_removed,
