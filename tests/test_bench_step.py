@@ -69,3 +69,19 @@ def test_cli_tiny_smoke_writes_json_markdown_and_latency_model(tmp_path):
     assert lm.cost(StepChoice(0.0, 0)) < 1.0  # a step computing no block is cheaper than dense
     measured_orders = set(lm.orders())
     assert measured_orders == ({0, 1, 2} if unsupported(Setting(0.0, order=1)) is None else {0})
+
+
+def test_config_fields_are_documented_and_are_cli_flags_with_the_same_defaults():
+    import dataclasses
+
+    from vdit_accel.cli import build_parser
+
+    parser = build_parser()._subparsers._group_actions[0].choices["bench-step"]
+    defaults = {a.dest: a.default for a in parser._actions}
+    args = StepBenchConfig.__doc__.split("Args:", 1)[1]
+    for f in dataclasses.fields(StepBenchConfig):
+        assert f"{f.name} (`" in args, f"{f.name} is not documented"
+        value = f.default
+        cli = defaults[f.name]
+        assert (list(value) if isinstance(value, tuple) else value) == cli, f.name
+    assert all(a.help for a in parser._actions), "every bench-step flag has a help text"
