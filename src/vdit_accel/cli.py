@@ -145,6 +145,42 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def _bench_step_command(a) -> str:
+    """The bench-step command with every option spelled out (reproducible whatever the defaults become)."""
+    parts = ["vdit-accel", "bench-step"]
+    for key, value in vars(a).items():
+        if key in ("fn", "cmd", "verbose") or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, *map(str, value)]
+        else:
+            parts += [flag, str(value)]
+    return " ".join(parts)
+
+
+def cmd_bench_step(a) -> int:
+    from vdit_accel.bench.step import StepBenchConfig, latency_model_from, latency_settings, run_step_bench
+
+    if a.out is None:
+        raise VditAccelError("bench-step needs --out DIR: results are written there and nowhere else")
+    cfg = StepBenchConfig(layers=a.layers, target_layers=a.target_layers, latent=tuple(a.latent), text_len=a.text_len,
+                          dtype=a.dtype, device=a.device, repeats=a.repeats, warmup=a.warmup, budgets=tuple(a.budgets),
+                          kv_reuse=a.kv_reuse, orders=tuple(a.orders), seed=a.seed, full=a.full, tiny=a.tiny)
+    settings = latency_settings(a.latency_kv_reuse) if a.latency_model else None
+    results = run_step_bench(cfg, a.out, settings=settings, command=_bench_step_command(a), progress=not a.quiet)
+    from vdit_accel.bench.step import markdown
+
+    print(markdown(results))
+    print(f"wrote {a.out}/bench-step.json and bench-step.md")
+    if a.latency_model:
+        path = latency_model_from(results, a.latency_kv_reuse).save(a.latency_model)
+        print(f"wrote latency model {path}")
+    return 0
+
+
 def cmd_calibrate(a) -> int:
     from vdit_accel.search.cli import calibrate_cli
 
@@ -225,6 +261,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", default=None)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_bench)
+
+    from vdit_accel.bench.step import KV_CHOICES, StepBenchConfig
+
+    sb = StepBenchConfig()
+    s = sub.add_parser("bench-step", help="real-width (Wan2.1-1.3B) steady-state step latency per setting, "
+                       "speedup, FLOP ceiling and efficiency (JSON + Markdown)")
+    s.add_argument("--out", default=None, help="results folder (required; nothing is written elsewhere)")
+    s.add_argument("--layers", type=int, default=sb.layers, help=f"blocks timed (default {sb.layers})")
+    s.add_argument("--target-layers", type=int, default=sb.target_layers,
+                   help=f"layers the step cost is composed for (default {sb.target_layers})")
+    s.add_argument("--latent", type=int, nargs=3, default=list(sb.latent), metavar=("F", "H", "W"),
+                   help=f"latent frames, height, width (default {' '.join(map(str, sb.latent))})")
+    s.add_argument("--text-len", type=int, default=sb.text_len, help=f"text tokens (default {sb.text_len})")
+    s.add_argument("--dtype", default=sb.dtype, help=f"float32, bfloat16 or float16 (default {sb.dtype})")
+    s.add_argument("--device", default=sb.device, help=f"auto, cpu or cuda (default {sb.device})")
+    s.add_argument("--repeats", type=int, default=sb.repeats,
+                   help=f"timed steps per setting, round-robin (default {sb.repeats})")
+    s.add_argument("--warmup", type=int, default=sb.warmup,
+                   help=f"untimed steps at each setting before the timed one (default {sb.warmup})")
+    s.add_argument("--budgets", type=float, nargs="+", default=list(sb.budgets),
+                   help=f"Astraea uniform budgets (default {' '.join(map(str, sb.budgets))})")
+    s.add_argument("--kv-reuse", default=sb.kv_reuse, choices=KV_CHOICES,
+                   help=f"Astraea settings without/with cached K/V rows (default {sb.kv_reuse})")
+    s.add_argument("--orders", type=int, nargs="+", default=list(sb.orders),
+                   help=f"forecast orders of the budget-0 steps (default {' '.join(map(str, sb.orders))})")
+    s.add_argument("--seed", type=int, default=sb.seed, help=f"weights and inputs (default {sb.seed})")
+    s.add_argument("--full", action="store_true", help="480p x 81 frames (latent 21x60x104), 30 layers, bfloat16, "
+                   "CUDA when present (default off)")
+    s.add_argument("--tiny", action="store_true", help="tiny width for smoke tests (default off)")
+    s.add_argument("--latency-model", default=None, metavar="PATH",
+                   help="instead of the settings above, measure budgets 0..0.9 x orders 0..2 plus dense and write a "
+                   "latency model (vdit-accel/latency-model JSON) here (default: none)")
+    s.add_argument("--latency-kv-reuse", action="store_true",
+                   help="with --latency-model: the Astraea steps reuse cached K/V rows (default off)")
+    s.add_argument("--quiet", action="store_true", help="no per-step progress on stderr (default off)")
+    s.set_defaults(fn=cmd_bench_step)
 
     s = sub.add_parser("calibrate", help="calibrate a method's thresholds into a preset")
     s.add_argument("method", help="timeripple or magcache")
