@@ -257,6 +257,7 @@ def test_cli_joint_search_smoke(tmp_path, capsys):
             "--checkpoint", str(tmp_path / "ck"), "--out", str(out), "--quiet"]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
+    print(json.dumps(summary))
     data = read_preset(out)
     rec = data["record"]["search"]
     assert data["method"] == "astraea" and len(data["config"]["budgets"]) == 4
@@ -270,4 +271,5 @@ def test_cli_joint_search_smoke(tmp_path, capsys):
     bad = [a if a != str(out) else str(__import__("pathlib").Path(vdit_accel.__file__).parent / "presets" / "x.json")
            for a in args]
     assert main(bad) != 0
-    assert main(args[:3] + ["--weights", str(weights), "--out", str(out)]) != 0  # no --latency-model
+    assert main(args[:4] + ["--weights", str(weights), "--out", str(out)]) != 0  # no --latency-model
+    assert main(["search", "astraea", "--target", "0.5", "--target-speedup", "2"]) != 0  # one mode at a time

@@ -92,14 +92,14 @@ def _joint_search_cli(a) -> int:
     prompts = resolve_prompts(a.prompts)
     name = preset_name(a.target_speedup)
     geometry = _parse_geometry(a.proxy_geometry)
+    out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"{name}.json"
+    _check_out(out)  # before any compute
     model, sampler = _model_and_sampler(a.weights)
     workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / f"search-{name}"
     cfg, record = run_joint_search(sampler, latency, a.target_speedup, prompts, steps=a.steps, allocators=allocators,
                                    proxy=Fidelity(geometry, 1.0, a.steps), max_segment=a.max_segment,
                                    population=a.population, children=a.children, generations=a.generations,
                                    seed=a.seed, workdir=workdir, progress=not a.quiet)
-    out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"{name}.json"
-    _check_out(out)
     save_preset(out, "astraea", cfg, model_id=model.config.model_id,
                 geometry=list(sampler.geometry(GenerationConfig())), steps=a.steps, seed=a.seed,
                 record={"search": record, "latency_geometry": latency.geometry, "latency_hardware": latency.hardware,
