@@ -253,7 +253,7 @@ def test_cli_joint_search_smoke(tmp_path, capsys):
     out = tmp_path / "astraea-1.5x.json"
     args = ["search", "astraea", "--target-speedup", "1.5", "--latency-model", str(tmp_path / "lm.json"),
             "--allocator", "all", "--steps", "4", "--max-segment", "3", "--proxy-geometry", "model",
-            "--population", "4", "--children", "2", "--generations", "1", "--weights", str(weights),
+            "--population", "4", "--children", "2", "--weights", str(weights),  # evolution: equal cost
             "--checkpoint", str(tmp_path / "ck"), "--out", str(out), "--quiet"]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)

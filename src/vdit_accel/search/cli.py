@@ -95,7 +95,7 @@ def _joint_search_cli(a) -> int:
     out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"{name}.json"
     _check_out(out)  # before any compute
     model, sampler = _model_and_sampler(a.weights)
-    workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / f"search-{name}"
+    workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / "search-astraea-joint"  # table shared by targets
     cfg, record = run_joint_search(sampler, latency, a.target_speedup, prompts, steps=a.steps, allocators=allocators,
                                    proxy=Fidelity(geometry, 1.0, a.steps), max_segment=a.max_segment,
                                    population=a.population, children=a.children, generations=a.generations,

@@ -632,7 +632,8 @@ def run_joint_search(sampler, latency: LatencyModel, target_speedup: float, cali
         choices: the choice set (default :func:`choice_set` of ``latency``).
         population, children (`int`): evolution sizes; generations (`int | None`): None = match the table's
             transformer calls (equal calibration cost).
-        workdir (`Path | None`): checkpoints (``table/``, ``evolution/``, ``selection/``); resumable.
+        workdir (`Path | None`): checkpoints, resumable: ``table/`` (independent of the target, so one folder serves
+            every target speedup) and ``evolution/`` (dense reference, one EA checkpoint per target).
 
     Returns:
         `(AstraeaConfig, dict)`: the winner's config and the record (candidates, costs, winner, margin).
@@ -660,6 +661,7 @@ def run_joint_search(sampler, latency: LatencyModel, target_speedup: float, cali
     coding = JointCoding(choices, latency, steps, base.dense_steps, target_speedup)
     schedules: dict[str, list[StepChoice]] = {}
     cost: dict[str, dict] = {}
+    failed: dict[str, str] = {}
 
     need_table = {"dp", "greedy"} & set(allocators)
     tcalls = table_calls(steps, base.dense_steps, choices, max_segment, branches)
@@ -672,7 +674,11 @@ def run_joint_search(sampler, latency: LatencyModel, target_speedup: float, cali
         for name, fn in (("dp", dp_schedule), ("greedy", greedy_schedule_joint)):
             if name in allocators:
                 t0 = time.perf_counter()
-                schedules[name] = fn(table, latency, target_speedup)
+                try:
+                    schedules[name] = fn(table, latency, target_speedup)
+                except ConfigError as e:  # e.g. greedy stuck on the segment bound: recorded, the others go on
+                    failed[name] = str(e)
+                    continue
                 cost[name] = {**t_cost, "allocator_seconds": round(time.perf_counter() - t0, 3),
                               "table_estimate": table.estimate(schedules[name])}
     per_eval = steps * branches
@@ -698,7 +704,8 @@ def run_joint_search(sampler, latency: LatencyModel, target_speedup: float, cali
         seed_g = coding.encode(uniform_candidates(choices, latency, steps, base.dense_steps, target_speedup)[0])
         ident = {"latency": latency.to_dict(), "target_speedup": target_speedup,
                  "choices": [[c.budget, c.order] for c in choices], "base": base.to_dict()}
-        res = evolve(fit, evo_cfg, checkpoint=None if workdir is None else workdir / "evolution" / "joint.json",
+        ck = None if workdir is None else workdir / "evolution" / f"{_name(target_speedup)}.json"
+        res = evolve(fit, evo_cfg, checkpoint=ck,
                      progress=progress, repair_fn=coding.repair, seed_genomes=[seed_g], identity=ident)
         schedules["evolution"] = coding.decode(np.asarray(res.best_genome))
         cost["evolution"] = {"transformer_calls": (res.evaluations + 1) * per_eval, "evaluations": res.evaluations,
@@ -720,12 +727,14 @@ def run_joint_search(sampler, latency: LatencyModel, target_speedup: float, cali
         candidates[name] = {"predicted_speedup": round(latency.speedup(sched), 4), "psnr_mean": float(np.mean(ps)),
                             "psnr": ps, "budgets": [c.budget for c in sched], "forecast": [c.order for c in sched],
                             "calibration_cost": cost[name]}
+    if not candidates:
+        raise ConfigError(f"every allocator failed: {failed}")
     ranked = sorted(candidates, key=lambda k: -candidates[k]["psnr_mean"])
     winner = ranked[0]
     margin = candidates[winner]["psnr_mean"] - candidates[ranked[1]]["psnr_mean"] if len(ranked) > 1 else None
     record = {
         "target_speedup": target_speedup, "allocator": winner, "runner_up": ranked[1] if len(ranked) > 1 else None,
-        "margin_db": margin, "candidates": candidates, "calibration_prompts": list(calib_prompts),
+        "margin_db": margin, "candidates": candidates, "failed": failed, "calibration_prompts": list(calib_prompts),
         "selection_prompts": sel_prompts, "selection_guidance": sampler.guidance(sel_gen),
         "proxy": dataclasses.asdict(proxy), "max_segment": max_segment,
         "choices": [[c.budget, c.order] for c in choices],
