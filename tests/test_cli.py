@@ -51,13 +51,18 @@ def test_score_command(weights, tmp_path, capsys):
 
 def test_bench_quick_dense_and_one_peer(weights, tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["bench", "--quick", "--methods", "dense,fbc-0.05", "--out", str(out), "--weights", weights,
-                 "--steps", "3", "--quiet"]) == 0
+    # peers only: TODO add timeripple/astraea once normalised-time preset resampling lands (presets are 50-step)
+    assert main(["bench", "--quick", "--methods", "dense,fbc-0.05,taylorseer-i2-o2", "--out", str(out), "--weights",
+                 weights, "--steps", "3", "--quiet"]) == 0
     res = json.loads((out / "results.json").read_text())
     labels = [m["label"] for m in res["methods"]]
-    assert labels == ["dense", "fbc-0.05"]
+    assert labels == ["dense", "fbc-0.05", "taylorseer-i2-o2"]
     dense = res["methods"][0]
-    assert dense["speedup"] > 0 and dense["psnr_min"] == float("inf") and dense["ssim_mean"] == pytest.approx(1.0)
+    assert dense["speedup"] == 1.0 and dense["psnr_min"] == float("inf") and dense["ssim_mean"] == pytest.approx(1.0)
+    assert dense["psnr_worst_patch_min"] == float("inf") and dense["temporal_psnr_mean"] == float("inf")
+    # --quick: 2 prompts x 1 seed, every point once per job, the start rotated by one
+    assert [e["label"] for e in res["run_log"]] == labels + labels[1:] + labels[:1]
+    assert isinstance(res["drift_flagged"], bool) and len(res["settings"]["prompt_list"]) == 2
     for name in ("results.md", "pareto.png", "compare.gif", "compare.png"):
         assert (out / name).stat().st_size > 0
     assert res["git_commit"] and res["versions"]["diffusers"].startswith("0.42")

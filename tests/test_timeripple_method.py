@@ -132,3 +132,96 @@ def test_grid_mismatch_is_a_clear_error(tiny_model):
             Sampler(tiny_model)(TINY_PROMPT, GEN, progress=False)
     finally:
         handle.remove()
+
+
+# ---------------------------------------------------------------------------------- structured variants
+def test_structured_variant_zero_threshold_is_bit_identical(tiny_model):
+    dense, _ = _run(tiny_model)
+    for variant in ("exact_rows", "token_rows"):
+        off, handle = _run(tiny_model, TimeRippleConfig(fixed_threshold=0.0, variant=variant, **RAMP))
+        assert torch.equal(dense, off) and handle.stats.summary()["active_calls"] == 0
+
+
+def test_exact_rows_matches_exact_sim_and_records_removed_rows(tiny_model):
+    sim, sim_handle = _run(tiny_model, TimeRippleConfig(fixed_threshold=float("inf"), **RAMP))
+    rows, handle = _run(tiny_model, TimeRippleConfig(fixed_threshold=float("inf"), variant="exact_rows", **RAMP))
+    assert torch.allclose(rows, sim, atol=1e-4)
+    s, s_sim = handle.stats.summary(), sim_handle.stats.summary()
+    assert s["rows_removed_active"] == pytest.approx(7 / 8) and s["keys_removed_active"] == pytest.approx(7 / 8)
+    assert s_sim["rows_removed_active"] == 0.0 and s_sim["attn_work_active"] == 1.0
+    assert s["q_reuse_active"] == pytest.approx(s_sim["q_reuse_active"])
+
+
+def test_token_rows_acts_and_remove_restores(tiny_model):
+    dense, _ = _run(tiny_model)
+    on, handle = _run(tiny_model, TimeRippleConfig(theta_min=0.5, theta_max=5.0, variant="token_rows",
+                                                   row_fraction=0.5, **RAMP))
+    assert not torch.equal(dense, on)
+    assert handle.stats.summary()["rows_removed_active"] > 0
+    after, _ = _run(tiny_model)
+    assert torch.equal(dense, after)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(variant="rows"), "variant='rows'"),
+    (dict(row_fraction=0.5), "row_fraction=0.5 is not accepted with variant='exact_sim'"),
+    (dict(variant="token_rows", row_fraction=0.0), "row_fraction=0.0"),
+])
+def test_bad_variant_values(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        TimeRippleConfig(**kw)
+
+
+# ---------------------------------------------------------------------------------- composition hook
+def _processor(cfg, grid=(2, 3, 4), prefix=0):
+    from vdit_accel.context import Grid, StepContext
+    from vdit_accel.methods.timeripple import TimeRippleProcessor, TimeRippleStats
+    from vdit_accel.ops.timeripple import wan_rope_groups
+
+    class Ctx:
+        current = StepContext("cond", 1, 4, 500.0, Grid(*grid), prefix, 0, 1)
+
+    return TimeRippleProcessor(0, None, cfg, Ctx(), wan_rope_groups(12), TimeRippleStats())
+
+
+def _qkv_grid(seed, s, smooth=True):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(1, s, 2, 12, generator=g)
+    return [base + 0.1 * torch.randn(1, s, 2, 12, generator=g) if smooth else base for _ in range(3)]
+
+
+def test_rows_attention_all_rows_equals_normal_call():
+    from vdit_accel.ops.timeripple import timeripple_attention
+
+    cfg = TimeRippleConfig(fixed_threshold=0.3, **RAMP)
+    proc = _processor(cfg, prefix=2)
+    q, k, v = _qkv_grid(0, 2 + 24)
+    idx = torch.arange(26).view(1, 26)
+    out, lse = proc.rows_attention(q, idx, k, v)
+    ref, st = timeripple_attention(q, k, v, grid=(2, 3, 4), thresholds=0.3, text_prefix=2,
+                                   rope_groups=proc.rope_groups)
+    assert st.q_reuse > 0 and lse.shape == (1, 26, 2)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert proc.stats.calls[("cond", 1, 0)].q_reuse == pytest.approx(st.q_reuse)
+
+
+def test_rows_attention_subset_acts_and_only_reuses_selected_sources():
+    from vdit_accel.ops.attention import row_subset_attention
+    from vdit_accel.ops.timeripple import resolve_reuse, reuse_masks
+
+    proc = _processor(TimeRippleConfig(fixed_threshold=float("inf"), **RAMP))
+    q, k, v = _qkv_grid(1, 24, smooth=False)
+    idx = torch.tensor([[0, 1, 5, 12, 13, 23]])
+    out, lse = proc.rows_attention(q[:, idx[0]], idx, k, v)
+    plain, plain_lse = row_subset_attention(q[:, idx[0]], k, v)
+    assert not torch.allclose(out, plain, atol=1e-3)  # K reuse acts
+    # Grid (2, 3, 4), token = t*12 + h*4 + w, θ = inf, priority t, h, w. Row 1 reuses row 0 (w window {0, 1}),
+    # row 5 = (0, 1, 1) reuses row 1 along h (window {1, 5}, both selected; its w partner 4 is not selected),
+    # row 13 reuses row 12 (w). Row 23 = (1, 2, 3): partners 11 (t) and 22 (w) are unselected, h window has size 1,
+    # so it keeps its own query.
+    assert torch.allclose(out[:, 1], out[:, 0]) and torch.allclose(out[:, 2], out[:, 0])
+    assert torch.allclose(out[:, 4], out[:, 3]) and not torch.allclose(out[:, 5], out[:, 0])
+    kt = resolve_reuse(k, reuse_masks(k, (2, 3, 4), float("inf")))
+    own, _ = row_subset_attention(q[:, [23]], kt, v)
+    assert torch.allclose(out[:, 5:], own, atol=1e-6)
+    assert proc.stats.summary()["active_calls"] == 1

@@ -139,6 +139,8 @@ def cmd_bench(a) -> int:
     model = _load_model(a.weights)
     results = run_bench(model, cfg, a.out, progress=not a.quiet, command="vdit-accel " + " ".join(sys.argv[1:]))
     print(markdown_table(results))
+    if results["drift_flagged"]:
+        print(f"drift flagged: dense latency second half / first half = {results['dense_drift']}", file=sys.stderr)
     print(f"wrote {a.out}/results.json, results.md, pareto.png, compare.gif")
     return 0
 
@@ -210,13 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = BenchConfig()
     s = sub.add_parser("bench", help="side-by-side benchmark of methods (JSON, Markdown, plots, GIF)")
-    s.add_argument("--methods", default=b.methods)
+    s.add_argument("--methods", default=b.methods, help="comma-separated method names (each selects its whole "
+                   "grid of operating points) or point labels, e.g. taylorseer-i5-o2, magcache-0.24-s6, fbc-0.2")
     s.add_argument("--prompts", default=b.prompts, help="prompt set (quick, bench, heldout, calib) or file")
     s.add_argument("--seeds", type=int, default=b.seeds)
     s.add_argument("--steps", type=int, default=b.steps)
     s.add_argument("--guidance", type=float, default=b.guidance, help="CFG scale (default: the model's)")
     s.add_argument("--out", default="results")
-    s.add_argument("--quick", action="store_true", help="smoke test: 2 prompts, 1 seed, 8 steps")
+    # TODO: timeripple/astraea presets are 50-step; --quick needs normalised-time preset resampling for them
+    s.add_argument("--quick", action="store_true", help="smoke test: 2 prompts, 1 seed, 8 steps (until presets "
+                   "resample to other step counts, name only peers in --methods)")
     s.add_argument("--weights", default=None)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_bench)

@@ -59,3 +59,7 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not accepted: choose one of {choices}")
     return value
+
+
+class CompositionError(VditAccelError, RuntimeError):
+    """Two accelerations cannot act together in this order (the message names the order that works)."""

@@ -90,13 +90,18 @@ def transformer_of(model_or_pipe: Any) -> torch.nn.Module:
     return module
 
 
-def apply(model_or_pipe: Any, config: Any) -> Handle:
-    """Apply the method whose config class is ``type(config)``; returns its removable handle."""
+def method_for(config: Any) -> Method:
+    """The registered method whose config class is ``type(config)``."""
     method = _BY_CONFIG.get(type(config))
     if method is None:
         known = sorted(c.__name__ for c in _BY_CONFIG)
         raise ConfigError(f"no method takes a {type(config).__name__}: accepted config classes are {known}")
-    return method.apply(transformer_of(model_or_pipe), config)
+    return method
+
+
+def apply(model_or_pipe: Any, config: Any) -> Handle:
+    """Apply the method whose config class is ``type(config)``; returns its removable handle."""
+    return method_for(config).apply(transformer_of(model_or_pipe), config)
 
 
 def operating_points(spec: str) -> list[OperatingPoint]:

@@ -15,11 +15,40 @@ Example:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from vdit_accel.errors import UnsupportedModelError
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``(q_sel [B,k,H,D], k [B,S,H,D], v [B,S,H,D]) -> (out [B,k,H,D], lse [B,k,H])``."""
+
+
+@dataclass
+class RowCache:
+    """What a row-subset block forward may keep between calls of one block (one CFG branch, one generation).
+
+    Args:
+        k, v (`torch.Tensor | None` of shape `[B, S, H, D]`): post-norm, post-RoPE keys and values of every token
+            as last computed (K/V reuse); ``None`` until the first full computation.
+        text_k, text_v (`torch.Tensor | None` of shape `[B, L, H, D]`): cross-attention keys/values of the text.
+        text_src (`torch.Tensor | None` of shape `[B, L, C]`): the text states they were computed from (checked
+            for equality on every call, so a changed prompt never reuses stale keys).
+        dtype (`torch.dtype | None`): storage dtype of ``k``/``v`` (``None``: the activations' dtype).
+    """
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    text_k: torch.Tensor | None = None
+    text_v: torch.Tensor | None = None
+    text_src: torch.Tensor | None = None
+    dtype: torch.dtype | None = None
+
+    def nbytes(self) -> int:
+        ts = (self.k, self.v, self.text_k, self.text_v)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
 @dataclass(frozen=True)
@@ -61,6 +90,22 @@ class ModelAdapter(ABC):
     def has_rope(self, model: torch.nn.Module) -> bool:
         """Whether the model applies RoPE inside self-attention (TimeRipple needs it)."""
         return True
+
+    def block_rows_forward(self, block: torch.nn.Module, args: tuple, kwargs: dict, idx: torch.Tensor,
+                           attention_fn: AttentionFn, *, kv: str = "all",
+                           cache: RowCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block computed for the token rows ``idx`` `[B, k]` only (Astraea's row-subset block).
+
+        ``args``/``kwargs`` are the block's own forward arguments. ``kv``: ``"all"`` (K/V projected from every
+        token), ``"rows"`` (K/V from the selected rows only: the SELECT Q&K ablation) or ``"cache"`` (fresh K/V
+        for the selected rows, the others from ``cache``; the first call fills it). Returns the block output
+        rows `[B, k, C]` and the attention LSE `[B, k, H]`.
+        """
+        raise UnsupportedModelError(f"the {self.family or type(self).__name__} adapter has no row-subset block")
+
+    def block_hidden_states(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The ``hidden_states`` `[B, S, C]` argument of a block's forward."""
+        return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
 _ADAPTERS: list[ModelAdapter] = []

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import torch
 from diffusers import WanTransformer3DModel
-from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
-from vdit_accel.adapters import ModelAdapter, TokenLayout, register_adapter
+from vdit_accel.adapters import ModelAdapter, RowCache, TokenLayout, register_adapter
+from vdit_accel.errors import ConfigError
 
 
 def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -51,6 +53,11 @@ class WanAdapter(ModelAdapter):
         rope = model.rope
         t, h = rope.t_dim, rope.h_dim
         return {"t": slice(0, t), "h": slice(t, t + h), "w": slice(t + h, t + h + rope.w_dim)}
+
+    def block_rows_forward(self, block, args, kwargs, idx, attention_fn, *, kv="all", cache=None):
+        names = ("hidden_states", "encoder_hidden_states", "temb", "rotary_emb")
+        values = dict(zip(names, args)) | kwargs
+        return wan_block_rows_forward(block, *(values.get(n) for n in names), idx, attention_fn, kv=kv, cache=cache)
 
 
 def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -117,13 +124,51 @@ def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx.view(shape).expand(*idx.shape, *x.shape[2:]))
 
 
+def _cross_attention(attn, x: torch.Tensor, encoder_hidden_states: torch.Tensor, cache: RowCache | None):
+    """Wan's cross-attention (``attn2``) on rows ``x`` `[B, k, C]`, with the text K/V computed once per ``cache``.
+
+    Exactly the stock processor's computation (same ops, same ``dispatch_attention_fn``); only the text key and
+    value projections are kept in ``cache`` and reused while ``encoder_hidden_states`` is unchanged. Image-
+    conditioned cross-attention (``add_k_proj``, I2V) and custom processors take the stock path.
+    """
+    if cache is None or attn.add_k_proj is not None or not isinstance(attn.processor, WanAttnProcessor):
+        return attn(x, encoder_hidden_states, None, None)
+    src = cache.text_src
+    if src is None or src.shape != encoder_hidden_states.shape or not torch.equal(src, encoder_hidden_states):
+        cache.text_k = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1))
+        cache.text_v = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        cache.text_src = encoder_hidden_states
+    q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))
+    out = dispatch_attention_fn(q, cache.text_k, cache.text_v, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                backend=attn.processor._attention_backend, parallel_config=None)
+    out = out.flatten(2, 3).type_as(q)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+def _fresh_kv(attn, norm_x: torch.Tensor, rotary_emb):
+    """Post-norm, post-RoPE keys and values `[B, S, H, D]` of ``norm_x`` `[B, S, C]` (rotary tables for S)."""
+    key = attn.norm_k(attn.to_k(norm_x)).unflatten(2, (attn.heads, -1))
+    value = attn.to_v(norm_x).unflatten(2, (attn.heads, -1))
+    if rotary_emb is not None:
+        key = _apply_rotary_emb(key, *rotary_emb)
+    return key, value
+
+
 def wan_block_rows_forward(block, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                           temb: torch.Tensor, rotary_emb, idx: torch.Tensor, attention_fn, kv_rows: bool = False):
+                           temb: torch.Tensor, rotary_emb, idx: torch.Tensor, attention_fn, kv_rows: bool = False,
+                           *, kv: str | None = None, cache: RowCache | None = None):
     """A ``WanTransformerBlock`` computed for the rows ``idx`` only (Astraea's Q-subset block).
 
-    Norm and modulation run for all tokens because K and V come from all tokens; the query projection,
-    attention rows, output projection, residual, cross-attention and FFN run on the selected rows. With
-    ``kv_rows=True`` K and V come from the selected rows only (the "select Q and K" ablation).
+    The query projection, attention rows, output projection, residual, cross-attention and FFN run on the
+    selected rows. Keys and values (``kv``):
+
+    - ``"all"`` (default): norm, modulation and K/V projections run for every token (the paper's Astraea);
+    - ``"rows"`` (or ``kv_rows=True``): K and V from the selected rows only (the "select Q and K" ablation);
+    - ``"cache"``: fresh K/V for the selected rows only, scattered into ``cache.k``/``cache.v``, which hold every
+      token's K/V as last computed; attention runs over all cached keys. The first call (``cache.k is None``)
+      projects every token. Nothing but the selected rows is normalised or projected.
+
+    With a ``cache``, cross-attention's text K/V are computed once and reused while the text is unchanged.
 
     Args:
         block (`WanTransformerBlock`).
@@ -133,31 +178,40 @@ def wan_block_rows_forward(block, hidden_states: torch.Tensor, encoder_hidden_st
         rotary_emb: `(cos, sin)`, each `[1, S, 1, D]`.
         idx: `[B, k]` selected token indices (sorted).
         attention_fn: ``(q_sel [B,k,H,D], k [B,S,H,D], v [B,S,H,D]) -> (out [B,k,H,D], lse [B,k,H])``.
+        cache (`RowCache`, optional): K/V (``kv="cache"``) and text K/V kept between calls.
 
     Returns:
         (rows `[B, k, C]` block output at ``idx``, lse `[B, k, H]`).
     """
+    kv = kv or ("rows" if kv_rows else "all")
+    if kv == "cache" and cache is None:
+        raise ConfigError("kv='cache' needs a RowCache")
     (shift, scale, gate, c_shift, c_scale, c_gate), sub = _modulation(block, temb, idx)
     s_shift, s_scale, s_gate, s_c_shift, s_c_scale, s_c_gate = sub
     attn = block.attn1
     x_rows = _rows(hidden_states, idx)
-    if kv_rows:
+    rope_rows = None if rotary_emb is None else tuple(_rows(r, idx) for r in rotary_emb)
+    if kv == "rows" or (kv == "cache" and cache.k is not None):
         norm_rows = (block.norm1(x_rows.float()) * (1 + s_scale) + s_shift).type_as(hidden_states)
-        rope_rows = None if rotary_emb is None else tuple(_rows(r, idx) for r in rotary_emb)
         q, k, v = wan_qkv(attn, norm_rows, rope_rows)
+        if kv == "cache":
+            at = idx[:, :, None, None].expand(-1, -1, *k.shape[2:])
+            cache.k.scatter_(1, at, k.to(cache.k.dtype))
+            cache.v.scatter_(1, at, v.to(cache.v.dtype))
+            k, v = cache.k.to(q.dtype), cache.v.to(q.dtype)
     else:
         norm_x = (block.norm1(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
-        key = attn.norm_k(attn.to_k(norm_x)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(norm_x).unflatten(2, (attn.heads, -1))
+        k, v = _fresh_kv(attn, norm_x, rotary_emb)
         q = attn.norm_q(attn.to_q(_rows(norm_x, idx))).unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
-            key = _apply_rotary_emb(key, *rotary_emb)
-            q = _apply_rotary_emb(q, *(_rows(r, idx) for r in rotary_emb))
-        k = key
+            q = _apply_rotary_emb(q, *rope_rows)
+        if kv == "cache":
+            dtype = cache.dtype or k.dtype
+            cache.k, cache.v = k.to(dtype).clone(), v.to(dtype).clone()
     out, lse = attention_fn(q, k, v)
     attn_out = wan_attention_output(attn, out, q)
     h = (x_rows.float() + attn_out * s_gate).type_as(hidden_states)
-    h = h + block.attn2(block.norm2(h.float()).type_as(h), encoder_hidden_states, None, None)
+    h = h + _cross_attention(block.attn2, block.norm2(h.float()).type_as(h), encoder_hidden_states, cache)
     norm_h = (block.norm3(h.float()) * (1 + s_c_scale) + s_c_shift).type_as(h)
     h = (h.float() + block.ffn(norm_h).float() * s_c_gate).type_as(h)
     return h, lse

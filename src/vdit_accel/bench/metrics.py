@@ -1,4 +1,10 @@
-"""Fidelity metrics between a reference video and an accelerated one: PSNR and SSIM.
+"""Fidelity metrics between a reference video and an accelerated one: PSNR, SSIM, worst-patch and temporal PSNR.
+
+Mean PSNR hides local and temporal damage, so the bench also reports :func:`worst_patch_psnr` (the PSNR of the
+worst ``WORST_PATCH_SIDE``-pixel square of any frame: a smeared object in one corner) and :func:`temporal_psnr`
+(the PSNR of the frame-to-frame differences against the reference's: flicker that per-frame PSNR cannot see).
+Videos with a non-finite value are refused, so no metric here is ever NaN; :func:`check_metric` guards what
+is recorded.
 
 Videos are `[3, F, H, W]` (channels, frames, height, width) in [-1, 1], as the sampler returns them, so the
 default ``data_range`` is 2. Inputs may be `torch.Tensor` or `np.ndarray`; they are compared in float64.
@@ -23,6 +29,7 @@ from vdit_accel.errors import ConfigError
 VIDEO_DATA_RANGE = 2.0  # videos live in [-1, 1]
 RGB_CHANNELS = 3
 SSIM_WINDOW = 7  # skimage's default window side; frames must be at least this large
+WORST_PATCH_SIDE = 16  # pixels: the side of the squares worst_patch_psnr tiles each frame into
 
 
 def _as_video(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -43,6 +50,10 @@ def _check_pair(
         raise ConfigError(f"videos must have shape [3, F, H, W]: got {tuple(va.shape)}")
     if va.size == 0:
         raise ConfigError(f"videos must not be empty: got shape {tuple(va.shape)}")
+    for name, v in (("a", va), ("b", vb)):
+        bad = int(np.count_nonzero(~np.isfinite(v)))
+        if bad:
+            raise ConfigError(f"video {name} has {bad} non-finite values (NaN or inf): accepted finite values only")
     return va, vb
 
 
@@ -143,4 +154,101 @@ def ssim(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, data_range:
     return float(np.mean(values))
 
 
-__all__ = ["psnr", "psnr_per_frame", "ssim"]
+def worst_patch_psnr(
+    a: torch.Tensor | np.ndarray,
+    b: torch.Tensor | np.ndarray,
+    data_range: float = VIDEO_DATA_RANGE,
+    patch: int = WORST_PATCH_SIDE,
+) -> float:
+    """PSNR of the worst spatial patch of any frame: the largest per-patch MSE over all frames and patches.
+
+    Each frame is tiled from its top-left corner into ``patch x patch`` squares; where ``H`` or ``W`` is not a
+    multiple of ``patch`` the last row or column of patches is narrower (it covers the remaining pixels and
+    counts like any other patch), and a frame smaller than ``patch`` is one patch. A patch's MSE is over its
+    three channels and pixels.
+
+    Args:
+        a (`torch.Tensor` or `np.ndarray` of shape `[3, F, H, W]`): reference video.
+        b (`torch.Tensor` or `np.ndarray` of shape `[3, F, H, W]`): compared video.
+        data_range (`float`, defaults to 2.0): peak-to-peak range of the values.
+        patch (`int`, defaults to ``WORST_PATCH_SIDE`` = 16): patch side in pixels, at least 1.
+
+    Returns:
+        `float`: PSNR in dB of the worst patch, ``inf`` for identical videos; never above :func:`psnr`.
+
+    Raises:
+        ConfigError: as :func:`psnr`, or if ``patch < 1``.
+
+    Example:
+        >>> a = np.zeros((3, 2, 32, 32))
+        >>> b = a.copy()
+        >>> b[:, 1, :16, :16] = 0.2  # one patch of one frame: MSE 0.04 there, 0.04 / 8 over the video
+        >>> round(worst_patch_psnr(a, b), 3), round(psnr(a, b), 3)
+        (20.0, 29.031)
+    """
+    va, vb = _check_pair(a, b, data_range)
+    if isinstance(patch, bool) or not isinstance(patch, int | np.integer) or patch < 1:
+        raise ConfigError(f"patch={patch!r} is out of range: accepted an integer in [1, inf)")
+    _, _, h, w = va.shape
+    sq = np.sum((va - vb) ** 2, axis=0)  # [F, H, W]
+    rows, cols = np.arange(0, h, patch), np.arange(0, w, patch)
+    sums = np.add.reduceat(np.add.reduceat(sq, rows, axis=1), cols, axis=2)  # [F, H / patch, W / patch]
+    sizes = np.outer(np.diff(np.append(rows, h)), np.diff(np.append(cols, w)))  # pixels per patch
+    mse = sums / (RGB_CHANNELS * sizes)
+    return float(_psnr_from_mse(np.max(mse), data_range))
+
+
+def temporal_psnr(
+    a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, data_range: float = VIDEO_DATA_RANGE
+) -> float:
+    """PSNR of the frame-to-frame differences: ``b[:, 1:] - b[:, :-1]`` against ``a[:, 1:] - a[:, :-1]``.
+
+    A video whose frames each carry the same error (a constant offset) has the reference's motion and scores
+    ``inf``; one whose error changes sign from frame to frame flickers and scores low, even when every frame's
+    PSNR is the same. Differences of values in a range of ``data_range`` span ``2 * data_range``, which is
+    the peak used.
+
+    Args:
+        a (`torch.Tensor` or `np.ndarray` of shape `[3, F, H, W]`): reference video, ``F >= 2``.
+        b (`torch.Tensor` or `np.ndarray` of shape `[3, F, H, W]`): compared video.
+        data_range (`float`, defaults to 2.0): peak-to-peak range of the video values.
+
+    Returns:
+        `float`: PSNR in dB of the differences `[3, F - 1, H, W]`; ``inf`` when they are identical.
+
+    Raises:
+        ConfigError: as :func:`psnr`, or if the videos have fewer than 2 frames.
+
+    Example:
+        >>> a = np.zeros((3, 3, 4, 4))
+        >>> temporal_psnr(a, a + 0.1)  # same error on every frame: no flicker
+        inf
+        >>> flicker = a + 0.1 * np.array([1, -1, 1]).reshape(1, 3, 1, 1)  # differences off by 0.2
+        >>> round(temporal_psnr(a, flicker), 3)  # 10 * log10(4 ** 2 / 0.2 ** 2)
+        26.021
+    """
+    va, vb = _check_pair(a, b, data_range)
+    if va.shape[1] < 2:
+        raise ConfigError(f"temporal_psnr needs at least 2 frames: got F={va.shape[1]}")
+    da, db = np.diff(va, axis=1), np.diff(vb, axis=1)
+    return float(_psnr_from_mse(np.mean((da - db) ** 2), 2.0 * data_range))
+
+
+def check_metric(name: str, value: float) -> float:
+    """Return ``value`` as a float if it can be recorded: a number or ``+inf`` (identical videos); NaN is refused.
+
+    Example:
+        >>> check_metric("psnr", float("inf"))
+        inf
+        >>> check_metric("psnr", float("nan"))
+        Traceback (most recent call last):
+        ...
+        vdit_accel.errors.ConfigError: psnr=nan is not a number: accepted a finite value or inf, never NaN
+    """
+    value = float(value)
+    if value != value:
+        raise ConfigError(f"{name}={value!r} is not a number: accepted a finite value or inf, never NaN")
+    return value
+
+
+__all__ = ["check_metric", "psnr", "psnr_per_frame", "ssim", "temporal_psnr", "worst_patch_psnr"]

@@ -5,14 +5,30 @@ generation), :class:`AstraeaBlockHook` (a diffusers ``ModelHook`` replacing each
 :func:`apply_astraea` returning a removable :class:`AstraeaHandle`.
 
 At step ``i`` with budget ``b_i`` every block scores its tokens, ``S = w_α·norm(LSE·Δ) + w_β·exp(n)``
-(:mod:`vdit_accel.ops.astraea`), keeps the top ``round(b_i·N)`` and computes them through a Q-subset
-block (:func:`vdit_accel.adapters.wan.wan_block_rows_forward`): K and V from all tokens, queries and
-everything after attention for the selected rows only; the attention also returns the rows' LSE for
-the next score. Unselected rows take the block's cached output. Caches are per block and per CFG branch
-and are freed when the generation ends (the pipeline/sampler resets stateful hooks).
+(:mod:`vdit_accel.ops.astraea`), keeps the top ``round(b_i·N)`` and computes them through the adapter's
+row-subset block (``ModelAdapter.block_rows_forward``): queries and everything after attention for the
+selected rows only; the attention also returns the rows' LSE for the next score. Keys and values come from
+every token (``kv="all"``, the paper), or with ``kv_reuse=True`` fresh for the selected rows and from the
+block's K/V cache for the others. Cross-attention's text K/V are computed once per generation on this path.
 
-At budget 1.0 for every step the hook calls the original block forward: bit-identical to the
-unpatched model.
+Unselected rows take the block's cached output (``cache="output"``), or its Taylor forecast of order
+``forecast`` (1 or 2: the cached output extrapolated per token over the steps since the token was last
+computed, from divided differences of its last computed outputs; TaylorSeer's idea at token level), or the
+cached output plus the input change (``cache="residual"``). A step of budget 0 computes no block at all
+(no scoring either); when nothing wraps Astraea's hooks, only the last block forms its output, the others
+pass their input through (their outputs would be ignored). Budget 1.0 and 0.0 steps do no scoring.
+
+Caches are per block and per CFG branch and are freed when the generation ends (the pipeline/sampler resets
+stateful hooks). At budget 1.0 for every step the hook calls the original block forward: bit-identical to
+the unpatched model.
+
+Schedules live over normalised denoising time: :meth:`AstraeaConfig.resampled` maps a schedule made for
+``num_steps`` to another step count (budgets by interval mean, which keeps the mean; orders by midpoint).
+
+Composition: the row-subset attention calls through the self-attention's processor when it offers
+``rows_attention`` (TimeRipple does), so both act; a diffusers hook that Astraea would bypass (one on a block
+registered *before* Astraea, or any hook on a self-attention module) raises :class:`CompositionError`
+naming the order that works (enable diffusers' block caches after ``apply_astraea``: they then wrap it).
 
 Example:
     >>> from vdit_accel.testing import tiny_model, TINY_PROMPT
@@ -27,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -35,11 +52,10 @@ import numpy as np
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from vdit_accel.adapters import ModelAdapter, resolve_adapter
-from vdit_accel.adapters.wan import wan_block_rows_forward
+from vdit_accel.adapters import ModelAdapter, RowCache, resolve_adapter
 from vdit_accel.config_io import config_from_dict, config_to_dict
-from vdit_accel.context import ContextHook, acquire_context, release_context
-from vdit_accel.errors import ConfigError, check_choice, check_range
+from vdit_accel.context import CONTEXT_HOOK, ContextHook, acquire_context, release_context
+from vdit_accel.errors import CompositionError, ConfigError, check_choice, check_range
 from vdit_accel.ops.astraea import (
     LSE_REDUCTIONS,
     NORMS,
@@ -52,6 +68,7 @@ from vdit_accel.ops.astraea import (
     update_skips,
 )
 from vdit_accel.ops.attention import row_subset_attention
+from vdit_accel.ops.schedule import resample_mean, resample_nearest
 from vdit_accel.registry import Method, register_method
 from vdit_accel.search.presets import preset_operating_point
 
@@ -61,6 +78,8 @@ BLOCK_HOOK = "vdit_accel.astraea"
 CACHE_MODES = ("output", "residual")
 SELECTIONS = ("dynamic", "fixed")
 KV_SOURCES = ("all", "selected")
+MAX_FORECAST_ORDER = 2
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -83,6 +102,15 @@ class AstraeaConfig:
             once and reused by every block and step ("fixed", the paper's FIXED-TOKEN ablation).
         kv (`str`, defaults "all"): K/V from all tokens (Astraea) or only the selected ones ("selected", the
             SELECT Q&K ablation).
+        forecast (`int | tuple[int, ...]`, defaults 0): Taylor order (0, 1 or 2) of the unselected rows' cached
+            output at each step (an int: every step); needs ``cache="output"``.
+        kv_reuse (`bool`, defaults False): fresh K/V projections for the selected rows only; the other rows' K/V
+            come from the block's cache (computed when each token was last computed). Needs ``kv="all"``.
+        cache_dtype (`str | None`, defaults None): storage dtype of the caches, one of ``CACHE_DTYPES`` (None:
+            the activations' dtype).
+        memory_cap_mb (`float | None`, defaults None): cap on the predicted cache memory of a generation (two
+            CFG branches); above it Astraea degrades visibly (a warning, ``stats.degraded``): first fewer
+            forecast terms, then no K/V reuse, instead of failing.
     """
 
     budgets: tuple[float, ...] | None = None
@@ -97,6 +125,10 @@ class AstraeaConfig:
     cache: str = "output"
     selection: str = "dynamic"
     kv: str = "all"
+    forecast: int | tuple[int, ...] = 0
+    kv_reuse: bool = False
+    cache_dtype: str | None = None
+    memory_cap_mb: float | None = None
 
     def __post_init__(self) -> None:
         check_range("num_steps", self.num_steps, lo=1)
@@ -109,6 +141,15 @@ class AstraeaConfig:
         check_choice("cache", self.cache, CACHE_MODES)
         check_choice("selection", self.selection, SELECTIONS)
         check_choice("kv", self.kv, KV_SOURCES)
+        self._check_forecast()
+        if not isinstance(self.kv_reuse, bool):
+            raise ConfigError(f"kv_reuse={self.kv_reuse!r} is not accepted: a bool")
+        if self.kv_reuse and self.kv != "all":
+            raise ConfigError(f"kv_reuse=True with kv={self.kv!r} is not accepted: K/V reuse needs kv='all'")
+        if self.cache_dtype is not None:
+            check_choice("cache_dtype", self.cache_dtype, CACHE_DTYPES)
+        if self.memory_cap_mb is not None:
+            check_range("memory_cap_mb", self.memory_cap_mb, lo=0.0, hi=float(2**40))
         if self.budgets is None and self.target is None:
             object.__setattr__(self, "target", 1.0)
         if self.budgets is not None:
@@ -138,6 +179,51 @@ class AstraeaConfig:
     def mean_budget(self) -> float:
         return float(np.mean(self.schedule))
 
+    def _check_forecast(self) -> None:
+        f = self.forecast
+        if isinstance(f, list):
+            f = tuple(f)
+            object.__setattr__(self, "forecast", f)
+        values = f if isinstance(f, tuple) else (f,)
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_FORECAST_ORDER:
+                raise ConfigError(f"forecast={v!r} is out of range: accepted an int in [0, {MAX_FORECAST_ORDER}]")
+        if isinstance(f, tuple) and len(f) != self.num_steps:
+            raise ConfigError(f"forecast has {len(f)} entries: accepted an int or exactly num_steps="
+                              f"{self.num_steps}")
+        if max(values) > 0 and self.cache != "output":
+            raise ConfigError(f"forecast={f!r} with cache={self.cache!r} is not accepted: forecasting extrapolates "
+                              "cached outputs, use cache='output'")
+
+    @property
+    def orders(self) -> tuple[int, ...]:
+        """The forecast order of every step."""
+        f = self.forecast
+        return tuple(f) if isinstance(f, tuple) else (f,) * self.num_steps
+
+    def resampled(self, num_steps: int) -> AstraeaConfig:
+        """This schedule over normalised denoising time, for ``num_steps`` steps.
+
+        Budgets take the interval mean of the old schedule (the mean budget is kept), forecast orders the
+        midpoint's; ``dense_steps`` stays. Raises :class:`ConfigError` when ``num_steps`` cannot hold the dense
+        steps plus one.
+
+        Example:
+            >>> AstraeaConfig(budgets=(1.0, 0.0, 0.5, 0.5), num_steps=4, dense_steps=1).resampled(2).schedule
+            (1.0, 0.5)
+        """
+        if num_steps == self.num_steps:
+            return self
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps <= self.dense_steps:
+            raise ConfigError(f"num_steps={num_steps!r} cannot take this schedule: accepted an int > dense_steps="
+                              f"{self.dense_steps}")
+        budgets = None if self.budgets is None else tuple(
+            min(1.0, max(0.0, round(b, 12))) for b in resample_mean(self.budgets, num_steps))
+        forecast = self.forecast if isinstance(self.forecast, int) else tuple(
+            resample_nearest(self.forecast, num_steps))
+        target = self.target if budgets is None else None
+        return dataclasses.replace(self, budgets=budgets, target=target, num_steps=num_steps, forecast=forecast)
+
     def to_dict(self) -> dict:
         return config_to_dict(self)
 
@@ -148,23 +234,37 @@ class AstraeaConfig:
 
 @dataclass
 class BlockState:
-    """Per block and CFG branch: cached outputs, inputs and LSE at last computation, skip counters."""
+    """Per block and CFG branch: last computed outputs and their history, inputs, LSE, skip counters, K/V.
 
-    out: torch.Tensor | None = None  # [B, N, C]
-    inp: torch.Tensor | None = None  # [B, N, C]
-    lse: torch.Tensor | None = None  # [B, N]
-    skips: torch.Tensor | None = None  # [B, N] long
+    Shapes: ``out``, ``d1``, ``d2``, ``inp`` `[B, N, C]`; ``lse``, ``skips``, ``last``, ``hist`` `[B, N]`.
+    ``out`` holds each token's output as last *computed* (never a forecast); ``d1``/``d2`` its first and
+    second divided differences over steps, valid once the token was computed ``hist`` >= 2 / 3 times; ``last``
+    the step it was last computed at.
+    """
+
+    out: torch.Tensor | None = None
+    inp: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    skips: torch.Tensor | None = None
+    d1: torch.Tensor | None = None
+    d2: torch.Tensor | None = None
+    last: torch.Tensor | None = None
+    hist: torch.Tensor | None = None
+    rows: RowCache = field(default_factory=RowCache)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.out, self.inp, self.lse, self.skips) if t is not None)
+        ts = (self.out, self.inp, self.lse, self.skips, self.d1, self.d2, self.last, self.hist)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None) + self.rows.nbytes()
 
 
 @dataclass
 class AstraeaStats:
-    """Kept-token ratio per (branch, step, block) and cache memory; :meth:`summary` aggregates."""
+    """Kept-token ratio per (branch, step, block), cache memory and degradations; :meth:`summary` aggregates."""
 
     kept: dict[tuple[str, int, int], float] = field(default_factory=dict)
     cache_bytes_peak: int = 0
+    forecast_calls: int = 0
+    degraded: list[str] = field(default_factory=list)
     _all: list = field(default_factory=list)
 
     def record(self, branch: str, step: int, block: int, ratio: float) -> None:
@@ -183,6 +283,8 @@ class AstraeaStats:
             "kept_ratio": round(float(np.mean(ratios)), 4) if ratios else 1.0,
             "cache_mb_peak": round(self.cache_bytes_peak / 2**20, 2),
             "block_calls": len(ratios),
+            "forecast_calls": self.forecast_calls,
+            "degraded": list(self.degraded),
             "kept_ratio_per_step": [round(v, 3) for v in self.per_step().values()],
         }
 
@@ -190,25 +292,80 @@ class AstraeaStats:
         self.kept.clear()
         self._all.clear()
         self.cache_bytes_peak = 0
+        self.forecast_calls = 0
+        self.degraded.clear()
 
 
-def _attention(q, k, v):
-    return row_subset_attention(q, k, v)
+def cache_bytes(tokens: int, dim: int, heads: int, blocks: int, *, branches: int = 2, batch: int = 1,
+                order: int = 0, kv_reuse: bool = False, text_tokens: int = 0, dtype_bytes: int = 4) -> int:
+    """Predicted bytes of Astraea's caches for one generation (the accounting :class:`BlockState` makes).
+
+    Per block and branch: cached output and input `[B, N, C]`, ``order`` divided differences `[B, N, C]` each,
+    LSE (float32), skip counter, last step and history (int64) `[B, N]`, with ``kv_reuse`` K and V `[B, N, C]`,
+    and the text K/V `[B, L, C]` of cross-attention.
+
+    Example:
+        >>> cache_bytes(32760, 1536, 12, 30, order=1, kv_reuse=True, dtype_bytes=2) / 2**30  # Wan2.1-1.3B, bf16
+        ... # doctest: +ELLIPSIS
+        28.1...
+    """
+    per_token = (2 + order + (2 if kv_reuse else 0)) * dim * dtype_bytes + 4 + 3 * 8
+    per_block = batch * (tokens * per_token + 2 * text_tokens * dim * dtype_bytes)
+    return per_block * blocks * branches
+
+
+def _attention_through(block, adapter: ModelAdapter):
+    """The row-subset attention, through the self-attention processor's ``rows_attention`` when it has one
+    (another method, e.g. TimeRipple, acts inside Astraea's rows), else plain :func:`row_subset_attention`."""
+    processor = getattr(adapter.self_attention(block), "processor", None)
+    rows_attention = getattr(processor, "rows_attention", None)
+    return rows_attention if rows_attention is not None else row_subset_attention
+
+
+def _foreign_hooks(module: torch.nn.Module) -> list[str]:
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None:
+        return []
+    return [n for n in registry._hook_order if n not in (BLOCK_HOOK, CONTEXT_HOOK)]
+
+
+def _check_composition(adapter: ModelAdapter, transformer: torch.nn.Module, blocks: list) -> None:
+    """Refuse hooks that Astraea's row path would bypass: on a self-attention module (any order), or on a block
+    registered before Astraea's (it would sit inside Astraea's hook and never run on sparse steps)."""
+    for i, block in enumerate(blocks):
+        attn_hooks = _foreign_hooks(adapter.self_attention(block))
+        if attn_hooks:
+            raise CompositionError(
+                f"block {i}'s self-attention carries hooks {attn_hooks} (e.g. a diffusers attention cache such as "
+                "PyramidAttentionBroadcast or FasterCache): Astraea computes attention itself on its selected rows "
+                "and would bypass them; remove that cache (transformer.disable_cache()) before apply_astraea")
+        registry = getattr(block, "_diffusers_hook", None)
+        if registry is None or BLOCK_HOOK not in registry._hook_order:
+            inner = _foreign_hooks(block)
+        else:
+            inner = [n for n in registry._hook_order[:registry._hook_order.index(BLOCK_HOOK)] if n != CONTEXT_HOOK]
+        if inner:
+            raise CompositionError(
+                f"block {i} carries hooks {inner} registered before Astraea: Astraea's row path would bypass them. "
+                "Order that works: apply_astraea first, then enable the diffusers cache (it wraps Astraea)")
 
 
 class AstraeaBlockHook(ModelHook):
-    """Replaces one block's forward with Astraea's select / compute-rows / merge."""
+    """Replaces one block's forward with Astraea's select / compute-rows / merge (or forecast)."""
 
     _is_stateful = True
 
-    def __init__(self, index: int, config: AstraeaConfig, context: ContextHook, shared: dict,
-                 stats: AstraeaStats) -> None:
+    def __init__(self, index: int, block: torch.nn.Module, config: AstraeaConfig, context: ContextHook,
+                 shared: dict, stats: AstraeaStats, adapter: ModelAdapter, is_last: bool) -> None:
         super().__init__()
         self.index = index
+        self.block = block
         self.config = config
         self.context = context
-        self.shared = shared  # across blocks: fixed token sets, all block states (for memory accounting)
+        self.shared = shared  # across blocks: fixed token sets, all hooks, the generation's effective settings
         self.stats = stats
+        self.adapter = adapter
+        self.is_last = is_last
         self.schedule = config.schedule
         sparse = [i for i, b in enumerate(self.schedule) if b < 1.0]
         self.last_sparse = sparse[-1] if sparse else -1
@@ -216,51 +373,133 @@ class AstraeaBlockHook(ModelHook):
 
     def reset_state(self, module):
         self.states.clear()
-        for key in [k for k in self.shared if k != "hooks"]:  # fixed token sets; keep the hook list
+        for key in [k for k in self.shared if k not in ("hooks", "transformer")]:  # token sets, settings
             del self.shared[key]
         return module
 
-    def new_forward(self, module, hidden_states, encoder_hidden_states, temb, rotary_emb):
+    # ----------------------------------------------------------------------------------- generation settings
+    def _settings(self, hidden_states: torch.Tensor) -> dict:
+        """Effective settings of this generation, decided once at its first sparse-capable call: the memory cap
+        may lower the forecast order and switch K/V reuse off (visibly), and whether non-last blocks may skip
+        forming their output on budget-0 steps (only when no other hook wraps Astraea's)."""
+        if "settings" in self.shared:
+            return self.shared["settings"]
+        cfg, hooks = self.config, self.shared["hooks"]
+        _check_composition(self.adapter, self.context_module(), [h.block for h in hooks])  # hooks added since
+        order, kv_reuse = max(cfg.orders), cfg.kv_reuse
+        b, n, c = hidden_states.shape
+        dtype_bytes = CACHE_DTYPES[cfg.cache_dtype].itemsize if cfg.cache_dtype else hidden_states.element_size()
+        heads = getattr(self.adapter.self_attention(self.block), "heads", 1)
+        if cfg.memory_cap_mb is not None:
+            cap = cfg.memory_cap_mb * 2**20
+            while cache_bytes(n, c, heads, len(hooks), batch=b, order=order, kv_reuse=kv_reuse,
+                              dtype_bytes=dtype_bytes) > cap and (order > 0 or kv_reuse):
+                what = f"forecast order {order} -> {order - 1}" if order > 0 else "kv_reuse -> off"
+                order, kv_reuse = (order - 1, kv_reuse) if order > 0 else (order, False)
+                self.stats.degraded.append(what)
+                logger.warning("Astraea memory cap %.1f MB: %s", cfg.memory_cap_mb, what)
+        wrapped = any(_foreign_hooks(h.block) for h in hooks) or bool(_foreign_hooks(self.context_module()))
+        self.shared["settings"] = {"order": order, "kv_reuse": kv_reuse, "shortcut": not wrapped}
+        return self.shared["settings"]
+
+    def context_module(self) -> torch.nn.Module:
+        return self.shared["transformer"]
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def new_forward(self, module, *args, **kwargs):
         ctx = self.context.current
         original = self.fn_ref.original_forward
         if ctx is None or ctx.step_index > self.last_sparse:
             if ctx is not None:
                 self.stats.record(ctx.branch, ctx.step_index, self.index, 1.0)
-            return original(hidden_states, encoder_hidden_states, temb, rotary_emb)
+            return original(*args, **kwargs)
         if ctx.num_steps is not None and ctx.num_steps != self.config.num_steps:
             raise ConfigError(f"Astraea schedule has {self.config.num_steps} steps but the generation has "
-                              f"{ctx.num_steps}: make a schedule for {ctx.num_steps} steps")
+                              f"{ctx.num_steps}: use config.resampled({ctx.num_steps}) (normalised time) or make a "
+                              f"schedule for {ctx.num_steps} steps")
+        hidden_states = self.adapter.block_hidden_states(args, kwargs)
+        settings = self._settings(hidden_states)
         state = self.states.setdefault(ctx.branch, BlockState())
         b, n, _ = hidden_states.shape
-        budget = self.schedule[ctx.step_index] if state.out is not None else 1.0
+        step = ctx.step_index
+        budget = self.schedule[step] if state.out is not None else 1.0
+        order = min(self.config.orders[step], settings["order"])
         count = budget_to_count(budget, n)
+        if count == 0:
+            state.skips = update_skips(state.skips, hidden_states.new_zeros(b, 0, dtype=torch.long))
+            self.stats.record(ctx.branch, step, self.index, 0.0)
+            if self.config.cache == "output" and settings["shortcut"] and not self.is_last:
+                return hidden_states  # ignored by the next block, which reuses too
+            return self._reused(state, hidden_states, step, order)
         idx = self._select(ctx.branch, state, hidden_states, count, b, n)
-        if idx.shape[1] == 0:
-            out = state.out if self.config.cache == "output" else state.out + (hidden_states - state.inp)
+        kv = "rows" if self.config.kv == "selected" else ("cache" if settings["kv_reuse"] else "all")
+        state.rows.dtype = CACHE_DTYPES.get(self.config.cache_dtype)
+        attention = _attention_through(module, self.adapter)
+        rows, lse = self.adapter.block_rows_forward(module, args, kwargs, idx, attention, kv=kv, cache=state.rows)
+        if state.out is None:
+            out = rows if count == n else hidden_states.new_empty(hidden_states.shape).scatter(
+                1, idx[..., None].expand(-1, -1, rows.shape[-1]), rows)
         else:
-            rows, lse = wan_block_rows_forward(module, hidden_states, encoder_hidden_states, temb, rotary_emb, idx,
-                                               _attention, kv_rows=self.config.kv == "selected")
-            base = hidden_states.new_empty(hidden_states.shape) if state.out is None else (
-                state.out if self.config.cache == "output" else state.out + (hidden_states - state.inp))
+            base = hidden_states.new_empty(hidden_states.shape) if count == n else self._reused(
+                state, hidden_states, step, order)
             out = base.scatter(1, idx[..., None].expand(-1, -1, rows.shape[-1]), rows)
-            red = reduce_head_lse(lse, self.config.lse_reduction)
-            if state.out is None:
-                state.inp, state.lse = hidden_states.clone(), red
-                state.skips = torch.zeros(b, n, dtype=torch.long, device=hidden_states.device)
-            else:
-                rows_idx = idx[..., None].expand(-1, -1, hidden_states.shape[-1])
-                state.inp = state.inp.scatter(1, rows_idx, torch.gather(hidden_states, 1, rows_idx))
-                state.lse = state.lse.scatter(1, idx, red.to(state.lse.dtype))
-            state.skips = update_skips(state.skips, idx)
-        state.out = out
-        self.stats.record(ctx.branch, ctx.step_index, self.index, idx.shape[1] / n)
+        self._update(state, hidden_states, idx, rows, lse, step, settings["order"])
+        self.stats.record(ctx.branch, step, self.index, count / n)
         total = sum(s.nbytes() for h in self.shared["hooks"] for s in h.states.values())
         self.stats.cache_bytes_peak = max(self.stats.cache_bytes_peak, total)
         return out
 
+    def _reused(self, state: BlockState, x: torch.Tensor, step: int, order: int) -> torch.Tensor:
+        """What the unselected rows take: `[B, N, C]` cached output, its forecast, or output + input change."""
+        if self.config.cache == "residual":
+            return (state.out.float() + (x.float() - state.inp.float())).to(x.dtype)
+        if order == 0 or state.d1 is None:
+            return state.out.to(x.dtype, copy=True)  # a copy: the cache is updated in place later
+        self.stats.forecast_calls += 1
+        gap = (step - state.last).to(torch.float32)[..., None]  # [B, N, 1]
+        pred = state.out.float() + state.d1.float() * gap
+        if order >= 2 and state.d2 is not None:
+            pred = pred + state.d2.float() * (gap * gap / 2)
+        return pred.to(x.dtype)
+
+    def _update(self, state: BlockState, x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, lse: torch.Tensor,
+                step: int, max_order: int) -> None:
+        """Record the freshly computed rows ``idx`` `[B, k]`: outputs, divided differences, inputs, LSE, skips."""
+        b, n, c = x.shape
+        store = CACHE_DTYPES.get(self.config.cache_dtype, x.dtype)
+        red = reduce_head_lse(lse, self.config.lse_reduction)
+        at = idx[..., None].expand(-1, -1, c)
+        if state.out is None:  # first computation: every row (budget forced to 1)
+            state.out = torch.empty(b, n, c, dtype=store, device=x.device).scatter_(1, at, rows.to(store))
+            state.inp, state.lse = x.to(store).clone(), red
+            state.skips = torch.zeros(b, n, dtype=torch.long, device=x.device)
+            state.last = torch.full((b, n), step, dtype=torch.long, device=x.device)
+            state.hist = torch.ones(b, n, dtype=torch.long, device=x.device)
+            state.skips = update_skips(state.skips, idx)
+            return
+        if max_order > 0:
+            gap = (step - torch.gather(state.last, 1, idx)).to(torch.float32)[..., None]  # [B, k, 1]
+            hist = torch.gather(state.hist, 1, idx)[..., None]
+            d1_new = (rows.float() - torch.gather(state.out, 1, at).float()) / gap
+            if state.d1 is None:
+                state.d1 = torch.zeros(b, n, c, dtype=store, device=x.device)
+            d1_old = torch.gather(state.d1, 1, at).float()
+            if max_order > 1:
+                if state.d2 is None:
+                    state.d2 = torch.zeros(b, n, c, dtype=store, device=x.device)
+                d2_new = torch.where(hist >= 2, (d1_new - d1_old) / gap, 0.0)
+                state.d2.scatter_(1, at, d2_new.to(store))
+            state.d1.scatter_(1, at, d1_new.to(store))
+            state.hist.scatter_(1, idx, torch.gather(state.hist, 1, idx).clamp_max(2) + 1)
+            state.last.scatter_(1, idx, torch.full_like(idx, step))
+        state.out.scatter_(1, at, rows.to(store))
+        state.inp.scatter_(1, at, torch.gather(x, 1, at).to(store))
+        state.lse = state.lse.scatter(1, idx, red.to(state.lse.dtype))
+        state.skips = update_skips(state.skips, idx)
+
     @torch.compiler.disable
     def _select(self, branch: str, state: BlockState, x: torch.Tensor, count: int, b: int, n: int) -> torch.Tensor:
-        """Token indices `[B, count]` to compute (all tokens when ``count == n`` or nothing is cached)."""
+        """Token indices `[B, count]` to compute (all tokens, unscored, when ``count == n`` or nothing is cached)."""
         if count >= n or state.out is None:
             return torch.arange(n, device=x.device).expand(b, n)
         if self.config.selection == "fixed":
@@ -271,7 +510,7 @@ class AstraeaBlockHook(ModelHook):
         return self._scores_topk(state, x, count)
 
     def _scores_topk(self, state: BlockState, x: torch.Tensor, count: int) -> torch.Tensor:
-        delta = input_delta(x, state.inp, self.config.delta_norm)
+        delta = input_delta(x, state.inp.to(x.dtype), self.config.delta_norm)
         scores = token_scores(state.lse, delta, state.skips, w_alpha=self.config.w_alpha, w_beta=self.config.w_beta,
                               normalize=self.config.normalize)
         return select_topk(scores, count)
@@ -290,27 +529,40 @@ class AstraeaHandle:
         if self._removed:
             return
         for block in self.blocks:
-            HookRegistry.check_if_exists_or_initialize(block).remove_hook(BLOCK_HOOK, recurse=False)
+            registry = HookRegistry.check_if_exists_or_initialize(block)
+            if registry.get_hook(BLOCK_HOOK) is not None:
+                registry.remove_hook(BLOCK_HOOK, recurse=False)
         release_context(self.transformer)
         self._removed = True
 
 
 def apply_astraea(transformer: torch.nn.Module, config: AstraeaConfig,
                   adapter: ModelAdapter | None = None) -> AstraeaHandle:
-    """Install Astraea on every transformer block of ``transformer``."""
+    """Install Astraea on every transformer block of ``transformer``.
+
+    Raises:
+        ConfigError: ``config`` is not an :class:`AstraeaConfig`, or Astraea is already applied to this model.
+        CompositionError: a hook Astraea would bypass is installed (see the module docstring).
+    """
+    if not isinstance(config, AstraeaConfig):
+        raise ConfigError(f"config of type {type(config).__name__} is not accepted: an AstraeaConfig")
     adapter = adapter or resolve_adapter(transformer)
+    blocks = adapter.blocks(transformer)
+    if any(getattr(b, "_diffusers_hook", None) is not None and b._diffusers_hook.get_hook(BLOCK_HOOK) is not None
+           for b in blocks):
+        raise ConfigError("Astraea is already applied to this model: remove its handle before applying it again")
+    _check_composition(adapter, transformer, blocks)
     context = acquire_context(transformer, adapter, num_steps=config.num_steps)
     stats = AstraeaStats()
     handle = AstraeaHandle(transformer, stats)
     hooks: list[AstraeaBlockHook] = []
-    shared: dict = {"hooks": hooks}
-    for i, block in enumerate(adapter.blocks(transformer)):
-        hook = AstraeaBlockHook(i, config, context, shared, stats)
+    shared: dict = {"hooks": hooks, "transformer": transformer}
+    for i, block in enumerate(blocks):
+        hook = AstraeaBlockHook(i, block, config, context, shared, stats, adapter, is_last=i == len(blocks) - 1)
         HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, BLOCK_HOOK)
         hooks.append(hook)
         handle.blocks.append(block)
     return handle
-
 
 
 register_method(

@@ -41,7 +41,24 @@ from vdit_accel.adapters.wan import wan_attention_output, wan_qkv
 from vdit_accel.config_io import config_from_dict, config_to_dict
 from vdit_accel.context import ContextHook, acquire_context, release_context
 from vdit_accel.errors import ConfigError, check_choice
-from vdit_accel.ops.timeripple import AXES, MIN_DELTA, ReuseStats, ThresholdSchedule, timeripple_attention
+from vdit_accel.ops.attention import row_subset_attention
+from vdit_accel.ops.timeripple import (
+    AXES,
+    MIN_DELTA,
+    ReuseStats,
+    ThresholdSchedule,
+    _build_stats,
+    resolve_reuse,
+    reuse_masks,
+    timeripple_attention,
+)
+from vdit_accel.ops.timeripple_structured import (
+    DEFAULT_ROW_FRACTION,
+    VARIANTS,
+    check_row_fraction,
+    row_masks,
+    structured_timeripple_attention,
+)
 from vdit_accel.registry import Method, register_method
 from vdit_accel.search.presets import preset_operating_point
 
@@ -69,6 +86,12 @@ class TimeRippleConfig:
         axis_scale (`tuple[float, float, float]`, defaults (1, 1, 1)): per-axis multipliers (t, h, w) for "per_axis".
         layers (`tuple[int, ...] | None`, defaults None): block indices to accelerate (None = all).
         reuse_q (`bool`, defaults True), reuse_k (`bool`, defaults True): which side may reuse.
+        variant (`str`, defaults "exact_sim"): how reuse is executed (``ops.timeripple_structured.VARIANTS``):
+            "exact_sim" (element decisions, Q̃/K̃ then dense attention; bit-identical to earlier releases),
+            "exact_rows" (same decisions and output up to float rounding, rows/keys entirely equal to their anchor
+            are removed) or "token_rows" (whole-row decisions, rows/keys removed; approximates "exact_sim").
+        row_fraction (`float | None`, defaults None): for "token_rows", the share of a row's channels that must
+            pass along an axis for the whole row to reuse, in (0, 1]; None means 0.9. Rejected for other variants.
     """
 
     theta_min: float = 0.2
@@ -86,6 +109,8 @@ class TimeRippleConfig:
     layers: tuple[int, ...] | None = None
     reuse_q: bool = True
     reuse_k: bool = True
+    variant: str = "exact_sim"
+    row_fraction: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes", tuple(self.axes))
@@ -110,6 +135,12 @@ class TimeRippleConfig:
             raise ConfigError(f"layers={self.layers!r} is not accepted: block indices >= 0")
         if not (self.reuse_q or self.reuse_k):
             raise ConfigError("reuse_q=False and reuse_k=False reuse nothing: enable at least one")
+        check_choice("variant", self.variant, VARIANTS)
+        if self.row_fraction is not None:
+            if self.variant != "token_rows":
+                raise ConfigError(f"row_fraction={self.row_fraction!r} is not accepted with variant={self.variant!r}: "
+                                  "only 'token_rows' takes row decisions")
+            check_row_fraction(self.row_fraction)
 
     @property
     def schedule(self) -> ThresholdSchedule:
@@ -157,6 +188,9 @@ class TimeRippleStats:
             self._sums[f"k_{g}"].append(v)
         for a, v in stats.q_reuse_per_axis.items():
             self._sums[f"qa_{a}"].append(v)
+        self._sums["rows_removed"].append(stats.rows_removed)
+        self._sums["keys_removed"].append(stats.keys_removed)
+        self._sums["attn_work"].append(stats.attn_work)
 
     def reset(self) -> None:
         self.calls.clear()
@@ -172,7 +206,11 @@ class TimeRippleStats:
         return {s: float(np.mean(v)) for s, v in sorted(by.items())}
 
     def summary(self) -> dict:
-        """JSON-able aggregate: QK savings over reuse-active calls and over all self-attention calls."""
+        """JSON-able aggregate: QK savings over reuse-active calls and over all self-attention calls.
+
+        ``rows_removed_active`` / ``keys_removed_active`` are the mean fractions of query rows / keys a structured
+        variant did not compute (0 for "exact_sim"); ``attn_work_active`` the mean share of dense score work run.
+        """
         active = len(self._sums["qk"])
         total = active + self.dense_calls
 
@@ -184,6 +222,9 @@ class TimeRippleStats:
             "qk_savings_all": round(float(np.sum(self._sums["qk"]) / total), 4) if total else 0.0,
             "q_reuse_active": mean("q"),
             "k_reuse_active": mean("k"),
+            "rows_removed_active": mean("rows_removed"),
+            "keys_removed_active": mean("keys_removed"),
+            "attn_work_active": mean("attn_work") if active else 1.0,
             "active_calls": active,
             "dense_calls": self.dense_calls,
         }
@@ -232,13 +273,79 @@ class TimeRippleProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         q, k, v = wan_qkv(attn, hidden_states, rotary_emb)
         cfg = self.config
-        out, stats = timeripple_attention(
-            q, k, v, grid=ctx.grid.as_tuple(), thresholds=self._thresholds(theta, q), window=cfg.window,
-            axes=cfg.axes, priority=cfg.priority, text_prefix=ctx.text_prefix, text_suffix=ctx.text_suffix,
-            reuse_q=cfg.reuse_q, reuse_k=cfg.reuse_k, rope_groups=self.rope_groups,
+        kw = dict(
+            grid=ctx.grid.as_tuple(), thresholds=self._thresholds(theta, q), window=cfg.window, axes=cfg.axes,
+            priority=cfg.priority, text_prefix=ctx.text_prefix, text_suffix=ctx.text_suffix, reuse_q=cfg.reuse_q,
+            reuse_k=cfg.reuse_k, rope_groups=self.rope_groups,
         )
+        if cfg.variant == "exact_sim":
+            out, stats = timeripple_attention(q, k, v, **kw)
+        else:
+            out, stats = structured_timeripple_attention(
+                q, k, v, variant=cfg.variant, row_fraction=cfg.row_fraction, **kw
+            )
         self.stats.record(ctx.branch, ctx.step_index, self.layer, stats)
         return wan_attention_output(attn, out, q)
+
+    def _decide(self, x: torch.Tensor, grid, thresholds, text_prefix: int, text_suffix: int):
+        cfg = self.config
+        masks = reuse_masks(x, grid, thresholds, window=cfg.window, axes=cfg.axes, text_prefix=text_prefix,
+                            text_suffix=text_suffix)
+        if cfg.variant == "token_rows":
+            masks = row_masks(masks, DEFAULT_ROW_FRACTION if cfg.row_fraction is None else cfg.row_fraction)
+        return masks
+
+    def rows_attention(self, q_sel: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                       scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """TimeRipple's reuse applied to a row-subset attention (the composition hook for row-selecting methods).
+
+        Keys: every key reuses as in a normal call (masks on the full grid of the published context). Queries:
+        only the selected rows exist, so a selected row reuses along an axis only when every token of its window
+        along that axis is selected (its source is then selected too; unselected tokens enter the criterion as NaN,
+        which never passes). Decisions follow ``config.variant`` ("token_rows" takes whole-row decisions); the
+        reuse is applied by substitution (Q̃/K̃), never by removing rows, so the output is that variant's exact
+        simulation and the LSE is exact for it. Stats are recorded as for a normal call (q fractions count over
+        all ``S`` tokens, unselected ones as not reused). At a dense step this is plain ``row_subset_attention``.
+
+        Args:
+            q_sel (`torch.Tensor`): `[B, K, H, D]` post-RoPE queries of the selected rows.
+            idx (`torch.Tensor`): `[B, K]` long, the token index in `[0, S)` of each selected row, distinct per batch.
+            k (`torch.Tensor`): `[B, S, H, D]` post-RoPE keys of all tokens.
+            v (`torch.Tensor`): `[B, S, H, D]` values of all tokens.
+            scale (`float | None`, defaults to `None`): softmax scale, `1/sqrt(D)` when `None`.
+
+        Returns:
+            out: `[B, K, H, D]`; lse: `[B, K, H]` (natural log), as ``ops.attention.row_subset_attention``.
+        """
+        ctx = self.context.current
+        if ctx is None:
+            raise ConfigError("TimeRipple needs the root context hook: call the transformer as a whole model")
+        b, kk, h, d = q_sel.shape if q_sel.dim() == 4 else (None,) * 4
+        if b is None or k.dim() != 4 or idx.shape != (b, kk) or k.shape[0] != b or k.shape[2:] != (h, d):
+            raise ConfigError(f"q_sel {tuple(q_sel.shape)}, idx {tuple(idx.shape)}, k {tuple(k.shape)} are not "
+                              "accepted: expected q_sel [B, K, H, D], idx [B, K], k and v [B, S, H, D]")
+        if idx.dtype != torch.long or (kk and (int(idx.min()) < 0 or int(idx.max()) >= k.shape[1])):
+            raise ConfigError(f"idx is not accepted: expected long token indices in [0, {k.shape[1]})")
+        theta = self.config.threshold_at(ctx.step_index)
+        if theta == 0.0:
+            self.stats.dense_calls += 1
+            return row_subset_attention(q_sel, k, v, scale=scale)
+        cfg = self.config
+        grid, thresholds = ctx.grid.as_tuple(), self._thresholds(theta, q_sel)
+        args = (grid, thresholds, ctx.text_prefix, ctx.text_suffix)
+        q_masks = k_masks = None
+        if cfg.reuse_k:
+            k_masks = self._decide(k, *args)
+            k = resolve_reuse(k, k_masks, priority=cfg.priority)
+        if cfg.reuse_q:
+            where = idx.view(b, kk, 1, 1).expand(b, kk, h, d)
+            full = q_sel.new_full((b, k.shape[1], h, d), float("nan")).scatter(1, where, q_sel)
+            q_masks = self._decide(full, *args)
+            q_sel = resolve_reuse(full, q_masks, priority=cfg.priority).gather(1, where)
+        out, lse = row_subset_attention(q_sel, k, v, scale=scale)
+        self.stats.record(ctx.branch, ctx.step_index, self.layer,
+                          _build_stats(q_masks, k_masks, k.shape, cfg.axes, self.rope_groups))
+        return out, lse
 
 
 @dataclass

@@ -490,6 +490,10 @@ class ReuseStats:
             channels of each RoPE group; empty when no groups were given.
         qk_savings (`float`): fraction of the Q·Kᵀ partial products skipped, see `qk_savings`.
         qk_savings_per_head (`list[float]`): the same per head, averaged over the batch.
+        rows_removed (`float`, defaults to 0.0), keys_removed (`float`, defaults to 0.0): fraction of the `B*H*S`
+            query rows not computed / keys merged away by a structured variant (`ops.timeripple_structured`); 0 for
+            the exact simulation, which removes nothing.
+        attn_work (`float`, defaults to 1.0): share of the dense score work the attention call ran.
     """
 
     q_reuse: float
@@ -500,6 +504,9 @@ class ReuseStats:
     k_reuse_per_group: dict[str, float]
     qk_savings: float
     qk_savings_per_head: list[float]
+    rows_removed: float = 0.0
+    keys_removed: float = 0.0
+    attn_work: float = 1.0
 
 
 def qk_savings(rq: torch.Tensor, rk: torch.Tensor) -> torch.Tensor:

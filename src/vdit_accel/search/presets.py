@@ -83,7 +83,8 @@ def load_preset(name_or_path: str | Path, *, method: str | None = None, steps: i
     """Load a preset into its method's config class.
 
     Raises:
-        ConfigError: the preset is for another method, or for another step count than ``steps``.
+        ConfigError: the preset is for another method, or for another step count than ``steps`` and its method
+            has no normalised-time resampling (``config.resampled(steps)``; Astraea has it).
         WeightsError: the file is missing or malformed.
     """
     from vdit_accel.registry import get_method
@@ -91,16 +92,20 @@ def load_preset(name_or_path: str | Path, *, method: str | None = None, steps: i
     data = read_preset(name_or_path)
     if method is not None and data["method"] != method:
         raise ConfigError(f"preset {str(name_or_path)!r} is for method {data['method']!r}, not {method!r}")
-    if steps is not None and data["steps"] != steps:
-        raise ConfigError(
-            f"preset {str(name_or_path)!r} was made for steps={data['steps']}, not steps={steps}: its schedule is "
-            "tied to the step count"
-        )
     if model_id is not None and data["model_id"] != model_id:
         logger.warning("preset %s was made for model %s, applied to %s", name_or_path, data["model_id"], model_id)
     import vdit_accel.methods  # noqa: F401  (registers the methods)
 
-    return get_method(data["method"]).config_cls.from_dict(data["config"])
+    config = get_method(data["method"]).config_cls.from_dict(data["config"])
+    if steps is not None and data["steps"] != steps:
+        if not hasattr(config, "resampled"):
+            raise ConfigError(
+                f"preset {str(name_or_path)!r} was made for steps={data['steps']}, not steps={steps}: its schedule "
+                f"is tied to the step count (method {data['method']!r} has no normalised-time resampling)"
+            )
+        logger.info("preset %s (made for %d steps) resampled to %d steps", name_or_path, data["steps"], steps)
+        config = config.resampled(steps)
+    return config
 
 
 def method_config_from_cli(method: str, preset: str | None, steps: int, model_id: str | None = None) -> Any:

@@ -1,0 +1,144 @@
+"""One call for a diffusers user: ``vdit_accel.apply(pipe, spec)`` -> one removable handle.
+
+``spec`` is a method config (:class:`~vdit_accel.methods.astraea.AstraeaConfig`,
+:class:`~vdit_accel.methods.timeripple.TimeRippleConfig`, a diffusers cache config), a preset name or JSON
+file, or a list of them (composition). Every denoiser of a pipeline is covered (``transformer`` and, for
+Wan2.2's two experts, ``transformer_2``). With ``steps`` the schedules are checked against the step count at
+apply time and presets over normalised time are resampled to it.
+
+Composition order is fixed, whatever order the list has: Astraea's block hooks first, then processors
+(TimeRipple, which Astraea calls through on its selected rows), then diffusers' caches, which wrap Astraea's
+blocks. The same method twice is refused before anything is installed; a failure while applying removes
+what was already applied (the model is left as it was); removal undoes everything in reverse order.
+
+Example:
+    >>> import vdit_accel
+    >>> from vdit_accel.testing import tiny_model, TINY_PROMPT
+    >>> from vdit_accel.instrument.sampler import GenerationConfig, Sampler
+    >>> model = tiny_model()
+    >>> with vdit_accel.apply(model, [vdit_accel.AstraeaConfig(budgets=(1.0, 0.5, 0.0, 0.5), num_steps=4)]) as h:
+    ...     _ = Sampler(model)(TINY_PROMPT, GenerationConfig(steps=4, guidance=1.0), progress=False)
+    ...     h.stats["astraea"]["kept_ratio"]
+    0.5
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vdit_accel.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DENOISERS = ("transformer", "transformer_2")
+_ORDER = {"astraea": 0, "timeripple": 1}  # everything else (diffusers caches) after: they wrap block hooks
+
+
+def denoisers(target: Any) -> dict[str, torch.nn.Module]:
+    """The denoising transformers of a pipeline (``transformer``, ``transformer_2``), or ``{"transformer": m}``."""
+    if isinstance(target, torch.nn.Module) and not any(isinstance(getattr(target, n, None), torch.nn.Module)
+                                                       for n in DENOISERS):
+        return {"transformer": target}
+    found = {n: getattr(target, n) for n in DENOISERS if isinstance(getattr(target, n, None), torch.nn.Module)}
+    if not found:
+        raise ConfigError(f"{type(target).__name__} is neither a transformer nor a pipeline with one of {DENOISERS}")
+    return found
+
+
+def _resolve(item: Any, steps: int | None) -> Any:
+    """A config from a config, a preset name or a preset path; checked or resampled against ``steps``."""
+    from vdit_accel.search.presets import load_preset
+
+    if isinstance(item, (str, Path)):
+        return load_preset(item, steps=steps)
+    if steps is not None and hasattr(item, "num_steps") and item.num_steps != steps:
+        if not hasattr(item, "resampled"):
+            raise ConfigError(f"{type(item).__name__} has num_steps={item.num_steps} but the generation has "
+                              f"steps={steps}: make it for {steps} steps")
+        return item.resampled(steps)
+    return item
+
+
+@dataclass
+class AccelHandle:
+    """What :func:`apply` returns: ``stats`` per method, ``reset()``, ``remove()``, and a context manager."""
+
+    applied: list[tuple[str, str, Any]] = field(default_factory=list)  # (method, denoiser, method handle)
+    _removed: bool = False
+
+    @property
+    def stats(self) -> dict:
+        """``{method: summary}`` (``{method: {denoiser: summary}}`` when a pipeline has several denoisers)."""
+        out: dict = {}
+        several = len({d for _, d, _ in self.applied}) > 1
+        for method, denoiser, handle in self.applied:
+            s = getattr(handle, "stats", None)
+            summary = s.summary() if hasattr(s, "summary") else (dict(s) if isinstance(s, dict) else {})
+            if several:
+                out.setdefault(method, {})[denoiser] = summary
+            else:
+                out[method] = summary
+        return out
+
+    def reset(self) -> None:
+        """Clear every method's statistics (caches are per generation and reset by the pipeline)."""
+        for _, _, handle in self.applied:
+            s = getattr(handle, "stats", None)
+            if hasattr(s, "reset"):
+                s.reset()
+
+    def remove(self) -> None:
+        """Undo everything, last applied first; idempotent."""
+        if self._removed:
+            return
+        for _, _, handle in reversed(self.applied):
+            handle.remove()
+        self._removed = True
+
+    def __enter__(self) -> AccelHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def apply(target: Any, spec: Any, *, steps: int | None = None) -> AccelHandle:
+    """Apply one or several accelerations to a pipeline or transformer; see the module docstring.
+
+    Args:
+        target: a diffusers pipeline (every denoiser is accelerated) or a transformer module.
+        spec: a config, a preset name or path, or a list of them.
+        steps (`int`, optional): the generation's step count; schedules are checked or resampled to it.
+
+    Raises:
+        ConfigError: an unknown spec, the same method twice, a schedule for another step count without
+            resampling; CompositionError: an order that cannot work (from the method itself).
+    """
+    import vdit_accel.methods  # noqa: F401  (registers the built-in methods)
+    from vdit_accel.registry import method_for
+
+    items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    if not items:
+        raise ConfigError("spec=[] selects nothing: give at least one config or preset")
+    configs = [_resolve(item, steps) for item in items]
+    methods = [method_for(c) for c in configs]
+    names = [m.name for m in methods]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"methods {dupes} appear more than once in spec: each method at most once")
+    order = sorted(range(len(configs)), key=lambda i: _ORDER.get(names[i], len(_ORDER)))
+    handle = AccelHandle()
+    try:
+        for denoiser, module in denoisers(target).items():
+            for i in order:
+                handle.applied.append((names[i], denoiser, methods[i].apply(module, configs[i])))
+                logger.debug("applied %s to %s", names[i], denoiser)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
