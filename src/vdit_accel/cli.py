@@ -310,19 +310,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="search a method's schedule (astraea) into a preset")
     s.add_argument("method", help="astraea")
-    s.add_argument("--target", type=float, required=True, help="mean token budget, e.g. 0.5")
+    s.add_argument("--target", type=float, default=None, help="mean token budget, e.g. 0.5 (budget-only search)")
+    s.add_argument("--target-speedup", type=float, default=None,
+                   help="joint budget+forecast search at this predicted speedup, e.g. 3 (needs --latency-model)")
+    s.add_argument("--latency-model", default=None, help="vdit-accel/latency-model JSON (step benchmark)")
+    from vdit_accel.search.joint import ALLOCATORS, DEFAULT_MAX_SEGMENT
+
+    s.add_argument("--allocator", default="all", choices=[*ALLOCATORS, "all"],
+                   help="joint search: allocator(s); 'all' runs every one and keeps the best on selection prompts")
+    s.add_argument("--max-segment", type=int, default=DEFAULT_MAX_SEGMENT,
+                   help="joint search: longest run between fully computed steps (error table, dp, greedy)")
+    s.add_argument("--proxy-geometry", default="8x32x32", help="FxHxW of the error table / fitness, or 'model'")
+    s.add_argument("--steps", type=int, default=g.steps)
     s.add_argument("--prompts", default="calib")
-    s.add_argument("--out", default=None, help="preset file to write")
-    s.add_argument("--checkpoint", default=None)
+    s.add_argument("--out", default=None, help="preset file to write (default runs/presets/NAME.json)")
+    s.add_argument("--checkpoint", default=None, help="checkpoint folder (default runs/search-NAME)")
     s.add_argument("--weights", default=None)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
     from vdit_accel.search.evolution import EvolutionConfig
 
     e = EvolutionConfig(target=0.5, num_steps=50)
-    s.add_argument("--plot", default=None, help="schedule/fitness plot (default docs/results/astraea/NAME-search.png)")
+    s.add_argument("--plot", default=None, help="schedule/fitness plot (default runs/search-NAME/NAME-search.png)")
     s.add_argument("--population", type=int, default=e.population)
     s.add_argument("--children", type=int, default=e.children)
-    s.add_argument("--generations", type=int, default=e.generations)
+    s.add_argument("--generations", type=int, default=None,
+                   help=f"evolution generations (default {e.generations}; joint search: match the table's cost)")
     s.set_defaults(fn=cmd_search)
     return p
 

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,11 +93,16 @@ class ScheduleFitness:
         base (`AstraeaConfig`): everything but the budgets.
         cache_dir (`Path | None`): where the dense reference is kept (safetensors) across resumes; tied to this
             model and prompt list by ``claim_workdir`` (another model's folder is a ``ConfigError``).
+        to_config (`Callable[[np.ndarray], AstraeaConfig] | None`): genome -> config (default: the genome is the
+            per-step budgets, other fields from ``base``); e.g. a joint choice-index genome's decoder.
     """
 
     def __init__(self, sampler: Sampler, prompts: list[str], fidelity: Fidelity, base: AstraeaConfig,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None,
+                 to_config: Callable[[np.ndarray], AstraeaConfig] | None = None) -> None:
         self.sampler, self.prompts, self.fidelity, self.base = sampler, list(prompts), fidelity, base
+        self.to_config = to_config or (
+            lambda g: dataclasses.replace(base, budgets=tuple(float(b) for b in g), target=None))
         f, h, w = fidelity.geometry or sampler.geometry(GenerationConfig())
         self.gen = GenerationConfig(steps=fidelity.steps, guidance=fidelity.guidance, frames=f, height=h, width=w)
         noise = [sampler.initial_noise(self.gen.replace(seed=i)) for i in range(len(prompts))]
@@ -117,8 +123,7 @@ class ScheduleFitness:
     def _generate(self, budgets: np.ndarray | None) -> torch.Tensor:
         handle = None
         if budgets is not None:
-            cfg = dataclasses.replace(self.base, budgets=tuple(float(b) for b in budgets), target=None)
-            handle = apply_astraea(self.sampler.model.transformer, cfg)
+            handle = apply_astraea(self.sampler.model.transformer, self.to_config(budgets))
         try:
             return self.sampler(self.prompts, self.gen, progress=False, latents=self.noise)
         finally:

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 from vdit_accel.errors import ConfigError
-from vdit_accel.search.presets import PRESETS_DIR, save_preset
+from vdit_accel.search.presets import save_preset
+
+RUNS_DIR = Path("runs")  # default home of everything a command writes (the package is read-only at run time)
 
 
 def _model_and_sampler(weights):
@@ -38,7 +40,8 @@ def calibrate_cli(a) -> int:
 
     model, sampler = _model_and_sampler(a.weights)
     cfg, record = calibrate_timeripple(sampler, prompts, a.target, gen)
-    out = Path(a.out) if a.out else PRESETS_DIR / f"timeripple-{round(a.target * 100)}.json"
+    out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"timeripple-{round(a.target * 100)}.json"
+    _check_out(out)
     save_preset(out, "timeripple", cfg, model_id=model.config.model_id, geometry=list(sampler.geometry(gen)),
                 steps=gen.steps, seed=gen.seed, record={"calibration": record})
     print(json.dumps({"preset": str(out), **record}, indent=1))
@@ -74,6 +77,59 @@ def plot_search(record: dict, budgets: list[float], path: Path, baselines: dict 
     plt.close(fig)
 
 
+def _joint_search_cli(a) -> int:
+    from vdit_accel.bench.harness import resolve_prompts
+    from vdit_accel.instrument.sampler import GenerationConfig
+    from vdit_accel.search.astraea_search import Fidelity
+    from vdit_accel.search.joint import ALLOCATORS, preset_name, run_joint_search
+    from vdit_accel.search.latency import LatencyModel
+
+    if a.latency_model is None:
+        raise ConfigError("--target-speedup needs --latency-model PATH (a vdit-accel/latency-model JSON from the step "
+                          "benchmark at the target geometry and hardware)")
+    allocators = list(ALLOCATORS) if a.allocator == "all" else [a.allocator]
+    latency = LatencyModel.load(a.latency_model)
+    prompts = resolve_prompts(a.prompts)
+    name = preset_name(a.target_speedup)
+    geometry = _parse_geometry(a.proxy_geometry)
+    out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"{name}.json"
+    _check_out(out)  # before any compute
+    model, sampler = _model_and_sampler(a.weights)
+    workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / "search-astraea-joint"  # table shared by targets
+    cfg, record = run_joint_search(sampler, latency, a.target_speedup, prompts, steps=a.steps, allocators=allocators,
+                                   proxy=Fidelity(geometry, 1.0, a.steps), max_segment=a.max_segment,
+                                   population=a.population, children=a.children, generations=a.generations,
+                                   seed=a.seed, workdir=workdir, progress=not a.quiet)
+    save_preset(out, "astraea", cfg, model_id=model.config.model_id,
+                geometry=list(sampler.geometry(GenerationConfig())), steps=a.steps, seed=a.seed,
+                record={"search": record, "latency_geometry": latency.geometry, "latency_hardware": latency.hardware,
+                        "allocator": record["allocator"]})
+    summary = {"preset": str(out), "allocator": record["allocator"], "margin_db": record["margin_db"],
+               "candidates": {k: {"psnr_mean": v["psnr_mean"], "predicted_speedup": v["predicted_speedup"],
+                                  "transformer_calls": v["calibration_cost"]["transformer_calls"]}
+                              for k, v in record["candidates"].items()}}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _parse_geometry(spec: str | None):
+    if spec is None or spec == "model":
+        return None
+    try:
+        f, h, w = (int(x) for x in spec.lower().split("x"))
+    except ValueError as e:
+        raise ConfigError(f"--proxy-geometry={spec!r} is not accepted: expected FxHxW (8x32x32) or 'model'") from e
+    return f, h, w
+
+
+def _check_out(out: Path) -> None:
+    """The package is read-only at run time: refuse to write a preset into the installed package."""
+    pkg = Path(__file__).resolve().parent.parent
+    if pkg in out.resolve().parents:
+        raise ConfigError(f"--out={str(out)!r} is inside the installed package ({pkg}): write presets under ./runs/ "
+                          "or another folder you name")
+
+
 def search_cli(a) -> int:
     from vdit_accel.bench.harness import resolve_prompts
     from vdit_accel.instrument.sampler import GenerationConfig
@@ -82,19 +138,26 @@ def search_cli(a) -> int:
 
     if a.method != "astraea":
         raise ConfigError(f"search method {a.method!r} is unknown: choose one of ['astraea']")
+    if (a.target is None) == (a.target_speedup is None):
+        raise ConfigError("search astraea needs exactly one of --target (mean token budget, e.g. 0.5) or "
+                          "--target-speedup (with --latency-model, e.g. 3)")
+    if a.target_speedup is not None:
+        return _joint_search_cli(a)
     prompts = resolve_prompts(a.prompts)
-    steps = 50
+    steps = a.steps
+    kw = {} if a.generations is None else {"generations": a.generations}
     evo = EvolutionConfig(target=a.target, num_steps=steps, seed=a.seed, population=a.population,
-                          children=a.children, generations=a.generations)  # validates before any compute
-    model, sampler = _model_and_sampler(a.weights)
+                          children=a.children, **kw)  # validates before any compute
     name = f"astraea-{round(a.target * 100)}"
-    workdir = Path(a.checkpoint) if a.checkpoint else Path("runs") / f"search-{name}"
+    out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"{name}.json"
+    _check_out(out)
+    model, sampler = _model_and_sampler(a.weights)
+    workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / f"search-{name}"
     cfg, record = search_astraea(sampler, prompts, a.target, steps=steps, evolution=evo, workdir=workdir)
-    out = Path(a.out) if a.out else PRESETS_DIR / f"{name}.json"
     save_preset(out, "astraea", cfg, model_id=model.config.model_id,
                 geometry=list(sampler.geometry(GenerationConfig())), steps=steps, seed=a.seed,
                 record={"search": record})
-    plot = Path(a.plot) if a.plot else Path("docs/results/astraea") / f"{name}-search.png"
+    plot = Path(a.plot) if a.plot else RUNS_DIR / f"search-{name}" / f"{name}-search.png"
     plot_search(record, list(cfg.budgets), plot)
     summary = {"preset": str(out), "plot": str(plot), "budgets": cfg.budgets,
                "search_seconds": record["search_seconds"], "total_seconds": record["total_seconds"],

@@ -476,22 +476,28 @@ def _survivors(pool: np.ndarray, fit: np.ndarray, n: int) -> tuple[np.ndarray, n
     return pool[order], fit[order]
 
 
-def _initial_population(cfg: EvolutionConfig, rng: np.random.Generator) -> np.ndarray:
-    """Uniform schedule plus random repaired genomes, distinct, up to ``population`` (fewer if the band is small)."""
-    pop = {uniform_schedule(cfg).tobytes(): None}
+Repair = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+def _initial_population(cfg: EvolutionConfig, rng: np.random.Generator, fix: Repair,
+                        seeds: list[np.ndarray] | None = None) -> np.ndarray:
+    """Seed genomes (default: the uniform schedule) plus random repaired genomes, distinct, up to ``population``
+    (fewer if the band is small)."""
+    seeds = [uniform_schedule(cfg)] if seeds is None else [fix(np.asarray(g, dtype=np.float64), rng) for g in seeds]
+    pop = {g.tobytes(): None for g in seeds}
     grid, d = np.asarray(cfg.grid), cfg.dense_steps
     for _ in range(20 * cfg.population):
         if len(pop) >= cfg.population:
             break
         idx = rng.integers(grid.size, size=cfg.num_steps - d)
-        pop.setdefault(repair(_to_genome(idx, cfg), cfg, rng).tobytes(), None)
+        pop.setdefault(fix(_to_genome(idx, cfg), rng).tobytes(), None)
     return np.stack([np.frombuffer(k, dtype=np.float64) for k in pop])
 
 
-def _child(parents: np.ndarray, p: float, cfg: EvolutionConfig, rng: np.random.Generator) -> np.ndarray:
+def _child(parents: np.ndarray, p: float, cfg: EvolutionConfig, rng: np.random.Generator, fix: Repair) -> np.ndarray:
     a, b = (parents[rng.integers(len(parents), size=TOURNAMENT_SIZE).min()] for _ in range(2))  # parents are sorted
     op = cfg.crossover[int(rng.integers(len(cfg.crossover)))]
-    return repair(mutate(_CROSSOVER_FNS[op](a, b, rng), p, cfg, rng), cfg, rng)
+    return fix(mutate(_CROSSOVER_FNS[op](a, b, rng), p, cfg, rng), rng)
 
 
 def _save(
@@ -503,11 +509,13 @@ def _save(
     parent_fit: np.ndarray,
     history: list[dict],
     cache: dict[bytes, float],
+    identity: dict | None = None,
 ) -> None:
     state = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "config": cfg.to_dict(),
+        "identity": identity,
         "generation": generation,
         "rng_state": rng.bit_generator.state,
         "parents": parents.tolist(),
@@ -524,7 +532,7 @@ def _save(
     os.replace(tmp, path)
 
 
-def _load(path: Path, cfg: EvolutionConfig):
+def _load(path: Path, cfg: EvolutionConfig, identity: dict | None = None):
     try:
         state = json.loads(path.read_text())
         ok = state["format"] == CHECKPOINT_FORMAT and state["version"] == CHECKPOINT_VERSION
@@ -546,6 +554,11 @@ def _load(path: Path, cfg: EvolutionConfig):
             f"checkpoint {str(path)!r} was written for another config ({'; '.join(diff)}): "
             "delete it or pass the same config to resume"
         )
+    if state.get("identity") != (None if identity is None else json.loads(json.dumps(identity))):
+        raise ConfigError(
+            f"checkpoint {str(path)!r} was written for another search problem (identity {state.get('identity')!r}, "
+            f"here {identity!r}): delete it or pass the same problem to resume"
+        )
     bit_gen = np.random.PCG64()
     bit_gen.state = state["rng_state"]
     cache = {np.asarray(g, dtype=np.float64).tobytes(): float(f) for f, g in state["cache"]}
@@ -561,6 +574,9 @@ def evolve(
     checkpoint: str | Path | None = None,
     progress: bool = True,
     on_generation: Callable[[dict], None] | None = None,
+    repair_fn: Repair | None = None,
+    seed_genomes: list[np.ndarray] | None = None,
+    identity: dict | None = None,
 ) -> SearchResult:
     """Search a per-step budget schedule minimising ``fitness`` under the mean-budget band (paper §4).
 
@@ -580,6 +596,14 @@ def evolve(
         progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over generations.
         on_generation (`Callable[[dict], None]`, *optional*): called with each generation's history record after
             its checkpoint is written; an exception it raises stops the search (resumable).
+        repair_fn (`Callable[[np.ndarray, np.random.Generator], np.ndarray]`, *optional*): replaces the mean-budget
+            :func:`repair` everywhere (initial population and children), e.g. a latency-model repair of a
+            choice-index genome (:class:`vdit_accel.search.joint.JointCoding`); must return grid values with the
+            dense genes at 1.0. Default: ``repair(g, cfg, rng)``.
+        seed_genomes (`list[np.ndarray]`, *optional*): genomes starting the initial population (repaired); default
+            the uniform schedule.
+        identity (`dict`, *optional*): JSON-able description of the problem beyond ``cfg`` (e.g. the latency model
+            and target speedup), stored in the checkpoint; resuming with another identity raises.
 
     Returns:
         `SearchResult`.
@@ -596,13 +620,14 @@ def evolve(
     if progress and tqdm is None:
         raise ConfigError("progress=True needs tqdm (pip install tqdm); pass progress=False to run without it")
     path = None if checkpoint is None else Path(checkpoint)
+    fix: Repair = repair_fn if repair_fn is not None else (lambda g, r: repair(g, cfg, r))
     if path is not None and path.exists():
-        generation, rng, parents, parent_fit, history, cache = _load(path, cfg)
+        generation, rng, parents, parent_fit, history, cache = _load(path, cfg, identity)
         evaluate = _Evaluator(fitness, cache)
     else:
         rng = np.random.default_rng(cfg.seed)
         evaluate = _Evaluator(fitness, {})
-        initial = _initial_population(cfg, rng)
+        initial = _initial_population(cfg, rng, fix, seed_genomes)
         parents, parent_fit = _survivors(initial, evaluate(initial), cfg.population)
         generation, history = 0, []
     bar = tqdm(total=cfg.generations, initial=generation, desc="budget search", unit="gen") if progress else None
@@ -617,7 +642,7 @@ def evolve(
                 }
                 history.append(record)
                 if path is not None:
-                    _save(path, cfg, generation, rng, parents, parent_fit, history, evaluate.cache)
+                    _save(path, cfg, generation, rng, parents, parent_fit, history, evaluate.cache, identity)
                 if bar is not None:
                     bar.set_postfix(best=f"{record['best']:.4g}", evals=record["evaluations"])
                 if on_generation is not None:
@@ -626,7 +651,7 @@ def evolve(
                 break
             generation += 1
             p = mutation_probability(generation, cfg)
-            kids = np.stack([_child(parents, p, cfg, rng) for _ in range(cfg.children)])
+            kids = np.stack([_child(parents, p, cfg, rng, fix) for _ in range(cfg.children)])
             pool, pool_fit = np.concatenate([parents, kids]), np.concatenate([parent_fit, evaluate(kids)])
             parents, parent_fit = _survivors(pool, pool_fit, cfg.population)
             if bar is not None:
