@@ -28,7 +28,8 @@ def test_default_settings_and_geometry():
     m = full.model_kwargs
     assert (m["num_attention_heads"], m["attention_head_dim"], m["ffn_dim"], m["text_dim"]) == (12, 128, 8960, 4096)
     grid = latency_settings(kv_reuse=True)
-    assert len(grid) == 1 + 10 * 3 and grid[0] == Setting() and Setting(0.9, True, 2) in grid
+    assert len(grid) == 1 + 10 + 2 * 2 and grid[0] == Setting() and Setting(0.5, True, 2) in grid
+    assert Setting(0.9, True, 0) in grid and Setting(0.9, True, 2) not in grid
     with pytest.raises(ConfigError, match="kv_reuse"):
         StepBenchConfig(kv_reuse="maybe")
 

@@ -291,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "CUDA when present (default off)")
     s.add_argument("--tiny", action="store_true", help="tiny width for smoke tests (default off)")
     s.add_argument("--latency-model", default=None, metavar="PATH",
-                   help="instead of the settings above, measure budgets 0..0.9 x orders 0..2 plus dense and write a "
-                   "latency model (vdit-accel/latency-model JSON) here (default: none)")
+                   help="instead of the settings above, measure dense, budgets 0..0.9 (order 0) and orders 1, 2 at "
+                   "budgets 0 and 0.5, and write a latency model (vdit-accel/latency-model JSON) here (default: none)")
     s.add_argument("--latency-kv-reuse", action="store_true",
                    help="with --latency-model: the Astraea steps reuse cached K/V rows (default off)")
     s.add_argument("--quiet", action="store_true", help="no per-step progress on stderr (default off)")

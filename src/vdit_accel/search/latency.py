@@ -86,14 +86,25 @@ class LatencyModel:
         return sorted({o for _, o in self.costs})
 
     def cost(self, choice: StepChoice) -> float:
-        """Relative cost of one step; raises :class:`ConfigError` outside the measured range of its order."""
+        """Relative cost of one step.
+
+        Budgets between measured ones of the same order are interpolated linearly (every order meets the dense
+        step at budget 1). Where an order was measured at budget 0 only, its forecast overhead is taken as
+        proportional to the unselected share: ``cost(b, o) = cost(b, 0) + (1 - b)·(cost(0, o) - cost(0, 0))``.
+
+        Raises:
+            ConfigError: the order was not measured, or the budget lies outside its measured range.
+        """
         if choice.budget >= 1.0:
             return self.costs[(1.0, 0)]
         pts = sorted((b, c) for (b, o), c in self.costs.items() if o == choice.order and b < 1.0)
         if not pts:
             raise ConfigError(f"the latency model measured no step of order {choice.order}: measured orders "
                               f"{self.orders()}")
-        pts.append((1.0, self.costs[(1.0, 0)]))  # every order meets the dense step at budget 1
+        if choice.order > 0 and [b for b, _ in pts] == [0.0] and (0.0, 0) in self.costs:
+            extra = self.costs[(0.0, choice.order)] - self.costs[(0.0, 0)]
+            return self.cost(StepChoice(choice.budget, 0)) + (1.0 - choice.budget) * extra
+        pts.append((1.0, self.costs[(1.0, 0)]))
         xs, ys = zip(*pts)
         if not xs[0] - 1e-9 <= choice.budget <= xs[-1] + 1e-9:
             raise ConfigError(f"budget={choice.budget} of order {choice.order} is outside the measured budgets "
