@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -235,18 +236,19 @@ def test_pareto_has_one_panel_per_front_and_skips_rows_without_the_key(tmp_path)
 
 
 def test_quick_runs_every_peer_point(tmp_path, monkeypatch):
-    """--quick (8 steps) with every peer's whole grid. TODO: add timeripple and astraea here once normalised-time
-    resampling of presets lands (load_preset(name, steps=8) resampling instead of raising)."""
+    """--quick (8 steps) with every peer's whole grid and Astraea's presets (resampled over normalised time)."""
     from vdit_accel.instrument.sampler import GenerationConfig, Sampler
     from vdit_accel.methods.magcache_ratios import calibrate_mag_ratios
 
     model = tiny_model()
     ratios = calibrate_mag_ratios(Sampler(model), prompt_sets()["quick"][0], GenerationConfig(steps=8), write=False)
     monkeypatch.setattr("vdit_accel.methods.magcache_ratios.load_mag_ratios", lambda model_id: ratios)
-    peers = "dense,pab,fbc,taylorseer,fastercache,magcache"
+    peers = "dense,pab,fbc,taylorseer,fastercache,magcache,astraea"
     res = run_bench(model, BenchConfig(methods=peers, quick=True), None, progress=False)
     assert res["settings"]["steps"] == 8 and res["settings"]["seeds"] == 1 and len(res["jobs"]) == 2
-    assert len(res["methods"]) == 1 + 3 + 4 + 12 + 2 + 8
+    n_astraea = len(operating_points("astraea"))
+    assert len(res["methods"]) == 1 + 3 + 4 + 12 + 2 + 8 + n_astraea
+    assert all(m["stats"]["kept_ratio"] < 1.0 for m in res["methods"] if m["method"] == "astraea")
     assert all(m["speedup"] > 0 and not math.isnan(m["temporal_psnr_mean"]) for m in res["methods"])
 
 
@@ -262,3 +264,30 @@ def test_a_w2_pass_rerenders_the_summary_without_videos(tiny_bench, tmp_path):
     assert "speedup W2 (replay)" in (tmp_path / "results.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["methods"][1]["speedup_w2"] == 2.0
     assert fronts_present(res) == list(KNOWN_FRONTS) and (tmp_path / "pareto.png").stat().st_size > 0
+
+
+def test_w2_speedups_from_step_costs_and_latency_model(tmp_path):
+    """speedup_w2: peers by replaying their recorded decisions, Astraea by the latency model, dense 1.0."""
+    from vdit_accel.bench.replay import ComponentCosts
+    from vdit_accel.registry import BenchEnv
+    from vdit_accel.search.latency import LatencyModel
+
+    costs = ComponentCosts(full_block_s=1.0, attn1_s=0.4, skipped_block_s=0.0, overhead_s=0.0, target_layers=30)
+    (tmp_path / "step.json").write_text(json.dumps({"components": dataclasses.asdict(costs)}))
+    model = tiny_model()
+    point = operating_points("astraea")[0]
+    kv = point.make_config(BenchEnv(None, 4, model.config.model_id)).kv_reuse
+    lm = LatencyModel(costs={(1.0, 0): 1.0, (0.0, 0): 0.1, (0.0, 1): 0.1, (0.0, 2): 0.1}, kv_reuse=kv,
+                      geometry={}, hardware={}, dense_step_s=1.0)
+    lm.save(tmp_path / "lm.json")
+    cfg = BenchConfig(methods=f"dense,fbc-0.3,pab-2,{point.label}", prompts="quick", seeds=1, steps=4,
+                      step_costs=str(tmp_path / "step.json"), latency_model=str(tmp_path / "lm.json"))
+    res = run_bench(model, cfg, None, progress=False)
+    rows = {m["label"]: m for m in res["methods"]}
+    assert rows["dense"]["speedup_w2"] == 1.0
+    assert rows["pab-2"]["speedup_w2_source"] == "decision replay" and rows["pab-2"]["speedup_w2"] > 1.0
+    assert rows["fbc-0.3"]["speedup_w2"] >= 1.0
+    assert rows[point.label]["speedup_w2_source"] == "latency model" and rows[point.label]["speedup_w2"] > 1.0
+    assert res["settings"]["w2"]["step_costs"]["full_block_s"] == 1.0
+    with pytest.raises(ConfigError, match="step_costs"):
+        run_bench(model, dataclasses.replace(cfg, step_costs=str(tmp_path / "missing.json")), None, progress=False)

@@ -51,7 +51,6 @@ def test_score_command(weights, tmp_path, capsys):
 
 def test_bench_quick_dense_and_one_peer(weights, tmp_path, capsys):
     out = tmp_path / "bench"
-    # peers only: TODO add timeripple/astraea once normalised-time preset resampling lands (presets are 50-step)
     assert main(["bench", "--quick", "--methods", "dense,fbc-0.05,taylorseer-i2-o2", "--out", str(out), "--weights",
                  weights, "--steps", "3", "--quiet"]) == 0
     res = json.loads((out / "results.json").read_text())

@@ -135,7 +135,7 @@ def cmd_bench(a) -> int:
     from vdit_accel.bench.report import markdown_table
 
     cfg = BenchConfig(methods=a.methods, prompts=a.prompts, seeds=a.seeds, steps=a.steps, guidance=a.guidance,
-                      quick=a.quick)
+                      quick=a.quick, step_costs=a.step_costs, latency_model=a.latency_model)
     model = _load_model(a.weights)
     results = run_bench(model, cfg, a.out, progress=not a.quiet, command="vdit-accel " + " ".join(sys.argv[1:]))
     print(markdown_table(results))
@@ -255,9 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=b.steps)
     s.add_argument("--guidance", type=float, default=b.guidance, help="CFG scale (default: the model's)")
     s.add_argument("--out", default="results")
-    # TODO: timeripple/astraea presets are 50-step; --quick needs normalised-time preset resampling for them
-    s.add_argument("--quick", action="store_true", help="smoke test: 2 prompts, 1 seed, 8 steps (until presets "
-                   "resample to other step counts, name only peers in --methods)")
+    s.add_argument("--quick", action="store_true", help="smoke test: 2 prompts, 1 seed, 8 steps (presets are "
+                   "resampled over normalised time)")
+    s.add_argument("--step-costs", default=b.step_costs, metavar="JSON", help="a bench-step JSON: replay every "
+                   "point's recorded decisions at W2 width (speedup_w2; default: none)")
+    s.add_argument("--latency-model", default=b.latency_model, metavar="JSON", help="a latency-model JSON: price "
+                   "Astraea schedules at W2 width (speedup_w2; default: none)")
     s.add_argument("--weights", default=None)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_bench)

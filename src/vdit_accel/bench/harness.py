@@ -22,6 +22,7 @@ Example (a real run: see ``vdit-accel bench --help``):
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import platform
 import subprocess
@@ -117,6 +118,8 @@ class BenchConfig:
     steps: int = 50
     guidance: float | None = None  # None: the model's (``EmbeddedConfig.guidance``)
     quick: bool = False
+    step_costs: str | None = None  # a bench-step JSON: W2 replay of every recorded decision (``speedup_w2``)
+    latency_model: str | None = None  # a latency-model JSON: W2 price of Astraea schedules (``speedup_w2``)
 
     def __post_init__(self) -> None:
         check_range("seeds", self.seeds, lo=1)
@@ -127,9 +130,7 @@ class BenchConfig:
     def effective(self) -> BenchConfig:
         """``--quick``: 2 prompts, 1 seed, 8 steps (a smoke test).
 
-        TODO: the shipped timeripple/astraea presets are tied to 50 steps, so ``--quick`` with them raises (before
-        any compute) until normalised-time resampling lands (``load_preset(name, steps=8)`` resampling the
-        schedule instead of raising); until then a quick run names only peers in ``--methods``.
+        Presets made for another step count are resampled over normalised time (``load_preset(name, steps=8)``).
         """
         if not self.quick:
             return self
@@ -198,9 +199,16 @@ def _aggregate(name: str, values: list[float], digits: int) -> tuple[float, floa
 
 
 def _generate(sampler: Sampler, config: Any, prompt: str, gen_cfg: GenerationConfig,
-              device: torch.device) -> tuple[torch.Tensor, float, dict, PeakMemory]:
-    """Apply ``config``, generate one video (timed, memory measured), read the method's stats, remove it."""
+              device: torch.device, record: bool = False) -> tuple[torch.Tensor, float, dict, PeakMemory, list]:
+    """Apply ``config``, generate one video (timed, memory measured), read the method's stats, remove it.
+
+    With ``record`` a :class:`~vdit_accel.bench.replay.DecisionRecorder` sees what executed (for every point
+    alike, so its small hook cost is shared); its decisions are returned (else an empty list).
+    """
+    from vdit_accel.bench.replay import DecisionRecorder
+
     handle = apply(sampler.model.transformer, config)
+    recorder = DecisionRecorder(sampler.model.transformer).attach() if record else None
     try:
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
@@ -208,8 +216,45 @@ def _generate(sampler: Sampler, config: Any, prompt: str, gen_cfg: GenerationCon
             latency = time.perf_counter() - t0
         stats = stats_summary(handle)
     finally:
+        if recorder is not None:
+            recorder.detach()
         handle.remove()
-    return video, latency, stats, mem
+    return video, latency, stats, mem, [] if recorder is None else recorder.decisions
+
+
+def _w2_pricing(cfg: BenchConfig):
+    """Load the W2 cost sources named by ``cfg`` (before any compute): (component costs, latency model)."""
+    from vdit_accel.bench.replay import ComponentCosts
+    from vdit_accel.search.latency import LatencyModel
+
+    costs = None
+    if cfg.step_costs is not None:
+        try:
+            costs = ComponentCosts.from_results(json.loads(Path(cfg.step_costs).read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"step_costs={cfg.step_costs!r} is not a readable bench-step JSON: {e!r}") from e
+    latency = None if cfg.latency_model is None else LatencyModel.load(cfg.latency_model)
+    return costs, latency
+
+
+def _w2_speedup(method: str, config: Any, decisions: list, costs, latency) -> tuple[float | None, str]:
+    """One job's W2-width speedup and how it was obtained (module docstring of :mod:`vdit_accel.bench.replay`).
+
+    Astraea schedules are priced by the latency model (each step's measured cost at W2); every other method's
+    recorded decisions are replayed from the measured component costs; TimeRipple's attention kernels are not
+    modelled by either, so it gets none.
+    """
+    from vdit_accel.bench.replay import predict_astraea_speedup, replay_speedup
+
+    if method == "dense":
+        return 1.0, "dense"
+    if method == "astraea":
+        if latency is None:
+            return None, "no latency model"
+        return predict_astraea_speedup(config, latency), "latency model"
+    if method == "timeripple" or costs is None:
+        return None, "attention kernels not replayed" if method == "timeripple" else "no step costs"
+    return replay_speedup(decisions, costs)["speedup"], "decision replay"
 
 
 def run_bench(model: EmbeddedModel, cfg: BenchConfig, out_dir: str | Path | None = None,
@@ -229,6 +274,8 @@ def run_bench(model: EmbeddedModel, cfg: BenchConfig, out_dir: str | Path | None
         ``dense_drift``/``drift_flagged``, ``settings`` (with ``peer_grids``).
     """
     cfg = cfg.effective()
+    w2_costs, w2_latency = _w2_pricing(cfg)
+    record = w2_costs is not None
     sampler = Sampler(model)
     cfg = dataclasses.replace(cfg, guidance=sampler.guidance(GenerationConfig(guidance=cfg.guidance)))  # as used
     points = operating_points(cfg.methods)  # validates every name before any compute
@@ -252,14 +299,17 @@ def run_bench(model: EmbeddedModel, cfg: BenchConfig, out_dir: str | Path | None
     sampler(prompts[0], gen_cfg.replace(steps=2), progress=False)  # warm-up: first-call allocations
     bar.update(1)
     per = {lab: {"videos": [], "lat": [], "stats": [], "peak": [], "delta": [], "psnr": [], "ssim": [],
-                 "worst": [], "temporal": [], "adh": []} for lab in labels}
+                 "worst": [], "temporal": [], "adh": [], "w2": [], "w2_how": ""} for lab in labels}
     run_log, t_start = [], time.perf_counter()
     for j, ((prompt, seed), job_order) in enumerate(zip(jobs, order, strict=True)):
         for label in job_order:
             bar.set_postfix(method=label)
             started = time.perf_counter() - t_start
-            video, lat, stats, mem = _generate(sampler, configs[label], prompt, gen_cfg.replace(seed=seed), device)
+            video, lat, stats, mem, decisions = _generate(sampler, configs[label], prompt,
+                                                          gen_cfg.replace(seed=seed), device, record)
             rec = per[label]
+            w2, rec["w2_how"] = _w2_speedup(by_label[label].method, configs[label], decisions, w2_costs, w2_latency)
+            rec["w2"].append(w2)
             rec["videos"].append(video)
             rec["lat"].append(lat)
             rec["stats"].append(stats)
@@ -310,6 +360,8 @@ def run_bench(model: EmbeddedModel, cfg: BenchConfig, out_dir: str | Path | None
             "peak_rss_mb": round(max(rec["peak"]) / 2**20, 1),
             "peak_delta_mb": round(max(rec["delta"]) / 2**20, 1),
             "stats": _merge_stats(rec["stats"]),
+            **({"speedup_w2": round(float(np.median(rec["w2"])), 4), "speedup_w2_source": rec["w2_how"]}
+               if rec["w2"] and all(x is not None for x in rec["w2"]) else {"speedup_w2_source": rec["w2_how"]}),
         }
 
     results = {
@@ -320,7 +372,10 @@ def run_bench(model: EmbeddedModel, cfg: BenchConfig, out_dir: str | Path | None
         "settings": {**dataclasses.asdict(cfg), "prompt_list": prompts, "model_id": model_id,
                      "geometry": list(sampler.geometry(gen_cfg)), "threads": torch.get_num_threads(),
                      "memory_kind": "cuda" if device.type == "cuda" else "rss", "worst_patch_side": WORST_PATCH_SIDE,
-                     "drift_tolerance": DRIFT_TOLERANCE, "peer_grids": peer_grid_record()},
+                     "drift_tolerance": DRIFT_TOLERANCE, "peer_grids": peer_grid_record(),
+                     "w2": None if w2_costs is None and w2_latency is None else {
+                         "step_costs": dataclasses.asdict(w2_costs) if w2_costs else None,
+                         "latency_model": w2_latency.to_dict() if w2_latency else None}},
         "jobs": [[p, s] for p, s in jobs],
         "run_log": run_log,
         "dense_drift": None if drift is None else round(drift, 4),
