@@ -138,6 +138,9 @@ def apply(target: Any, spec: Any, *, steps: int | None = None) -> AccelHandle:
             for i in order:
                 handle.applied.append((names[i], denoiser, methods[i].apply(module, configs[i])))
                 logger.debug("applied %s to %s", names[i], denoiser)
+        for _, _, h in handle.applied:  # a method that computes something itself checks what was added after it
+            if hasattr(h, "check"):
+                h.check()
     except BaseException:
         handle.remove()
         raise

@@ -314,12 +314,15 @@ def cache_bytes(tokens: int, dim: int, heads: int, blocks: int, *, branches: int
     return per_block * blocks * branches
 
 
-def _attention_through(block, adapter: ModelAdapter):
-    """The row-subset attention, through the self-attention processor's ``rows_attention`` when it has one
-    (another method, e.g. TimeRipple, acts inside Astraea's rows), else plain :func:`row_subset_attention`."""
+def _attention_through(block, adapter: ModelAdapter, idx: torch.Tensor):
+    """The row-subset attention ``(q_sel, k, v) -> (out, lse)`` for the rows ``idx`` `[B, k]`: through the
+    self-attention processor's ``rows_attention(q_sel, idx, k, v)`` when it has one (another method, e.g.
+    TimeRipple, then acts inside Astraea's rows), else plain :func:`row_subset_attention`."""
     processor = getattr(adapter.self_attention(block), "processor", None)
     rows_attention = getattr(processor, "rows_attention", None)
-    return rows_attention if rows_attention is not None else row_subset_attention
+    if rows_attention is None:
+        return row_subset_attention
+    return lambda q, k, v: rows_attention(q, idx, k, v)
 
 
 def _foreign_hooks(module: torch.nn.Module) -> list[str]:
@@ -434,7 +437,7 @@ class AstraeaBlockHook(ModelHook):
         idx = self._select(ctx.branch, state, hidden_states, count, b, n)
         kv = "rows" if self.config.kv == "selected" else ("cache" if settings["kv_reuse"] else "all")
         state.rows.dtype = CACHE_DTYPES.get(self.config.cache_dtype)
-        attention = _attention_through(module, self.adapter)
+        attention = _attention_through(module, self.adapter, idx)
         rows, lse = self.adapter.block_rows_forward(module, args, kwargs, idx, attention, kv=kv, cache=state.rows)
         if state.out is None:
             out = rows if count == n else hidden_states.new_empty(hidden_states.shape).scatter(
@@ -523,7 +526,12 @@ class AstraeaHandle:
     transformer: torch.nn.Module
     stats: AstraeaStats
     blocks: list = field(default_factory=list)
+    adapter: ModelAdapter | None = None
     _removed: bool = False
+
+    def check(self) -> None:
+        """Raise :class:`CompositionError` if a hook installed since would be bypassed (also checked at run time)."""
+        _check_composition(self.adapter, self.transformer, self.blocks)
 
     def remove(self) -> None:
         if self._removed:
@@ -554,7 +562,7 @@ def apply_astraea(transformer: torch.nn.Module, config: AstraeaConfig,
     _check_composition(adapter, transformer, blocks)
     context = acquire_context(transformer, adapter, num_steps=config.num_steps)
     stats = AstraeaStats()
-    handle = AstraeaHandle(transformer, stats)
+    handle = AstraeaHandle(transformer, stats, adapter=adapter)
     hooks: list[AstraeaBlockHook] = []
     shared: dict = {"hooks": hooks, "transformer": transformer}
     for i, block in enumerate(blocks):
