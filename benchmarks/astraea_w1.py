@@ -1,0 +1,100 @@
+"""Astraea on the embedded model (W1): wall-clock speedup of uniform budgets against their FLOP ceiling.
+
+For each uniform budget (first step dense) with and without K/V reuse, and for dense, this generates the same
+(prompt, seed) jobs round-robin in one process (``--repeats`` passes), takes the median latency, and divides
+the measured speedup by the schedule's FLOP ceiling (:mod:`vdit_accel.bench.flops` at the embedded model's
+geometry: ``sum_steps dense / sum_steps setting``). Efficiency = measured / ceiling: what the implementation's
+per-token overheads (scoring, gathers, scatters) cost on a dim-128 model. Also records PSNR vs dense.
+
+    PYTHONPATH=src OMP_NUM_THREADS=2 .venv/bin/python benchmarks/astraea_w1.py --out docs/results/astraea/w1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vdit_accel.bench.flops import Setting, WanGeometry, step_flops
+from vdit_accel.bench.harness import machine_info, prompt_sets
+from vdit_accel.bench.metrics import psnr
+from vdit_accel.instrument.model import EmbeddedModel
+from vdit_accel.instrument.sampler import GenerationConfig, Sampler
+from vdit_accel.methods.astraea import AstraeaConfig, apply_astraea
+
+
+def schedule_ceiling(geo: WanGeometry, cfg: AstraeaConfig | None) -> float:
+    """Dense FLOPs of the whole generation / the schedule's (text K/V counted once, at the first step)."""
+    steps = 50 if cfg is None else cfg.num_steps
+    dense = steps * step_flops(geo, Setting())
+    if cfg is None:
+        return 1.0
+    kv = cfg.kv_reuse
+    total = sum(step_flops(geo, Setting()) if b >= 1.0 else step_flops(geo, Setting(budget=b, kv_reuse=kv))
+                for b in cfg.schedule)
+    return dense / total
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.4, 0.6])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompts", default="quick")
+    a = p.parse_args(argv)
+    model = EmbeddedModel.load()
+    sampler = Sampler(model)
+    gen = GenerationConfig(steps=a.steps)
+    prompts = prompt_sets()[a.prompts]
+    f, h, w = sampler.geometry(gen)
+    pt, ph, pw = model.transformer.config.patch_size
+    text_len = model.encode_prompts(prompts[:1]).shape[1]
+    geo = WanGeometry.from_model(model.transformer, (f // pt, h // ph, w // pw), text_len)
+    configs: dict[str, AstraeaConfig | None] = {"dense": None}
+    for b in a.budgets:
+        for kv in (False, True):
+            configs[f"uniform-{b}" + ("-kv" if kv else "")] = AstraeaConfig(target=b, num_steps=a.steps, kv_reuse=kv)
+    sampler(prompts[0], gen.replace(steps=2), progress=False)  # warm-up
+    lat = {k: [] for k in configs}
+    videos: dict[str, list] = {k: [None] * len(prompts) for k in configs}
+    for _ in range(a.repeats):
+        for j, prompt in enumerate(prompts):
+            for label, cfg in configs.items():
+                handle = apply_astraea(model.transformer, cfg) if cfg is not None else None
+                t0 = time.perf_counter()
+                videos[label][j] = sampler(prompt, gen.replace(seed=0), progress=False)
+                lat[label].append(time.perf_counter() - t0)
+                if handle is not None:
+                    handle.remove()
+    dense = float(np.median(lat["dense"]))
+    rows = []
+    for label, cfg in configs.items():
+        speed = dense / float(np.median(lat[label]))
+        ceil = schedule_ceiling(geo, cfg)
+        ps = [psnr(v, r) for v, r in zip(videos[label], videos["dense"])]
+        rows.append({"label": label, "budget_mean": 1.0 if cfg is None else round(cfg.mean_budget, 4),
+                     "kv_reuse": bool(cfg and cfg.kv_reuse),
+                     "latency_median_s": round(float(np.median(lat[label])), 4),
+                     "latencies_s": [round(x, 4) for x in lat[label]], "speedup": round(speed, 4),
+                     "flop_ceiling": round(ceil, 4), "efficiency": round(speed / ceil, 4),
+                     "psnr_mean": round(float(np.mean(ps)), 3) if all(np.isfinite(ps)) else float("inf")})
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"format": "vdit-accel/astraea-w1", "command": "benchmarks/astraea_w1.py " + " ".join(sys.argv[1:]),
+              **machine_info(), "threads": torch.get_num_threads(), "geometry": geo.to_dict(), "steps": a.steps,
+              "prompts": prompts, "repeats": a.repeats, "rows": rows}
+    (out / "astraea_w1.json").write_text(json.dumps(result, indent=1))
+    for r in rows:
+        print(f"{r['label']:>18} speedup {r['speedup']:.2f}x ceiling {r['flop_ceiling']:.2f}x "
+              f"efficiency {r['efficiency']:.2f} psnr {r['psnr_mean']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
