@@ -247,3 +247,25 @@ def test_shipped_astraea_preset_resamples_to_other_step_counts():
     short = load_preset("astraea-50", method="astraea", steps=8)
     assert short.num_steps == 8 and len(short.budgets) == 8
     assert short.mean_budget == pytest.approx(full.mean_budget, abs=1 / 8)  # dense first step kept at 1.0
+
+
+def test_whole_step_schedules_run_lean(tiny_model, monkeypatch):
+    """Budgets 0/1 only: stock blocks on computed steps, only the last block caches; same result as the full path."""
+    cfg = AstraeaConfig(budgets=(1.0, 0.0, 1.0, 0.0, 0.0, 1.0), num_steps=6, forecast=2)
+    lean, h_lean = _run(tiny_model, cfg)
+    original = astraea_mod.AstraeaBlockHook._settings
+
+    def not_lean(self, x):
+        s = original(self, x)
+        s["lean"] = False
+        return s
+
+    monkeypatch.setattr(astraea_mod.AstraeaBlockHook, "_settings", not_lean)
+    full, h_full = _run(tiny_model, cfg)
+    torch.testing.assert_close(lean, full, atol=1e-4, rtol=1e-4)
+    assert h_lean.stats.forecast_calls > 0 and h_lean.stats.summary()["kept_ratio"] == h_full.stats.summary()[
+        "kept_ratio"]
+    n_blocks = len(tiny_model.transformer.blocks)
+    assert h_lean.stats.cache_bytes_peak * n_blocks <= h_full.stats.cache_bytes_peak
+    dense, _ = _run(tiny_model)
+    assert not torch.equal(dense, lean)

@@ -19,8 +19,9 @@ cached output plus the input change (``cache="residual"``). A step of budget 0 c
 pass their input through (their outputs would be ignored). Budget 1.0 and 0.0 steps do no scoring.
 
 Caches are per block and per CFG branch and are freed when the generation ends (the pipeline/sampler resets
-stateful hooks). At budget 1.0 for every step the hook calls the original block forward: bit-identical to
-the unpatched model.
+stateful hooks). A whole-step schedule (every budget 0 or 1) needs no scoring: its computed steps run the stock
+block and only the last block keeps outputs (memory ~1/num_layers of the token-wise caches). At budget 1.0
+for every step the hook calls the original block forward: bit-identical to the unpatched model.
 
 Schedules live over normalised denoising time: :meth:`AstraeaConfig.resampled` maps a schedule made for
 ``num_steps`` to another step count (budgets by interval mean, which keeps the mean; orders by midpoint).
@@ -402,7 +403,9 @@ class AstraeaBlockHook(ModelHook):
                 self.stats.degraded.append(what)
                 logger.warning("Astraea memory cap %.1f MB: %s", cfg.memory_cap_mb, what)
         wrapped = any(_foreign_hooks(h.block) for h in hooks) or bool(_foreign_hooks(self.context_module()))
-        self.shared["settings"] = {"order": order, "kv_reuse": kv_reuse, "shortcut": not wrapped}
+        whole_steps = all(b in (0.0, 1.0) for b in self.schedule)
+        self.shared["settings"] = {"order": order, "kv_reuse": kv_reuse, "shortcut": not wrapped,
+                                   "lean": whole_steps and not wrapped and cfg.cache == "output"}
         return self.shared["settings"]
 
     def context_module(self) -> torch.nn.Module:
@@ -423,6 +426,10 @@ class AstraeaBlockHook(ModelHook):
         hidden_states = self.adapter.block_hidden_states(args, kwargs)
         settings = self._settings(hidden_states)
         state = self.states.setdefault(ctx.branch, BlockState())
+        if settings["lean"]:
+            out = self._lean_forward(original, args, kwargs, hidden_states, ctx, state, settings)
+            self._account()
+            return out
         b, n, _ = hidden_states.shape
         step = ctx.step_index
         budget = self.schedule[step] if state.out is not None else 1.0
@@ -448,9 +455,12 @@ class AstraeaBlockHook(ModelHook):
             out = base.scatter(1, idx[..., None].expand(-1, -1, rows.shape[-1]), rows)
         self._update(state, hidden_states, idx, rows, lse, step, settings["order"])
         self.stats.record(ctx.branch, step, self.index, count / n)
+        self._account()
+        return out
+
+    def _account(self) -> None:
         total = sum(s.nbytes() for h in self.shared["hooks"] for s in h.states.values())
         self.stats.cache_bytes_peak = max(self.stats.cache_bytes_peak, total)
-        return out
 
     def _reused(self, state: BlockState, x: torch.Tensor, step: int, order: int) -> torch.Tensor:
         """What the unselected rows take: `[B, N, C]` cached output, its forecast, or output + input change."""
@@ -465,20 +475,17 @@ class AstraeaBlockHook(ModelHook):
             pred = pred + state.d2.float() * (gap * gap / 2)
         return pred.to(x.dtype)
 
-    def _update(self, state: BlockState, x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, lse: torch.Tensor,
-                step: int, max_order: int) -> None:
-        """Record the freshly computed rows ``idx`` `[B, k]`: outputs, divided differences, inputs, LSE, skips."""
+    def _record_rows(self, state: BlockState, x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, step: int,
+                     max_order: int) -> None:
+        """Record freshly computed output rows ``rows`` `[B, k, C]` at ``idx`` `[B, k]`: outputs, their divided
+        differences over steps (orders up to ``max_order``), the step and how often each row was computed."""
         b, n, c = x.shape
         store = CACHE_DTYPES.get(self.config.cache_dtype, x.dtype)
-        red = reduce_head_lse(lse, self.config.lse_reduction)
         at = idx[..., None].expand(-1, -1, c)
         if state.out is None:  # first computation: every row (budget forced to 1)
             state.out = torch.empty(b, n, c, dtype=store, device=x.device).scatter_(1, at, rows.to(store))
-            state.inp, state.lse = x.to(store).clone(), red
-            state.skips = torch.zeros(b, n, dtype=torch.long, device=x.device)
             state.last = torch.full((b, n), step, dtype=torch.long, device=x.device)
             state.hist = torch.ones(b, n, dtype=torch.long, device=x.device)
-            state.skips = update_skips(state.skips, idx)
             return
         if max_order > 0:
             gap = (step - torch.gather(state.last, 1, idx)).to(torch.float32)[..., None]  # [B, k, 1]
@@ -496,9 +503,42 @@ class AstraeaBlockHook(ModelHook):
             state.hist.scatter_(1, idx, torch.gather(state.hist, 1, idx).clamp_max(2) + 1)
             state.last.scatter_(1, idx, torch.full_like(idx, step))
         state.out.scatter_(1, at, rows.to(store))
-        state.inp.scatter_(1, at, torch.gather(x, 1, at).to(store))
-        state.lse = state.lse.scatter(1, idx, red.to(state.lse.dtype))
+
+    def _update(self, state: BlockState, x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, lse: torch.Tensor,
+                step: int, max_order: int) -> None:
+        """:meth:`_record_rows`, plus what scoring needs: the rows' inputs, LSE and skip counters."""
+        store = CACHE_DTYPES.get(self.config.cache_dtype, x.dtype)
+        red = reduce_head_lse(lse, self.config.lse_reduction)
+        first = state.out is None
+        self._record_rows(state, x, idx, rows, step, max_order)
+        if first:
+            state.inp, state.lse = x.to(store).clone(), red
+            state.skips = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
+        else:
+            at = idx[..., None].expand(-1, -1, x.shape[-1])
+            state.inp.scatter_(1, at, torch.gather(x, 1, at).to(store))
+            state.lse = state.lse.scatter(1, idx, red.to(state.lse.dtype))
         state.skips = update_skips(state.skips, idx)
+
+    def _lean_forward(self, original, args, kwargs, x: torch.Tensor, ctx, state: BlockState, settings: dict):
+        """Whole-step schedules (every budget 0 or 1, nothing wraps Astraea): no scoring, no K/V and no input
+        caches; computed steps run the stock block; only the last block keeps outputs (and their differences)
+        to form the output of budget-0 steps, the others pass their input through on those steps."""
+        step = ctx.step_index
+        last = self.shared["hooks"][-1].states.get(ctx.branch)
+        primed = last is not None and last.out is not None
+        if not primed or self.schedule[step] >= 1.0:
+            out = original(*args, **kwargs)
+            if self.is_last:
+                b, n, _ = x.shape
+                self._record_rows(state, x, torch.arange(n, device=x.device).expand(b, n), out, step,
+                                  settings["order"])
+            self.stats.record(ctx.branch, step, self.index, 1.0)
+            return out
+        self.stats.record(ctx.branch, step, self.index, 0.0)
+        if not self.is_last:
+            return x
+        return self._reused(state, x, step, min(self.config.orders[step], settings["order"]))
 
     @torch.compiler.disable
     def _select(self, branch: str, state: BlockState, x: torch.Tensor, count: int, b: int, n: int) -> torch.Tensor:
