@@ -89,3 +89,21 @@ def test_bad_inputs_raise():
         token_decisions([x], (2, 2, 3), 0.1)
     with pytest.raises(ConfigError, match="q_root"):
         token_dedup_attention(x, x, x, torch.zeros(1, 7, dtype=torch.long), None)
+
+
+def test_structured_entry_point_tokens_fast_equals_reference():
+    from vdit_accel.ops.timeripple_structured import (
+        structured_timeripple_attention,
+        structured_timeripple_attention_reference,
+    )
+
+    grid = (2, 4, 3)
+    q, k, v = (_smooth(1, grid, 2, 6, s, 2, 0) for s in (0, 1, 2))
+    kw = dict(grid=grid, thresholds=0.3, variant="tokens", text_prefix=2)
+    fast, fst = structured_timeripple_attention(q, k, v, **kw)
+    ref, rst = structured_timeripple_attention_reference(q, k, v, **kw)
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+    assert fst.rows_removed == pytest.approx(rst.rows_removed) and fst.rows_removed > 0
+    assert fst.qk_savings == pytest.approx(rst.qk_savings)
+    with pytest.raises(ConfigError, match="tokens"):
+        structured_timeripple_attention(q, k, v, **kw, row_fraction=0.5)

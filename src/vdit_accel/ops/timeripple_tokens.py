@@ -377,3 +377,61 @@ def token_stats(dec: TokenDecisions | None, shape: torch.Size, axes: tuple[str, 
     return ReuseStats(rq, rk, per_axis if reuse_q else zeros, per_axis if reuse_k else zeros,
                       dict.fromkeys(groups, rq), dict.fromkeys(groups, rk), savings, [savings] * shape[2],
                       dstats.rows_removed, dstats.keys_removed, dstats.attn_work)
+
+
+def tokens_timeripple_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    grid: tuple[int, int, int],
+    thresholds: float,
+    window: int = 2,
+    axes: tuple[str, ...] = AXES,
+    priority: str = "thw",
+    text_prefix: int = 0,
+    text_suffix: int = 0,
+    reuse_q: bool = True,
+    reuse_k: bool = True,
+    scale: float | None = None,
+    rope_groups: dict[str, slice] | None = None,
+    decisions: TokenDecisions | None = None,
+) -> tuple[torch.Tensor, ReuseStats, TokenDecisions | None]:
+    """The ``"tokens"`` variant end to end: `token_decisions` on the sides that reuse, then `token_dedup_attention`.
+
+    Args:
+        q, k (`torch.Tensor`): `[B, S, H, D]` post-RoPE; v (`torch.Tensor`): `[B, S, H, Dv]`.
+        thresholds (`float`): the relative spread threshold θ (one shared value; dict/tensor thresholds are
+            rejected: this variant has no per-axis or per-channel θ).
+        grid, window, axes, priority, text_prefix, text_suffix: see `token_decisions`.
+        reuse_q, reuse_k (`bool`): which sides reuse; both decide together when both reuse.
+        scale, rope_groups: see `timeripple_attention`.
+        decisions (`TokenDecisions | None`, defaults to `None`): decisions to use instead of computing them (e.g.
+            kept from an earlier call); their root must be `[B, S]`.
+
+    Returns:
+        out `[B, S, H, Dv]`, stats (`ReuseStats` with `rows_removed`, `keys_removed`, `attn_work`), and the
+        decisions used (`None` when θ = 0: dense SDPA).
+
+    Example:
+        >>> q = k = v = torch.zeros(1, 8, 2, 6)
+        >>> out, st, _ = tokens_timeripple_attention(q, k, v, grid=(2, 2, 2), thresholds=0.5)
+        >>> st.rows_removed, st.keys_removed
+        (0.875, 0.875)
+    """
+    if isinstance(thresholds, dict | torch.Tensor):
+        raise ConfigError("thresholds for the 'tokens' variant is one float (a relative spread); per-axis and "
+                          "per-channel thresholds are not accepted (threshold_mode='shared')")
+    if not (reuse_q or reuse_k):
+        raise ConfigError("reuse_q=False and reuse_k=False reuse nothing: enable at least one")
+    axes = _check_axes(axes)
+    dec = decisions
+    if dec is None and thresholds > 0:
+        xs = [x for x, on in ((q, reuse_q), (k, reuse_k)) if on]
+        dec = token_decisions(xs, grid, thresholds, window=window, axes=axes, priority=priority,
+                              text_prefix=text_prefix, text_suffix=text_suffix)
+    elif dec is None:
+        _check_tokens([q], grid, window, axes, priority, text_prefix, text_suffix, thresholds)
+    root = None if dec is None else dec.root
+    out, dstats = token_dedup_attention(q, k, v, root if reuse_q else None, root if reuse_k else None, scale=scale)
+    return out, token_stats(dec, q.shape, axes, reuse_q, reuse_k, dstats, rope_groups), dec
