@@ -285,6 +285,7 @@ class TimeRippleProcessor:
         self.context = context
         self.rope_groups = rope_groups
         self.stats = stats
+        self.decision_log: dict | None = None  # set by TimeRippleHandle.record_decisions ("tokens" variant)
 
     def _theta(self, ctx) -> float:
         cfg = self.config
@@ -323,7 +324,11 @@ class TimeRippleProcessor:
             reuse_k=cfg.reuse_k, rope_groups=self.rope_groups,
         )
         if cfg.variant == "tokens":
-            out, stats, _ = tokens_timeripple_attention(q, k, v, **kw)
+            out, stats, dec = tokens_timeripple_attention(q, k, v, **kw)
+            if self.decision_log is not None and dec is not None:
+                self.decision_log[(ctx.branch, ctx.step_index, self.layer)] = dict(
+                    spread={a: t[:1].detach().cpu() for a, t in dec.spread.items()}, grid=ctx.grid.as_tuple(),
+                    text_prefix=ctx.text_prefix, text_suffix=ctx.text_suffix, heads=q.shape[2], head_dim=q.shape[3])
         elif cfg.variant == "exact_sim":
             out, stats = timeripple_attention(q, k, v, **kw)
         else:
@@ -416,6 +421,15 @@ class TimeRippleHandle:
     stats: TimeRippleStats
     _restore: list = field(default_factory=list)
     _removed: bool = False
+
+    def record_decisions(self, log: dict | None) -> None:
+        """Record the "tokens" variant's per-token spreads of every reuse call into ``log`` (``None`` stops).
+
+        ``log[(branch, step, layer)] = {"spread": {axis: [1, S] cpu}, "grid", "text_prefix", "text_suffix",
+        "heads", "head_dim"}`` (first batch element); used by speed calibration (``search.calibrate``).
+        """
+        for module, _ in self._restore:
+            module.get_processor().decision_log = log
 
     def remove(self) -> None:
         if self._removed:

@@ -69,25 +69,29 @@ class TokenDecisions:
         return float((self.root != ar).float().mean())
 
 
-def _axis_spread(v: torch.Tensor, dim: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windowed (Σ var, Σ mean square) over the last dim, broadcast back to every token; along grid dim `dim`."""
+def _axis_spread(v: torch.Tensor, n2: torch.Tensor, dim: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windowed (Σ_c Var, Σ_c mean square) of `v` `[B, T, Hg, Wg, C]` along grid dim `dim`, broadcast to tokens.
+
+    `n2` is `Σ_c v²` per token (`[B, T, Hg, Wg]`, computed once per tensor); `Σ_c Var = mean_j n2_j − ‖mean_j v_j‖²`,
+    so each axis costs one window mean of `v` and one norm of the (1/K as large) mean.
+    """
     n = v.shape[dim]
     full = n // window * window
     var_parts, ms_parts = [], []
     for start, size, k in ((0, full, window), (full, n - full, n - full)):
         if size == 0:
             continue
-        part = v.narrow(dim, start, size)
+        part, n2p = v.narrow(dim, start, size), n2.narrow(dim, start, size)
         shape = part.shape[:dim] + (size // k, k) + part.shape[dim + 1 :]
-        w = part.reshape(shape)
-        mean = w.mean(dim + 1, keepdim=True)
-        var = (w - mean).square().sum(-1).mean(dim + 1, keepdim=True)  # Σ_c Var over the window
-        ms = w.square().sum(-1).mean(dim + 1, keepdim=True)  # Σ_c mean square over the window
+        ms = n2p.reshape(shape[:-1]).mean(dim + 1, keepdim=True)
+        mean = part.reshape(shape).mean(dim + 1)
+        var = (ms - torch.linalg.vector_norm(mean, dim=-1).square().unsqueeze(dim + 1)).clamp_min(0.0)
         if k == 1:
             var = torch.full_like(var, float("inf"))  # a window of size 1 has no reuse
-        out_shape = shape[:-1]
-        var_parts.append(var.expand(out_shape).reshape(part.shape[:-1]))
-        ms_parts.append(ms.expand(out_shape).reshape(part.shape[:-1]))
+        var_parts.append(var.expand(shape[:-1]).reshape(part.shape[:-1]))
+        ms_parts.append(ms.expand(shape[:-1]).reshape(part.shape[:-1]))
+    if len(var_parts) == 1:
+        return var_parts[0], ms_parts[0]
     return torch.cat(var_parts, dim), torch.cat(ms_parts, dim)
 
 
@@ -166,12 +170,15 @@ def token_decisions(
     b, s = xs[0].shape[:2]
     n = math.prod(grid)
     spread, anchors = {}, {}
+    vids = []
+    for x in xs:
+        vid = x[:, text_prefix : text_prefix + n].reshape(b, *grid, -1)
+        vid = vid.float() if vid.dtype in (torch.float16, torch.bfloat16) else vid
+        vids.append((vid, torch.linalg.vector_norm(vid, dim=-1).square()))
     for a in axes:
         rel = None
-        for x in xs:
-            vid = x[:, text_prefix : text_prefix + n].reshape(b, *grid, -1)
-            vid = vid.float() if vid.dtype in (torch.float16, torch.bfloat16) else vid
-            var, ms = _axis_spread(vid, 1 + AXES.index(a), window)
+        for vid, n2 in vids:
+            var, ms = _axis_spread(vid, n2, 1 + AXES.index(a), window)
             r = (var / ms.clamp_min(_TINY)).sqrt().reshape(b, n)
             rel = r if rel is None else torch.maximum(rel, r)
         anchor, valid = _window_geometry(grid, a, window, text_prefix, text_suffix, xs[0].device)
@@ -304,7 +311,7 @@ def token_dedup_attention(
     for bi in range(b):  # B is 1 or 2 (CFG); unique counts differ per item, so no padding is needed this way
         qb, kb, vb = q[bi], k[bi], v[bi]  # [S, H, *]
         q_pos = None
-        if q_root is not None:
+        if q_root is not None and not torch.equal(q_root[bi], ar):
             is_root = q_root[bi] == ar
             u = is_root.nonzero().squeeze(1)
             q_pos = (is_root.cumsum(0) - 1).gather(0, q_root[bi])  # index into u of every token's root
