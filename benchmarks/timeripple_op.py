@@ -227,24 +227,28 @@ def bench_tokens(rec, args) -> dict:
     (qr, kr, vr), _, _ = resample(rec, 0.0, grid2, args.heads, args.head_dim, args.window, args.noise, args.seed)
     out: dict = {}
     for theta in args.token_thetas:
-        dec = token_decisions([rec["q"].float(), rec["k"].float()], rec["grid"], theta, window=args.window,
+        sides = [rec["k"].float()] if args.token_keys_only else [rec["q"].float(), rec["k"].float()]
+        dec = token_decisions(sides, rec["grid"], theta, window=args.window,
                               text_prefix=rec["text_prefix"], text_suffix=rec["text_suffix"])
         root = resampled_roots({"spread": dec.spread, "grid": rec["grid"], "text_prefix": rec["text_prefix"]},
                                theta, geo, cfg)
 
-        def variant(root=root, theta=theta):
-            token_decisions([q, k], grid2, theta, window=args.window)
-            return token_dedup_attention(q, k, v, root, root)
+        qroot = None if args.token_keys_only else root
+
+        def variant(root=root, theta=theta, qroot=qroot):
+            token_decisions([k] if qroot is None else [q, k], grid2, theta, window=args.window)
+            return token_dedup_attention(q, k, v, qroot, root)
 
         med, _ = time_call({"dense": lambda: _sdpa(q, k, v), "tokens": variant}, args.repeats)
         t0 = time.perf_counter()
-        token_decisions([q, k], grid2, theta, window=args.window)
+        token_decisions([k] if qroot is None else [q, k], grid2, theta, window=args.window)
         decision_s = time.perf_counter() - t0
-        o, st = token_dedup_attention(qr, kr, vr, root, root)  # error on the resampled model values
+        o, st = token_dedup_attention(qr, kr, vr, qroot, root)  # error on the resampled model values
         dense = _sdpa(qr, kr, vr)
         out[str(theta)] = {"dense_s": med["dense"], "time_s_incl_decision": med["tokens"], "decision_s": decision_s,
                            "speedup_vs_dense_incl_decision": med["dense"] / med["tokens"],
                            "model_call_reused": dec.reused, "rows_removed": st.rows_removed,
+                           "keys_removed": st.keys_removed,
                            "attn_work": st.attn_work, "err_vs_dense": _err(o, dense)}
     return out
 
@@ -272,6 +276,7 @@ def aggregate(records: list[dict]) -> dict:
                     [np.log(x["speedup_vs_dense_incl_decision"]) for x in xs]))),
                 "decision_share_of_dense": float(np.mean([x["decision_s"] / x["dense_s"] for x in xs])),
                 "rows_removed_mean": float(np.mean([x["rows_removed"] for x in xs])),
+                "keys_removed_mean": float(np.mean([x["keys_removed"] for x in xs])),
                 "attn_work_mean": float(np.mean([x["attn_work"] for x in xs])),
                 "rel_l2_vs_dense_mean": float(np.mean([x["err_vs_dense"]["rel_l2"] for x in xs])),
                 "calls": len(xs),
@@ -358,6 +363,8 @@ def main(argv=None) -> None:
     p.add_argument("--e2e-prompts", type=int, default=1, help="first N prompts of the quick set")
     p.add_argument("--token-thetas", type=float, nargs="*", default=[0.1, 0.15, 0.2],
                    help="relative θ of the 'tokens' variant timed at W2 (decision time included)")
+    p.add_argument("--token-keys-only", action="store_true",
+                   help="'tokens' op timing with reuse_q=False (decisions from k, keys merged, every query computed)")
     p.add_argument("--tokens-only", action="store_true", help="time only dense and the 'tokens' variant")
     p.add_argument("--skip-op", action="store_true", help="no op timing (only --e2e)")
     p.add_argument("--out", type=Path, required=True)
