@@ -15,7 +15,12 @@ What it does (every number is computed at run time; nothing is hard-coded):
    backends), the exact simulation (resolve Q̃/K̃ + SDPA), ``exact_rows`` and ``token_rows`` at each
    ``--row-fractions``. Decisions are given (timed separately as ``decision_s``: the mask pass on W2 q and k).
    Error: relative L2 and max abs of each output vs the exact simulation's (and vs dense).
-4. ``--e2e``: generations (``--e2e-steps``, 1 prompt) with each variant at ``--e2e-thresholds``; PSNR vs dense.
+   ``--token-thetas``: the ``"tokens"`` variant (``ops.timeripple_tokens``), its decisions taken on the model's
+   call and its roots resampled to W2 (``search.calibrate.resampled_roots``), timed *including* the decision pass
+   on W2 q and k (``--tokens-only``: only dense and this variant; ``--thresholds 0``: capture on the dense run).
+4. ``--e2e``: 50-step generations (``--e2e-steps``, ``--e2e-prompts`` of the quick set, CFG default): each element
+   variant at ``--e2e-thresholds`` and each ``"tokens"`` config of ``--e2e-token-specs`` (JSON config fields);
+   PSNR and wall-clock speedup vs dense (``--skip-op``: only this).
 
 Writes ``timeripple_op.json`` into ``--out`` with the command, machine info, settings, every per-call record and
 per-(θ, variant) aggregates. Timings on a shared machine are provisional.
@@ -23,6 +28,10 @@ per-(θ, variant) aggregates. Timings on a shared machine are provisional.
     # smoke (seconds)
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/timeripple_op.py --model tiny --grid 2 8 8 \\
         --heads 2 --head-dim 64 --steps 4 --capture-steps 2 --repeats 2 --out /tmp/tr-op-smoke
+    # "tokens" variant: op at W2 incl. decisions, and end to end (minutes)
+    PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/timeripple_op.py --model embedded --thresholds 0 \\
+        --tokens-only --steps 20 --capture-steps 5 10 15 --layers 0 2 --e2e --e2e-token-specs \\
+        '{"fixed_threshold": 0.12, "reuse_q": false}' --out runs/timeripple_tokens
     # the real run (minutes; quiet machine)
     PYTHONPATH=src OMP_NUM_THREADS=2 .venv/bin/python benchmarks/timeripple_op.py --model embedded \\
         --out runs/timeripple_op
@@ -50,6 +59,8 @@ from vdit_accel.instrument.sampler import GenerationConfig, Sampler
 from vdit_accel.methods.timeripple import TimeRippleConfig, apply_timeripple
 from vdit_accel.ops.timeripple import AXES, ReuseMasks, resolve_reuse, reuse_masks, wan_rope_groups, window_delta
 from vdit_accel.ops.timeripple_structured import dedup_attention, duplicate_roots, row_masks, row_roots
+from vdit_accel.ops.timeripple_tokens import token_decisions, token_dedup_attention
+from vdit_accel.search.calibrate import OpGeometry, axis_map, resampled_roots
 
 PRIORITY = "thw"
 
@@ -89,14 +100,6 @@ def capture(model, prompt: str, theta: float, steps: int, capture_steps: set[int
 
 
 # ------------------------------------------------------------------------------------------------ resampling
-def _axis_map(n_src: int, n_dst: int, window: int) -> torch.Tensor:
-    """Destination coordinate -> source coordinate: nearest window, same position inside the window."""
-    c = torch.arange(n_dst)
-    nw_src, nw_dst = -(-n_src // window), -(-n_dst // window)
-    win = torch.clamp(torch.floor((c // window + 0.5) * nw_src / nw_dst).long(), max=nw_src - 1)
-    return torch.clamp(win * window + c % window, max=n_src - 1)
-
-
 def _channel_map(d_src: int, d_dst: int) -> torch.Tensor:
     """Destination channel -> source channel, within the same Wan RoPE group, RoPE pair to pair."""
     g_src, g_dst = wan_rope_groups(d_src), wan_rope_groups(d_dst)
@@ -114,7 +117,7 @@ def resample(rec: dict, theta: float, grid2, heads2: int, d2: int, window: int, 
     """W2 q/k/v and W2 element masks for q and k (decisions taken on the model's call, then resampled)."""
     grid, pre = rec["grid"], rec["text_prefix"]
     h_src, d_src = rec["q"].shape[2], rec["q"].shape[3]
-    maps = [_axis_map(grid[a], grid2[a], window) for a in range(3)]
+    maps = [axis_map(grid[a], grid2[a], window) for a in range(3)]
     tok = (maps[0].view(-1, 1, 1) * grid[1] * grid[2] + maps[1].view(1, -1, 1) * grid[2]
            + maps[2].view(1, 1, -1)).flatten() + pre
     head = torch.arange(heads2) % h_src
@@ -213,6 +216,43 @@ def bench_call(rec, theta, args) -> dict:
     return row
 
 
+def bench_tokens(rec, args) -> dict:
+    """The "tokens" variant at W2: decisions taken on the model's call (relative spread, q and k together),
+    roots resampled to W2, timed *with* the decision pass on W2 q and k, vs dense SDPA; errors vs dense."""
+    grid2, geo = tuple(args.grid), OpGeometry(tuple(args.grid), args.heads, args.head_dim)
+    cfg = TimeRippleConfig(variant="tokens", window=args.window)
+    g = torch.Generator().manual_seed(args.seed)
+    shape = (1, math.prod(grid2), args.heads, args.head_dim)
+    q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
+    (qr, kr, vr), _, _ = resample(rec, 0.0, grid2, args.heads, args.head_dim, args.window, args.noise, args.seed)
+    out: dict = {}
+    for theta in args.token_thetas:
+        sides = [rec["k"].float()] if args.token_keys_only else [rec["q"].float(), rec["k"].float()]
+        dec = token_decisions(sides, rec["grid"], theta, window=args.window,
+                              text_prefix=rec["text_prefix"], text_suffix=rec["text_suffix"])
+        root = resampled_roots({"spread": dec.spread, "grid": rec["grid"], "text_prefix": rec["text_prefix"]},
+                               theta, geo, cfg)
+
+        qroot = None if args.token_keys_only else root
+
+        def variant(root=root, theta=theta, qroot=qroot):
+            token_decisions([k] if qroot is None else [q, k], grid2, theta, window=args.window)
+            return token_dedup_attention(q, k, v, qroot, root)
+
+        med, _ = time_call({"dense": lambda: _sdpa(q, k, v), "tokens": variant}, args.repeats)
+        t0 = time.perf_counter()
+        token_decisions([k] if qroot is None else [q, k], grid2, theta, window=args.window)
+        decision_s = time.perf_counter() - t0
+        o, st = token_dedup_attention(qr, kr, vr, qroot, root)  # error on the resampled model values
+        dense = _sdpa(qr, kr, vr)
+        out[str(theta)] = {"dense_s": med["dense"], "time_s_incl_decision": med["tokens"], "decision_s": decision_s,
+                           "speedup_vs_dense_incl_decision": med["dense"] / med["tokens"],
+                           "model_call_reused": dec.reused, "rows_removed": st.rows_removed,
+                           "keys_removed": st.keys_removed,
+                           "attn_work": st.attn_work, "err_vs_dense": _err(o, dense)}
+    return out
+
+
 def aggregate(records: list[dict]) -> dict:
     out: dict = {}
     for theta in sorted({r["theta"] for r in records}):
@@ -229,31 +269,70 @@ def aggregate(records: list[dict]) -> dict:
                 "rel_l2_vs_dense_mean": float(np.mean([x["err_vs_dense"]["rel_l2"] for x in vs])),
                 "calls": len(vs),
             }
+        for t in sorted({t for r in rs for t in r.get("tokens", {})}):
+            xs = [r["tokens"][t] for r in rs if t in r.get("tokens", {})]
+            out[str(theta)][f"tokens@{t}"] = {
+                "speedup_vs_dense_incl_decision_geomean": float(np.exp(np.mean(
+                    [np.log(x["speedup_vs_dense_incl_decision"]) for x in xs]))),
+                "decision_share_of_dense": float(np.mean([x["decision_s"] / x["dense_s"] for x in xs])),
+                "rows_removed_mean": float(np.mean([x["rows_removed"] for x in xs])),
+                "keys_removed_mean": float(np.mean([x["keys_removed"] for x in xs])),
+                "attn_work_mean": float(np.mean([x["attn_work"] for x in xs])),
+                "rel_l2_vs_dense_mean": float(np.mean([x["err_vs_dense"]["rel_l2"] for x in xs])),
+                "calls": len(xs),
+            }
         out[str(theta)]["q_reuse_mean"] = float(np.mean([r["q_reuse"] for r in rs]))
         out[str(theta)]["k_reuse_mean"] = float(np.mean([r["k_reuse"] for r in rs]))
     return out
 
 
-def e2e(model, prompt: str, args) -> dict:
-    gen = GenerationConfig(steps=args.e2e_steps, guidance=None, seed=0)
-    sampler = Sampler(model)
-    t0 = time.perf_counter()
-    dense = sampler(prompt, gen, progress=False)
-    res = {"dense_s": time.perf_counter() - t0, "runs": []}
-    variants = [("exact_sim", None), ("exact_rows", None)] + [("token_rows", rf) for rf in args.row_fractions]
+def _e2e_configs(args) -> list[tuple[str, dict]]:
+    runs = []
     for theta in args.e2e_thresholds:
-        for variant, rf in variants:
-            cfg = TimeRippleConfig(fixed_threshold=theta, num_steps=args.e2e_steps, i_min=0, i_max=0, variant=variant,
-                                   row_fraction=rf)
+        for variant in args.e2e_variants:
+            if variant == "token_rows":
+                runs += [(variant, dict(fixed_threshold=theta, variant=variant, row_fraction=rf))
+                         for rf in args.row_fractions]
+            elif variant != "tokens":
+                runs.append((variant, dict(fixed_threshold=theta, variant=variant)))
+    for spec in args.e2e_token_specs:  # JSON TimeRippleConfig fields for the "tokens" variant
+        runs.append(("tokens", dict(variant="tokens", **json.loads(spec))))
+    return runs
+
+
+def e2e(model, prompts: list[str], args) -> dict:
+    """Per config: PSNR vs dense and wall-clock speedup vs dense (interleaved per prompt; provisional on a shared
+    machine). A config without ``fixed_threshold`` uses its schedule at ``--e2e-steps``."""
+    gen = GenerationConfig(steps=args.e2e_steps, seed=0)
+    sampler = Sampler(model)
+    sampler(prompts[0], GenerationConfig(steps=2, seed=0), progress=False)  # warm-up
+    res = {"steps": args.e2e_steps, "guidance": sampler.guidance(gen), "prompts": prompts, "runs": []}
+    dense, dense_s = {}, {}
+    for p in prompts:
+        t0 = time.perf_counter()
+        dense[p] = sampler(p, gen, progress=False)
+        dense_s[p] = time.perf_counter() - t0
+    res["dense_s"] = dense_s
+    for variant, kw in _e2e_configs(args):
+        kw = {"num_steps": args.e2e_steps, "i_min": 0, "i_max": 0, **kw}
+        cfg = TimeRippleConfig(**kw)
+        per = []
+        for p in prompts:
             handle = apply_timeripple(model.transformer, cfg)
             try:
                 t0 = time.perf_counter()
-                video = sampler(prompt, gen, progress=False)
+                video = sampler(p, gen, progress=False)
                 wall = time.perf_counter() - t0
             finally:
                 handle.remove()
-            res["runs"].append({"theta": theta, "variant": variant, "row_fraction": rf,
-                                "psnr_vs_dense": psnr(dense, video), "wall_s": wall, "stats": handle.stats.summary()})
+            per.append({"prompt": p, "psnr_vs_dense": psnr(dense[p], video), "wall_s": wall,
+                        "speedup_vs_dense": dense_s[p] / wall, "stats": handle.stats.summary()})
+        row = {"variant": variant, "config": {k: v for k, v in kw.items()}, "per_prompt": per,
+               "psnr_mean": float(np.mean([x["psnr_vs_dense"] for x in per])),
+               "psnr_min": float(np.min([x["psnr_vs_dense"] for x in per])),
+               "speedup_geomean": float(np.exp(np.mean([np.log(x["speedup_vs_dense"]) for x in per])))}
+        res["runs"].append(row)
+        print(f"e2e {variant} {kw}: PSNR {row['psnr_mean']:.2f} dB, {row['speedup_geomean']:.2f}x", flush=True)
     return res
 
 
@@ -274,8 +353,20 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS)")
     p.add_argument("--e2e", action="store_true", help="also run end-to-end PSNR vs dense per variant")
-    p.add_argument("--e2e-steps", type=int, default=20)
-    p.add_argument("--e2e-thresholds", type=float, nargs="+", default=[0.2, 0.5])
+    p.add_argument("--e2e-steps", type=int, default=50)
+    p.add_argument("--e2e-thresholds", type=float, nargs="*", default=[],
+                   help="fixed element θ for --e2e-variants (exact_sim, exact_rows, token_rows)")
+    p.add_argument("--e2e-variants", nargs="*", default=["exact_sim", "exact_rows", "token_rows"])
+    p.add_argument("--e2e-token-specs", nargs="*", default=['{"fixed_threshold": 0.15}'],
+                   help='"tokens" configs as JSON TimeRippleConfig fields, e.g. \'{"fixed_threshold": 0.15, '
+                        '"reuse_q": false}\'')
+    p.add_argument("--e2e-prompts", type=int, default=1, help="first N prompts of the quick set")
+    p.add_argument("--token-thetas", type=float, nargs="*", default=[0.1, 0.15, 0.2],
+                   help="relative θ of the 'tokens' variant timed at W2 (decision time included)")
+    p.add_argument("--token-keys-only", action="store_true",
+                   help="'tokens' op timing with reuse_q=False (decisions from k, keys merged, every query computed)")
+    p.add_argument("--tokens-only", action="store_true", help="time only dense and the 'tokens' variant")
+    p.add_argument("--skip-op", action="store_true", help="no op timing (only --e2e)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     if args.threads:
@@ -290,16 +381,23 @@ def main(argv=None) -> None:
 
         model = EmbeddedModel.load()
     prompt = prompt_sets()["quick"][0]
+    if args.skip_op:
+        args.thresholds = []
     records = []
     t_start = time.perf_counter()
     with torch.inference_mode():
         for theta in args.thresholds:
             store = capture(model, prompt, theta, args.steps, set(args.capture_steps), args.layers)
             for (step, layer), rec in sorted(store.items()):
-                row = bench_call(rec, theta, args)
+                row = bench_call(rec, theta, args) if not args.tokens_only else {"variants": {}, "q_reuse": 0.0,
+                                                                                    "k_reuse": 0.0}
+                if args.token_thetas:
+                    row["tokens"] = bench_tokens(rec, args)
                 records.append({"theta": theta, "step": step, "layer": layer, "source_grid": list(rec["grid"]),
                                 "source_heads_x_dim": list(rec["q"].shape[2:]), **row})
-                print(f"theta={theta} step={step} layer={layer} dense={row['dense_s']:.3f}s " + " ".join(
+                print(f"theta={theta} step={step} layer={layer} " + " ".join(
+                    f"tokens@{t}={x['speedup_vs_dense_incl_decision']:.2f}x/{x['err_vs_dense']['rel_l2']:.1e}"
+                    for t, x in row.get("tokens", {}).items()) + " " + " ".join(
                     f"{n}={x['speedup_vs_dense']:.2f}x/{x['err_vs_exact_sim']['rel_l2']:.1e}"
                     for n, x in row["variants"].items()), flush=True)
         result = {
@@ -313,7 +411,7 @@ def main(argv=None) -> None:
             "records": records,
         }
         if args.e2e:
-            result["e2e"] = e2e(model, prompt, args)
+            result["e2e"] = e2e(model, prompt_sets()["quick"][: args.e2e_prompts], args)
     result["wall_s"] = time.perf_counter() - t_start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "timeripple_op.json").write_text(json.dumps(result, indent=1))

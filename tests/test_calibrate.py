@@ -1,6 +1,8 @@
+import dataclasses
 import json
 
 import pytest
+import torch
 
 from vdit_accel.errors import ConfigError, WeightsError
 from vdit_accel.instrument.sampler import GenerationConfig, Sampler
@@ -34,8 +36,9 @@ def test_out_of_reach_target_names_the_maximum():
 
 def test_preset_errors(tmp_path):
     path = save_preset(tmp_path / "p.json", "timeripple", BASE, model_id="tiny", geometry=[4, 8, 8], steps=4, seed=0)
-    with pytest.raises(ConfigError, match="steps=4, not steps=50"):
-        load_preset(path, steps=50)
+    assert load_preset(path, steps=50).num_steps == 50  # TimeRipple presets resample over normalised time
+    with pytest.raises(ConfigError, match="cannot be resampled to num_steps=2"):
+        load_preset(path, steps=2)
     with pytest.raises(ConfigError, match="not 'astraea'"):
         load_preset(path, method="astraea")
     data = json.loads(path.read_text())
@@ -48,3 +51,57 @@ def test_preset_errors(tmp_path):
         load_preset(path)
     with pytest.raises(WeightsError, match="neither a file nor a shipped preset"):
         load_preset("no-such-preset")
+
+
+# ------------------------------------------------------------------------------------ calibration for time
+def test_axis_and_token_maps_keep_in_window_position():
+    from vdit_accel.search.calibrate import axis_map, token_map
+
+    assert axis_map(4, 8, 2).tolist() == [0, 1, 0, 1, 2, 3, 2, 3]
+    assert axis_map(3, 8, 2).tolist() == [0, 1, 0, 1, 2, 2, 2, 2]  # source window of size 1: never reusable
+    assert token_map((1, 2, 2), (1, 4, 4), 2, text_prefix=3).tolist()[:4] == [3, 4, 3, 4]
+
+
+def test_resampled_roots_reuse_everything_reusable_above_one():
+    from vdit_accel.search.calibrate import OpGeometry, resampled_roots
+
+    rec = {"grid": (2, 2, 2), "text_prefix": 1,
+           "spread": {a: torch.full((1, 9), 0.3).index_fill(1, torch.tensor([0]), float("inf")) for a in "thw"}}
+    cfg = TimeRippleConfig(variant="tokens")
+    root = resampled_roots(rec, 1.5, OpGeometry((2, 4, 4), 2, 12), cfg)
+    assert root.shape == (1, 32)
+    assert float((root != torch.arange(32)).float().mean()) == 7 / 8
+    assert torch.equal(resampled_roots(rec, 0.2, OpGeometry((2, 4, 4), 2, 12), cfg), torch.arange(32).view(1, 32))
+
+
+def test_speed_calibration_bisects_to_target_and_round_trips_as_preset(tmp_path, monkeypatch):
+    import vdit_accel.search.calibrate as cal
+
+    calls = []
+
+    def fake(records, theta, config, geometry, *, repeats=3, seed=0):  # a monotone speed curve, deterministic
+        calls.append(theta)
+        assert records and config.variant == "tokens"
+        return {"speedup": 1.0 + 2.0 * min(theta, 1.0), "reused": min(theta, 1.0), "attn_work": 0.5, "dense_s": 1.0}
+
+    monkeypatch.setattr(cal, "measure_op_speedup", fake)
+    sampler = Sampler(tiny_model())
+    gen = GenerationConfig(steps=4)
+    cfg, rec = cal.calibrate_timeripple_speed(sampler, [TINY_PROMPT], 1.5, gen, tolerance=0.01, progress=False)
+    assert cfg.variant == "tokens" and abs(cfg.fixed_threshold - 0.25) < 0.02
+    assert rec["achieved_speedup"] >= 1.49 and rec["op_geometry"]["heads"] == 12 and rec["recorded_calls"] > 0
+    p = save_preset(tmp_path / "tr-speed.json", "timeripple", cfg, model_id="m", geometry=[1, 2, 3], steps=4, seed=0,
+                    record={"calibration": rec})
+    assert load_preset(p, steps=8) == dataclasses.replace(cfg, num_steps=8)
+    with pytest.raises(ConfigError, match="out of reach: at most 3.000x"):
+        cal.calibrate_timeripple_speed(sampler, [TINY_PROMPT], 10.0, gen, progress=False)
+    with pytest.raises(ConfigError, match="target_speedup=0.9"):
+        cal.calibrate_timeripple_speed(sampler, [TINY_PROMPT], 0.9, gen, progress=False)
+
+
+def test_measure_op_speedup_runs_and_counts_reuse():
+    from vdit_accel.search.calibrate import OpGeometry, measure_op_speedup
+
+    rec = {"grid": (2, 2, 2), "text_prefix": 0, "spread": {a: torch.zeros(1, 8) for a in "thw"}}
+    m = measure_op_speedup([rec], 0.5, TimeRippleConfig(variant="tokens"), OpGeometry((2, 4, 4), 2, 8), repeats=1)
+    assert m["reused"] == 7 / 8 and m["attn_work"] == pytest.approx(1 / 64) and m["speedup"] > 0

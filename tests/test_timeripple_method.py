@@ -225,3 +225,76 @@ def test_rows_attention_subset_acts_and_only_reuses_selected_sources():
     own, _ = row_subset_attention(q[:, [23]], kt, v)
     assert torch.allclose(out[:, 5:], own, atol=1e-6)
     assert proc.stats.summary()["active_calls"] == 1
+
+
+# ---------------------------------------------------------------------------------- "tokens" variant
+def test_tokens_variant_zero_threshold_is_bit_identical_and_acts(tiny_model):
+    dense, _ = _run(tiny_model)
+    off, _ = _run(tiny_model, TimeRippleConfig(fixed_threshold=0.0, variant="tokens", **RAMP))
+    assert torch.equal(dense, off)
+    on, handle = _run(tiny_model, TimeRippleConfig(fixed_threshold=2.0, variant="tokens", **RAMP))
+    s = handle.stats.summary()
+    assert not torch.equal(dense, on)
+    assert s["rows_removed_active"] == pytest.approx(7 / 8) and s["keys_removed_active"] == pytest.approx(7 / 8)
+    assert s["qk_savings_active"] == pytest.approx(1 - (1 / 8) ** 2, abs=1e-4)
+    after, _ = _run(tiny_model)
+    assert torch.equal(dense, after)
+
+
+def test_tokens_variant_rejects_non_shared_thresholds():
+    with pytest.raises(ConfigError, match="threshold_mode='per_axis' is not accepted with variant='tokens'"):
+        TimeRippleConfig(variant="tokens", threshold_mode="per_axis")
+
+
+def test_rows_attention_tokens_reuses_keys_only():
+    proc = _processor(TimeRippleConfig(fixed_threshold=2.0, variant="tokens", **RAMP))
+    q, k, v = _qkv_grid(0, 24)
+    out, lse = proc.rows_attention(q, torch.arange(24).view(1, 24), k, v)
+    st = proc.stats.calls[("cond", 1, 0)]
+    assert st.q_reuse == 0.0 and st.k_reuse == pytest.approx(20 / 24)  # grid 2x3x4: 1x2x2 tokens are roots
+    assert out.shape == q.shape and lse.shape == (1, 24, 2)
+
+
+# ---------------------------------------------------------------------------------- step count, double apply
+def test_resampled_scales_ramp_and_keeps_thresholds():
+    cfg = TimeRippleConfig(theta_min=0.1, theta_max=0.3)  # 10..20 of 50
+    r = cfg.resampled(20)
+    assert (r.i_min, r.i_max, r.num_steps, r.theta_min, r.theta_max) == (4, 8, 20, 0.1, 0.3)
+    assert cfg.resampled(50) is cfg
+    fixed = TimeRippleConfig(fixed_threshold=0.2).resampled(4)
+    assert fixed.fixed_threshold == 0.2 and fixed.num_steps == 4
+    with pytest.raises(ConfigError, match="cannot be resampled to num_steps=2"):
+        cfg.resampled(2)
+    with pytest.raises(ConfigError, match="num_steps=0"):
+        cfg.resampled(0)
+
+
+def test_load_preset_resamples_timeripple(tmp_path):
+    from vdit_accel.search.presets import load_preset, save_preset
+
+    p = save_preset(tmp_path / "tr.json", "timeripple", TimeRippleConfig(), model_id="m", geometry=[1, 2, 3],
+                    steps=50, seed=0)
+    cfg = load_preset(p, steps=8)
+    assert (cfg.num_steps, cfg.i_min, cfg.i_max) == (8, 2, 3)
+
+
+def test_schedule_for_other_step_count_raises_naming_resampling(tiny_model):
+    cfg = TimeRippleConfig()  # a 50-step schedule, the sampler runs 4 steps
+    with pytest.raises(ConfigError, match="resample"):
+        _run(tiny_model, cfg)
+    dense, _ = _run(tiny_model)
+    fixed, _ = _run(tiny_model, TimeRippleConfig(fixed_threshold=0.0))  # fixed θ has no step count to match
+    assert torch.equal(dense, fixed)
+
+
+def test_applying_twice_raises_before_installing(tiny_model):
+    dense, _ = _run(tiny_model)
+    handle = apply_timeripple(tiny_model.transformer, TimeRippleConfig(fixed_threshold=0.3, **RAMP))
+    try:
+        procs = [b.attn1.get_processor() for b in tiny_model.transformer.blocks]
+        with pytest.raises(ConfigError, match="already applied"):
+            apply_timeripple(tiny_model.transformer, TimeRippleConfig(fixed_threshold=0.3, **RAMP))
+        assert [b.attn1.get_processor() for b in tiny_model.transformer.blocks] == procs
+    finally:
+        handle.remove()
+    assert torch.equal(dense, _run(tiny_model)[0])

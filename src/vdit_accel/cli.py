@@ -304,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("calibrate", help="calibrate a method's thresholds into a preset")
     s.add_argument("method", help="timeripple or magcache")
     s.add_argument("--target", type=float, default=None, help="target QK savings (timeripple), e.g. 0.85")
+    s.add_argument("--target-speedup", type=float, default=None,
+                   help="target attention-op speedup incl. decisions (timeripple 'tokens' variant), e.g. 1.5")
+    s.add_argument("--op-grid", type=int, nargs=3, default=None, metavar=("T", "H", "W"),
+                   help="token grid of the speed target (default: W2, 4 32 32)")
+    s.add_argument("--op-heads", type=int, default=None, help="heads of the speed target (default: W2, 12)")
+    s.add_argument("--op-head-dim", type=int, default=None, help="head dim of the speed target (default: W2, 128)")
     s.add_argument("--prompts", default="calib")
     s.add_argument("--n-prompts", type=int, default=None, help="use only the first N prompts of the set")
     s.add_argument("--steps", type=int, default=g.steps)

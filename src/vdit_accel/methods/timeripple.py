@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from vdit_accel.ops.timeripple_structured import (
     row_masks,
     structured_timeripple_attention,
 )
+from vdit_accel.ops.timeripple_tokens import token_decisions, tokens_timeripple_attention
 from vdit_accel.registry import Method, register_method
 from vdit_accel.search.presets import preset_operating_point
 
@@ -89,7 +91,10 @@ class TimeRippleConfig:
         variant (`str`, defaults "exact_sim"): how reuse is executed (``ops.timeripple_structured.VARIANTS``):
             "exact_sim" (element decisions, Q̃/K̃ then dense attention; bit-identical to earlier releases),
             "exact_rows" (same decisions and output up to float rounding, rows/keys entirely equal to their anchor
-            are removed) or "token_rows" (whole-row decisions, rows/keys removed; approximates "exact_sim").
+            are removed), "token_rows" (whole-row decisions, rows/keys removed; approximates "exact_sim") or
+            "tokens" (one decision per token for every head and for q and k together, from the *relative* windowed
+            spread, so θ is scale free in [0, 1]; unique query tokens and merged keys; the fast variant, see
+            ``ops.timeripple_tokens``; threshold_mode must be "shared").
         row_fraction (`float | None`, defaults None): for "token_rows", the share of a row's channels that must
             pass along an axis for the whole row to reuse, in (0, 1]; None means 0.9. Rejected for other variants.
     """
@@ -141,6 +146,35 @@ class TimeRippleConfig:
                 raise ConfigError(f"row_fraction={self.row_fraction!r} is not accepted with variant={self.variant!r}: "
                                   "only 'token_rows' takes row decisions")
             check_row_fraction(self.row_fraction)
+        if self.variant == "tokens" and self.threshold_mode != "shared":
+            raise ConfigError(f"threshold_mode={self.threshold_mode!r} is not accepted with variant='tokens': its "
+                              "one relative threshold is shared by every axis and channel ('shared')")
+
+    def resampled(self, num_steps: int) -> TimeRippleConfig:
+        """This config over normalised denoising time, for ``num_steps`` steps.
+
+        The ramp steps scale by ``num_steps / self.num_steps`` with rounding (``i_min`` and ``i_max`` each
+        ``round(i * num_steps / self.num_steps)``), thresholds and ``fixed_threshold`` are unchanged. Raises
+        :class:`ConfigError` when the ramp cannot fit: a schedule (no ``fixed_threshold``) needs
+        ``round(i_max * r) < num_steps - 1`` so that at least one reuse step precedes the dense last step.
+
+        Example:
+            >>> c = TimeRippleConfig().resampled(25)
+            >>> (c.i_min, c.i_max, c.num_steps)
+            (5, 10, 25)
+        """
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ConfigError(f"num_steps={num_steps!r} is not accepted: an int >= 1")
+        if num_steps == self.num_steps:
+            return self
+        r = num_steps / self.num_steps
+        i_min, i_max = round(self.i_min * r), round(self.i_max * r)
+        if self.fixed_threshold is None and i_max >= num_steps - 1:
+            raise ConfigError(f"this schedule (i_min={self.i_min}, i_max={self.i_max} of {self.num_steps} steps) "
+                              f"cannot be resampled to num_steps={num_steps}: the ramp ends at step {i_max}, "
+                              f"which leaves no reuse step before the dense last step {num_steps - 1}")
+        i_max = min(i_max, num_steps - 1)
+        return dataclasses.replace(self, i_min=min(i_min, i_max), i_max=i_max, num_steps=num_steps)
 
     @property
     def schedule(self) -> ThresholdSchedule:
@@ -251,6 +285,17 @@ class TimeRippleProcessor:
         self.context = context
         self.rope_groups = rope_groups
         self.stats = stats
+        self.decision_log: dict | None = None  # set by TimeRippleHandle.record_decisions ("tokens" variant)
+
+    def _theta(self, ctx) -> float:
+        cfg = self.config
+        if cfg.fixed_threshold is None and ((ctx.num_steps is not None and ctx.num_steps != cfg.num_steps)
+                                            or ctx.step_index >= cfg.num_steps):
+            steps = ctx.num_steps if ctx.num_steps is not None else f"> {ctx.step_index}"
+            raise ConfigError(f"this TimeRipple schedule was made for num_steps={cfg.num_steps}, the sampler runs "
+                              f"{steps} steps: resample it (config.resampled(num_steps), or load_preset(..., "
+                              "steps=N)) or use fixed_threshold")
+        return cfg.threshold_at(ctx.step_index)
 
     def _thresholds(self, theta: float, q: torch.Tensor):
         cfg = self.config
@@ -267,7 +312,7 @@ class TimeRippleProcessor:
         ctx = self.context.current
         if ctx is None:
             raise ConfigError("TimeRipple needs the root context hook: call the transformer as a whole model")
-        theta = self.config.threshold_at(ctx.step_index)
+        theta = self._theta(ctx)
         if encoder_hidden_states is not None or attention_mask is not None or theta == 0.0:
             self.stats.dense_calls += encoder_hidden_states is None
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
@@ -278,7 +323,13 @@ class TimeRippleProcessor:
             priority=cfg.priority, text_prefix=ctx.text_prefix, text_suffix=ctx.text_suffix, reuse_q=cfg.reuse_q,
             reuse_k=cfg.reuse_k, rope_groups=self.rope_groups,
         )
-        if cfg.variant == "exact_sim":
+        if cfg.variant == "tokens":
+            out, stats, dec = tokens_timeripple_attention(q, k, v, **kw)
+            if self.decision_log is not None and dec is not None:
+                self.decision_log[(ctx.branch, ctx.step_index, self.layer)] = dict(
+                    spread={a: t[:1].detach().cpu() for a, t in dec.spread.items()}, grid=ctx.grid.as_tuple(),
+                    text_prefix=ctx.text_prefix, text_suffix=ctx.text_suffix, heads=q.shape[2], head_dim=q.shape[3])
+        elif cfg.variant == "exact_sim":
             out, stats = timeripple_attention(q, k, v, **kw)
         else:
             out, stats = structured_timeripple_attention(
@@ -326,7 +377,7 @@ class TimeRippleProcessor:
                               "accepted: expected q_sel [B, K, H, D], idx [B, K], k and v [B, S, H, D]")
         if idx.dtype != torch.long or (kk and (int(idx.min()) < 0 or int(idx.max()) >= k.shape[1])):
             raise ConfigError(f"idx is not accepted: expected long token indices in [0, {k.shape[1]})")
-        theta = self.config.threshold_at(ctx.step_index)
+        theta = self._theta(ctx)
         if theta == 0.0:
             self.stats.dense_calls += 1
             return row_subset_attention(q_sel, k, v, scale=scale)
@@ -334,6 +385,20 @@ class TimeRippleProcessor:
         grid, thresholds = ctx.grid.as_tuple(), self._thresholds(theta, q_sel)
         args = (grid, thresholds, ctx.text_prefix, ctx.text_suffix)
         q_masks = k_masks = None
+        if cfg.variant == "tokens":  # keys reuse by whole tokens on the full grid; selected queries keep their values
+            if not cfg.reuse_k:
+                self.stats.dense_calls += 1
+                return row_subset_attention(q_sel, k, v, scale=scale)
+            dec = token_decisions([k], grid, theta, window=cfg.window, axes=cfg.axes, priority=cfg.priority,
+                                  text_prefix=ctx.text_prefix, text_suffix=ctx.text_suffix)
+            k = k.gather(1, dec.root[..., None, None].expand(k.shape))
+            out, lse = row_subset_attention(q_sel, k, v, scale=scale)
+            r = dec.reused
+            self.stats.record(ctx.branch, ctx.step_index, self.layer, ReuseStats(
+                0.0, r, dict.fromkeys(cfg.axes, 0.0), {a: float((dec.spread[a] < theta).float().mean())
+                                                        for a in cfg.axes},
+                dict.fromkeys(self.rope_groups, 0.0), dict.fromkeys(self.rope_groups, r), r, [r] * h))
+            return out, lse
         if cfg.reuse_k:
             k_masks = self._decide(k, *args)
             k = resolve_reuse(k, k_masks, priority=cfg.priority)
@@ -357,6 +422,15 @@ class TimeRippleHandle:
     _restore: list = field(default_factory=list)
     _removed: bool = False
 
+    def record_decisions(self, log: dict | None) -> None:
+        """Record the "tokens" variant's per-token spreads of every reuse call into ``log`` (``None`` stops).
+
+        ``log[(branch, step, layer)] = {"spread": {axis: [1, S] cpu}, "grid", "text_prefix", "text_suffix",
+        "heads", "head_dim"}`` (first batch element); used by speed calibration (``search.calibrate``).
+        """
+        for module, _ in self._restore:
+            module.get_processor().decision_log = log
+
     def remove(self) -> None:
         if self._removed:
             return
@@ -371,7 +445,8 @@ def apply_timeripple(transformer: torch.nn.Module, config: TimeRippleConfig,
     """Install TimeRipple on every (selected) video self-attention module of ``transformer``.
 
     Raises:
-        ConfigError: the model has no RoPE, or ``layers`` names blocks the model does not have.
+        ConfigError: the model has no RoPE, ``layers`` names blocks the model does not have, or TimeRipple is
+            already installed on this model (remove the first handle before applying again); nothing is installed.
         UnsupportedModelError: no adapter for the model class (pass ``adapter=``).
     """
     adapter = adapter or resolve_adapter(transformer)
@@ -383,6 +458,11 @@ def apply_timeripple(transformer: torch.nn.Module, config: TimeRippleConfig,
     bad = [i for i in layers if i >= len(blocks)]
     if bad:
         raise ConfigError(f"layers={list(bad)} are out of range: accepted [0, {len(blocks) - 1}]")
+    installed = [i for i, blk in enumerate(blocks)
+                 if isinstance(adapter.self_attention(blk).get_processor(), TimeRippleProcessor)]
+    if installed:
+        raise ConfigError(f"TimeRipple is already applied to this model (blocks {installed}): remove the first "
+                          "handle before applying it again")
     context = acquire_context(transformer, adapter, num_steps=config.num_steps)
     stats = TimeRippleStats()
     handle = TimeRippleHandle(transformer, stats)

@@ -52,8 +52,14 @@ from vdit_accel.ops.timeripple import (
     timeripple_attention,
     timeripple_attention_reference,
 )
+from vdit_accel.ops.timeripple_tokens import (
+    token_decisions_reference,
+    token_dedup_attention_reference,
+    token_stats,
+    tokens_timeripple_attention,
+)
 
-VARIANTS = ("exact_sim", "exact_rows", "token_rows")
+VARIANTS = ("exact_sim", "exact_rows", "token_rows", "tokens")
 DEFAULT_ROW_FRACTION = 0.9
 
 
@@ -300,6 +306,22 @@ def dedup_attention_reference(
 def _structured(resolver, attention, fallback, q, k, v, *, grid, thresholds, variant, row_fraction, window, axes,
                 priority, text_prefix, text_suffix, reuse_q, reuse_k, scale, rope_groups):
     check_choice("variant", variant, VARIANTS)
+    if variant == "tokens":
+        if row_fraction is not None:
+            raise ConfigError(f"row_fraction={row_fraction!r} is not accepted with variant='tokens'")
+        kw = dict(grid=grid, window=window, axes=axes, priority=priority, text_prefix=text_prefix,
+                  text_suffix=text_suffix)
+        if attention is dedup_attention:
+            out, stats, _ = tokens_timeripple_attention(q, k, v, thresholds=thresholds, reuse_q=reuse_q,
+                                                        reuse_k=reuse_k, scale=scale, rope_groups=rope_groups, **kw)
+            return out, stats
+        dec = token_decisions_reference([x for x, on in ((q, reuse_q), (k, reuse_k)) if on], theta=thresholds, **kw)
+        qr, kr = (dec.root if reuse_q else None), (dec.root if reuse_k else None)
+        out = token_dedup_attention_reference(q, k, v, qr, kr, scale=scale)
+        _, dstats = dedup_attention(q, k, v, *(  # removed fractions only; the output comes from the reference
+            torch.arange(q.shape[1]).expand(q.shape[0], q.shape[2], -1) if r is None else
+            r[:, None, :].expand(-1, q.shape[2], -1).contiguous() for r in (qr, kr)), scale=scale)
+        return out, token_stats(dec, q.shape, _check_axes(axes), reuse_q, reuse_k, dstats, rope_groups)
     row_fraction = check_row_fraction(DEFAULT_ROW_FRACTION if row_fraction is None else row_fraction)
     q_masks = k_masks = None
     if variant != "exact_sim":

@@ -34,8 +34,10 @@ def calibrate_cli(a) -> int:
         return 0
     if a.method != "timeripple":
         raise ConfigError(f"calibrate method {a.method!r} is unknown: choose one of ['timeripple', 'magcache']")
+    if getattr(a, "target_speedup", None) is not None:
+        return _calibrate_speed_cli(a, prompts, gen)
     if a.target is None:
-        raise ConfigError("calibrate timeripple needs --target (QK savings in (0, 1), e.g. 0.85)")
+        raise ConfigError("calibrate timeripple needs --target (QK savings in (0, 1), e.g. 0.85) or --target-speedup")
     from vdit_accel.search.calibrate import calibrate_timeripple
 
     model, sampler = _model_and_sampler(a.weights)
@@ -45,6 +47,25 @@ def calibrate_cli(a) -> int:
     save_preset(out, "timeripple", cfg, model_id=model.config.model_id, geometry=list(sampler.geometry(gen)),
                 steps=gen.steps, seed=gen.seed, record={"calibration": record})
     print(json.dumps({"preset": str(out), **record}, indent=1))
+    return 0
+
+
+def _calibrate_speed_cli(a, prompts, gen) -> int:
+    from vdit_accel.search.calibrate import W2_GEOMETRY, OpGeometry, calibrate_timeripple_speed
+
+    if a.target is not None:
+        raise ConfigError("--target (QK savings) and --target-speedup are two modes: give one")
+    geometry = OpGeometry(tuple(a.op_grid) if a.op_grid else W2_GEOMETRY.grid, a.op_heads or W2_GEOMETRY.heads,
+                          a.op_head_dim or W2_GEOMETRY.head_dim)
+    model, sampler = _model_and_sampler(a.weights)
+    cfg, record = calibrate_timeripple_speed(sampler, prompts, a.target_speedup, gen, geometry=geometry)
+    g = geometry
+    name = (f"timeripple-tokens-op{a.target_speedup:g}x-{g.heads}x{g.head_dim}-"
+            f"{g.grid[0]}x{g.grid[1]}x{g.grid[2]}")
+    out = Path(a.out) if a.out else Path("runs") / "presets" / f"{name}.json"
+    save_preset(out, "timeripple", cfg, model_id=model.config.model_id, geometry=list(sampler.geometry(gen)),
+                steps=gen.steps, seed=gen.seed, record={"name": name, "calibration": record})
+    print(json.dumps({"preset": str(out), "name": name, **record}, indent=1))
     return 0
 
 
