@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token grid of the speed target (default: W2, 4 32 32)")
     s.add_argument("--op-heads", type=int, default=None, help="heads of the speed target (default: W2, 12)")
     s.add_argument("--op-head-dim", type=int, default=None, help="head dim of the speed target (default: W2, 128)")
+    s.add_argument("--keys-only", action="store_true", help="with --target-speedup: merge keys only, queries "
+                   "untouched (reuse_q=False; better fidelity at the same speed on the embedded model; default off)")
     s.add_argument("--prompts", default="calib")
     s.add_argument("--n-prompts", type=int, default=None, help="use only the first N prompts of the set")
     s.add_argument("--steps", type=int, default=g.steps)

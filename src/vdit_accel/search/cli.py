@@ -36,6 +36,8 @@ def calibrate_cli(a) -> int:
         raise ConfigError(f"calibrate method {a.method!r} is unknown: choose one of ['timeripple', 'magcache']")
     if getattr(a, "target_speedup", None) is not None:
         return _calibrate_speed_cli(a, prompts, gen)
+    if getattr(a, "keys_only", False):
+        raise ConfigError("--keys-only applies to --target-speedup only (the 'tokens' variant): add --target-speedup")
     if a.target is None:
         raise ConfigError("calibrate timeripple needs --target (QK savings in (0, 1), e.g. 0.85) or --target-speedup")
     from vdit_accel.search.calibrate import calibrate_timeripple
@@ -57,12 +59,16 @@ def _calibrate_speed_cli(a, prompts, gen) -> int:
         raise ConfigError("--target (QK savings) and --target-speedup are two modes: give one")
     geometry = OpGeometry(tuple(a.op_grid) if a.op_grid else W2_GEOMETRY.grid, a.op_heads or W2_GEOMETRY.heads,
                           a.op_head_dim or W2_GEOMETRY.head_dim)
-    model, sampler = _model_and_sampler(a.weights)
-    cfg, record = calibrate_timeripple_speed(sampler, prompts, a.target_speedup, gen, geometry=geometry)
+    from vdit_accel.methods.timeripple import TimeRippleConfig
+
     g = geometry
-    name = (f"timeripple-tokens-op{a.target_speedup:g}x-{g.heads}x{g.head_dim}-"
+    name = (f"timeripple-tokens{'-k' if a.keys_only else ''}-op{a.target_speedup:g}x-{g.heads}x{g.head_dim}-"
             f"{g.grid[0]}x{g.grid[1]}x{g.grid[2]}")
-    out = Path(a.out) if a.out else Path("runs") / "presets" / f"{name}.json"
+    out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"{name}.json"
+    _check_out(out)  # before any compute
+    model, sampler = _model_and_sampler(a.weights)
+    base = TimeRippleConfig(variant="tokens", reuse_q=not a.keys_only)
+    cfg, record = calibrate_timeripple_speed(sampler, prompts, a.target_speedup, gen, geometry=geometry, base=base)
     save_preset(out, "timeripple", cfg, model_id=model.config.model_id, geometry=list(sampler.geometry(gen)),
                 steps=gen.steps, seed=gen.seed, record={"name": name, "calibration": record})
     print(json.dumps({"preset": str(out), "name": name, **record}, indent=1))
