@@ -243,8 +243,8 @@ def test_full_budget_every_option_is_bit_identical(tiny_model):
 def test_shipped_astraea_preset_resamples_to_other_step_counts():
     from vdit_accel.search.presets import load_preset
 
-    full = load_preset("astraea-50", method="astraea", steps=50)
-    short = load_preset("astraea-50", method="astraea", steps=8)
+    full = load_preset("astraea-3x", method="astraea", steps=50)
+    short = load_preset("astraea-3x", method="astraea", steps=8)
     assert short.num_steps == 8 and len(short.budgets) == 8
     assert short.mean_budget == pytest.approx(full.mean_budget, abs=1 / 8)  # dense first step kept at 1.0
 
@@ -269,3 +269,13 @@ def test_whole_step_schedules_run_lean(tiny_model, monkeypatch):
     assert h_lean.stats.cache_bytes_peak * n_blocks <= h_full.stats.cache_bytes_peak
     dense, _ = _run(tiny_model)
     assert not torch.equal(dense, lean)
+
+
+def test_cli_method_without_preset_uses_a_default_that_acts():
+    from vdit_accel.search.presets import DEFAULT_PRESETS, method_config_from_cli
+
+    cfg = method_config_from_cli("astraea", None, steps=8)
+    assert cfg.num_steps == 8 and cfg.mean_budget < 1.0  # not the dense default config
+    assert DEFAULT_PRESETS["astraea"] == "astraea-3x"
+    with pytest.raises(ConfigError, match="needs --preset"):
+        method_config_from_cli("fbc", None, steps=8)

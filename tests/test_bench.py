@@ -85,9 +85,15 @@ def _search_prompts() -> set[str]:
     from vdit_accel.search.presets import PRESETS_DIR
 
     used = set(prompt_sets()["calib"]) | set(CALIBRATION_PROMPTS)
+    def walk(node) -> None:  # every list of prompts anywhere in a preset's record
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if "prompts" in key and isinstance(value, list):
+                    used.update(value)
+                walk(value)
+
     for path in sorted(PRESETS_DIR.glob("*.json")):
-        for rec in json.loads(path.read_text()).get("record", {}).values():
-            used |= set(rec.get("prompts", []))
+        walk(json.loads(path.read_text()).get("record", {}))
     used |= {entry["prompt"] for entry in json.loads(RATIOS_FILE.read_text()).values()}
     return used
 

@@ -130,7 +130,7 @@ def test_apply_refuses_duplicates_and_rolls_back(tiny_model):
     with pytest.raises(ConfigError):
         vdit_accel.apply(tiny_model, [TIMERIPPLE, bad], steps=1)  # the Astraea resampling fails: nothing stays
     assert torch.equal(_gen(tiny_model), dense)
-    with vdit_accel.apply(tiny_model, "astraea-50", steps=STEPS) as h:  # a 50-step preset, resampled at apply
+    with vdit_accel.apply(tiny_model, "astraea-3x", steps=STEPS) as h:  # a 50-step preset, resampled at apply
         _gen(tiny_model)
         assert h.stats["astraea"]["kept_ratio"] < 1.0
     assert torch.equal(_gen(tiny_model), dense)

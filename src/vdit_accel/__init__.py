@@ -3,7 +3,7 @@
 The public API, loaded on first use (importing the package does nothing else)::
 
     import vdit_accel
-    handle = vdit_accel.apply(pipe, "astraea-50")          # a preset, a config, or a list of them
+    handle = vdit_accel.apply(pipe, "astraea-3x")          # a preset, a config, or a list of them
     video = pipe(...)
     handle.stats; handle.remove()
 """

@@ -446,13 +446,12 @@ class AstraeaBlockHook(ModelHook):
         state.rows.dtype = CACHE_DTYPES.get(self.config.cache_dtype)
         attention = _attention_through(module, self.adapter, idx)
         rows, lse = self.adapter.block_rows_forward(module, args, kwargs, idx, attention, kv=kv, cache=state.rows)
-        if state.out is None:
-            out = rows if count == n else hidden_states.new_empty(hidden_states.shape).scatter(
-                1, idx[..., None].expand(-1, -1, rows.shape[-1]), rows)
-        else:
-            base = hidden_states.new_empty(hidden_states.shape) if count == n else self._reused(
+        if count == n:  # every row computed (idx is arange(n))
+            out = rows
+        else:  # a fresh tensor from _reused, so the rows go in in place
+            base = hidden_states.new_empty(hidden_states.shape) if state.out is None else self._reused(
                 state, hidden_states, step, order)
-            out = base.scatter(1, idx[..., None].expand(-1, -1, rows.shape[-1]), rows)
+            out = base.scatter_(1, idx[..., None].expand(-1, -1, rows.shape[-1]), rows)
         self._update(state, hidden_states, idx, rows, lse, step, settings["order"])
         self.stats.record(ctx.branch, step, self.index, count / n)
         self._account()
@@ -615,5 +614,5 @@ def apply_astraea(transformer: torch.nn.Module, config: AstraeaConfig,
 
 register_method(
     Method("astraea", AstraeaConfig, apply_astraea, "Astraea token-wise budgets (Q-only sparse attention)"),
-    [preset_operating_point("astraea", f"astraea-{t}") for t in (40, 50, 70)],
+    [preset_operating_point("astraea", f"astraea-{t}x") for t in (2, 3, 4, 5)],
 )

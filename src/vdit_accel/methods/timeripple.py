@@ -479,5 +479,8 @@ def apply_timeripple(transformer: torch.nn.Module, config: TimeRippleConfig,
 
 register_method(
     Method("timeripple", TimeRippleConfig, apply_timeripple, "TimeRipple partial-score reuse (QK savings)"),
-    [preset_operating_point("timeripple", f"timeripple-{t}") for t in (75, 80, 85)],
+    # the exact simulation (QK savings, not faster) at its highest calibrated savings, and the 'tokens' variant
+    # (keys merged, queries untouched) calibrated for attention-op speedups at W2 width
+    [preset_operating_point("timeripple", name) for name in ("timeripple-85", "timeripple-op1.3x",
+                                                             "timeripple-op1.5x")],
 )

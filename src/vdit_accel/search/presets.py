@@ -108,19 +108,23 @@ def load_preset(name_or_path: str | Path, *, method: str | None = None, steps: i
     return config
 
 
+DEFAULT_PRESETS = {"astraea": "astraea-3x", "timeripple": "timeripple-op1.5x"}
+
+
 def method_config_from_cli(method: str, preset: str | None, steps: int, model_id: str | None = None) -> Any:
-    """The config for ``--method`` with an optional ``--preset`` (defaults: the method's default preset); a preset
-    made for another model than ``model_id`` is applied with a warning, as in the bench."""
+    """The config for ``--method`` with an optional ``--preset`` (default: the method's entry of
+    ``DEFAULT_PRESETS``, resampled to ``steps``); a preset made for another model than ``model_id`` is applied with
+    a warning, as in the bench. A method without a default preset needs ``--preset`` (its default config would
+    leave the model dense: a silent no-op)."""
     import vdit_accel.methods  # noqa: F401
     from vdit_accel.registry import get_method
 
-    cls = get_method(method).config_cls
+    get_method(method)
     if preset is None:
-        default = PRESETS_DIR / f"{method}-default.json"
-        if default.is_file():
-            preset = str(default)
-        else:
-            return cls()
+        if method not in DEFAULT_PRESETS:
+            raise ConfigError(f"--method {method} needs --preset: it has no default preset (defaults exist for "
+                              f"{sorted(DEFAULT_PRESETS)})")
+        preset = DEFAULT_PRESETS[method]
     return load_preset(preset, method=method, steps=steps, model_id=model_id)
 
 
