@@ -110,3 +110,16 @@ for e in fig7 fig8 fig5; do $PY benchmarks/timeripple_paper.py --model embedded 
 $PY benchmarks/timeripple_paper.py --model embedded --experiments ablations --ablation-steps 20 --out docs/results/timeripple
 $PY benchmarks/timeripple_paper.py --model embedded --experiments ablations --ablation-steps 50 --out docs/results/timeripple/ablations-50steps
 for e in baselines ablations score_options; do $PY benchmarks/astraea_paper.py --model embedded --experiments $e --out docs/results/astraea; done
+
+# ---- Session 8: speed at real-model width (docs/speed.md). Quiet machine, in this order (~95 min on 2 cores).
+# 1. the W2 latency model (K/V reuse) and the step table (Wan2.1-1.3B width, 2 layers composed to 30)
+$VA bench-step --out docs/results/bench-step/latency-kv --latency-model docs/results/bench-step/latency-kv/latency.json --latency-kv-reuse --quiet
+$VA bench-step --out docs/results/bench-step/cpu --quiet
+# 2. joint schedules at 2x..5x (shared segment error table; presets copied to src/vdit_accel/presets/)
+for t in 2 3 4 5; do $VA search astraea --target-speedup $t --latency-model docs/results/bench-step/latency-kv/latency.json --allocator all --max-segment 8 --checkpoint runs/search-astraea-joint --out runs/presets/astraea-${t}x.json --quiet; done
+# 3. TimeRipple 'tokens' presets calibrated for W2 attention-op speed (keys merged)
+for s in 1.3 1.5; do $VA calibrate timeripple --target-speedup $s --keys-only --out runs/presets/timeripple-op${s}x.json; done
+# 4. W1 efficiency of uniform budgets, cache memory (analytic), the bench with W2 replay
+$PY benchmarks/astraea_w1.py --out docs/results/astraea/w1
+$PY benchmarks/astraea_memory.py --out docs/results/astraea/memory.json
+$VA bench --methods dense,timeripple,astraea,pab,fbc,taylorseer,fastercache,magcache --prompts bench --seeds 2 --steps 50 --step-costs docs/results/bench-step/latency-kv/bench-step.json --latency-model docs/results/bench-step/latency-kv/latency.json --out docs/results/bench-v3

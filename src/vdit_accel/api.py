@@ -50,12 +50,24 @@ def denoisers(target: Any) -> dict[str, torch.nn.Module]:
     return found
 
 
-def _resolve(item: Any, steps: int | None) -> Any:
-    """A config from a config, a preset name or a preset path; checked or resampled against ``steps``."""
+def model_id_of(target: Any) -> str | None:
+    """The id of the model being accelerated, when it says (``config.model_id``, else ``_name_or_path``)."""
+    for obj in (target, getattr(target, "transformer", None)):
+        config = getattr(obj, "config", None)
+        for key in ("model_id", "_name_or_path"):
+            value = getattr(config, key, None) if config is not None else None
+            if isinstance(value, str) and value:
+                return value
+    return None
+
+
+def _resolve(item: Any, steps: int | None, model_id: str | None = None) -> Any:
+    """A config from a config, a preset name or a preset path; checked or resampled against ``steps``. A preset
+    made for another model than ``model_id`` is applied with a warning naming both."""
     from vdit_accel.search.presets import load_preset
 
     if isinstance(item, (str, Path)):
-        return load_preset(item, steps=steps)
+        return load_preset(item, steps=steps, model_id=model_id)
     if steps is not None and hasattr(item, "num_steps") and item.num_steps != steps:
         if not hasattr(item, "resampled"):
             raise ConfigError(f"{type(item).__name__} has num_steps={item.num_steps} but the generation has "
@@ -125,7 +137,8 @@ def apply(target: Any, spec: Any, *, steps: int | None = None) -> AccelHandle:
     items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     if not items:
         raise ConfigError("spec=[] selects nothing: give at least one config or preset")
-    configs = [_resolve(item, steps) for item in items]
+    model_id = model_id_of(target)
+    configs = [_resolve(item, steps, model_id) for item in items]
     methods = [method_for(c) for c in configs]
     names = [m.name for m in methods]
     dupes = sorted({n for n in names if names.count(n) > 1})

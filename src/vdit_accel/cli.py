@@ -331,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="joint search: allocator(s); 'all' runs every one and keeps the best on selection prompts")
     s.add_argument("--max-segment", type=int, default=DEFAULT_MAX_SEGMENT,
                    help="joint search: longest run between fully computed steps (error table, dp, greedy)")
+    s.add_argument("--dense-steps", type=int, default=1, help="joint search: first steps always computed in full "
+                   "(the teacher-forced error table cannot see how an early reuse propagates; default 1)")
     s.add_argument("--proxy-geometry", default="8x32x32", help="FxHxW of the error table / fitness, or 'model'")
     s.add_argument("--steps", type=int, default=g.steps)
     s.add_argument("--prompts", default="calib")

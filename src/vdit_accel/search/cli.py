@@ -123,8 +123,11 @@ def _joint_search_cli(a) -> int:
     _check_out(out)  # before any compute
     model, sampler = _model_and_sampler(a.weights)
     workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / "search-astraea-joint"  # table shared by targets
+    from vdit_accel.methods.astraea import AstraeaConfig
+
+    base = AstraeaConfig(num_steps=a.steps, dense_steps=a.dense_steps)
     cfg, record = run_joint_search(sampler, latency, a.target_speedup, prompts, steps=a.steps, allocators=allocators,
-                                   proxy=Fidelity(geometry, 1.0, a.steps), max_segment=a.max_segment,
+                                   base=base, proxy=Fidelity(geometry, 1.0, a.steps), max_segment=a.max_segment,
                                    population=a.population, children=a.children, generations=a.generations,
                                    seed=a.seed, workdir=workdir, progress=not a.quiet)
     save_preset(out, "astraea", cfg, model_id=model.config.model_id,
@@ -170,6 +173,8 @@ def search_cli(a) -> int:
                           "--target-speedup (with --latency-model, e.g. 3)")
     if a.target_speedup is not None:
         return _joint_search_cli(a)
+    if getattr(a, "dense_steps", 1) != 1:
+        raise ConfigError(f"--dense-steps={a.dense_steps} applies to --target-speedup (the joint search) only")
     prompts = resolve_prompts(a.prompts)
     steps = a.steps
     kw = {} if a.generations is None else {"generations": a.generations}
