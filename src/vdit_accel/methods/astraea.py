@@ -206,8 +206,8 @@ class AstraeaConfig:
         """This schedule over normalised denoising time, for ``num_steps`` steps.
 
         Budgets take the interval mean of the old schedule (the mean budget is kept), forecast orders the
-        midpoint's; ``dense_steps`` stays. Raises :class:`ConfigError` when ``num_steps`` cannot hold the dense
-        steps plus one.
+        midpoint's; ``dense_steps`` scales with the step count (at least 1 if it was). Raises
+        :class:`ConfigError` when ``num_steps`` cannot hold the dense steps plus one.
 
         Example:
             >>> AstraeaConfig(budgets=(1.0, 0.0, 0.5, 0.5), num_steps=4, dense_steps=1).resampled(2).schedule
@@ -215,15 +215,18 @@ class AstraeaConfig:
         """
         if num_steps == self.num_steps:
             return self
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps <= self.dense_steps:
-            raise ConfigError(f"num_steps={num_steps!r} cannot take this schedule: accepted an int > dense_steps="
-                              f"{self.dense_steps}")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+            raise ConfigError(f"num_steps={num_steps!r} cannot take this schedule: accepted an int >= 2")
+        dense = max(min(self.dense_steps, 1), round(self.dense_steps * num_steps / self.num_steps))
+        if num_steps <= dense:
+            raise ConfigError(f"num_steps={num_steps!r} cannot take this schedule: its {dense} dense steps leave none")
         budgets = None if self.budgets is None else tuple(
             min(1.0, max(0.0, round(b, 12))) for b in resample_mean(self.budgets, num_steps))
         forecast = self.forecast if isinstance(self.forecast, int) else tuple(
             resample_nearest(self.forecast, num_steps))
         target = self.target if budgets is None else None
-        return dataclasses.replace(self, budgets=budgets, target=target, num_steps=num_steps, forecast=forecast)
+        return dataclasses.replace(self, budgets=budgets, target=target, num_steps=num_steps, forecast=forecast,
+                                   dense_steps=dense)
 
     def to_dict(self) -> dict:
         return config_to_dict(self)
