@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from vdit_accel.bench.flops import Setting, WanGeometry, ceiling, step_flops
 from vdit_accel.errors import ConfigError, check_choice, check_range
@@ -411,8 +412,8 @@ def run_step_bench(cfg: StepBenchConfig, out_dir: str | Path | None, *, settings
             for s in settings:
                 samples[s.label].append(bench.time_setting(s))
                 if progress:
-                    print(f"repeat {r + 1}/{cfg.repeats} {s.label}: {samples[s.label][-1]['step_s']:.3f} s",
-                          file=sys.stderr)
+                    tqdm.write(f"repeat {r + 1}/{cfg.repeats} {s.label}: {samples[s.label][-1]['step_s']:.3f} s",
+                               file=sys.stderr)
         rows = [_summarise(s, samples[s.label], bench, bench.attention_op_s(s, cfg.repeats)) for s in settings]
         skipped_block = bench.skipped_block_s(cfg.repeats)
     finally:
