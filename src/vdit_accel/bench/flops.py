@@ -57,11 +57,11 @@ from dataclasses import asdict, dataclass
 
 from vdit_accel.errors import ConfigError, check_range
 from vdit_accel.ops.astraea import budget_to_count
+from vdit_accel.search.latency import StepChoice
 
 BLOCK_TERMS = ("self_q", "self_kv", "self_attn", "self_out", "cross_q", "cross_kv", "cross_attn", "cross_out",
                "ffn")
 OVERHEAD_TERMS = ("patch_embedding", "time_embedding", "text_embedding", "head")
-MAX_ORDER = 2
 
 
 @dataclass(frozen=True)
@@ -136,16 +136,10 @@ class Setting:
     order: int = 0
 
     def __post_init__(self) -> None:
-        b = self.budget
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b <= 1.0:
-            raise ConfigError(f"budget={b!r} is out of range: accepted [0.0, 1.0]")
-        if isinstance(self.order, bool) or self.order not in range(MAX_ORDER + 1):
-            raise ConfigError(f"order={self.order!r} is out of range: accepted an int in [0, {MAX_ORDER}]")
-        object.__setattr__(self, "budget", float(b))
-        if b >= 1.0:  # a dense step forecasts nothing and reuses no K/V
-            object.__setattr__(self, "order", 0)
-            object.__setattr__(self, "kv_reuse", False)
-        elif b == 0.0:  # nothing is computed: K/V reuse is moot
+        choice = StepChoice(self.budget, self.order)  # the one validation of (budget, order); dense forecasts nothing
+        object.__setattr__(self, "budget", choice.budget)
+        object.__setattr__(self, "order", choice.order)
+        if choice.budget >= 1.0 or choice.budget == 0.0:  # dense or nothing computed: K/V reuse is moot
             object.__setattr__(self, "kv_reuse", False)
 
     @property

@@ -428,7 +428,10 @@ class AstraeaBlockHook(ModelHook):
                               f"schedule for {ctx.num_steps} steps")
         hidden_states = self.adapter.block_hidden_states(args, kwargs)
         settings = self._settings(hidden_states)
-        state = self.states.setdefault(ctx.branch, BlockState())
+        state = self.states.get(ctx.branch)
+        if state is None:
+            rows = RowCache(dtype=CACHE_DTYPES.get(self.config.cache_dtype))
+            state = self.states[ctx.branch] = BlockState(rows=rows)
         if settings["lean"]:
             out = self._lean_forward(original, args, kwargs, hidden_states, ctx, state, settings)
             self._account()
@@ -446,7 +449,6 @@ class AstraeaBlockHook(ModelHook):
             return self._reused(state, hidden_states, step, order)
         idx = self._select(ctx.branch, state, hidden_states, count, b, n)
         kv = "rows" if self.config.kv == "selected" else ("cache" if settings["kv_reuse"] else "all")
-        state.rows.dtype = CACHE_DTYPES.get(self.config.cache_dtype)
         attention = _attention_through(module, self.adapter, idx)
         rows, lse = self.adapter.block_rows_forward(module, args, kwargs, idx, attention, kv=kv, cache=state.rows)
         if count == n:  # every row computed (idx is arange(n))
