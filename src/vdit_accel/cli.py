@@ -327,8 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latency-model", default=None, help="vdit-accel/latency-model JSON (step benchmark)")
     from vdit_accel.search.joint import ALLOCATORS, DEFAULT_MAX_SEGMENT
 
-    s.add_argument("--allocator", default="all", choices=[*ALLOCATORS, "all"],
-                   help="joint search: allocator(s); 'all' runs every one and keeps the best on selection prompts")
+    s.add_argument("--allocator", default="all", choices=[*ALLOCATORS, "all", "refine"],
+                   help="joint search: allocator(s); 'all' runs every one and keeps the best on selection prompts; "
+                   "'refine' = local search scored on final videos (full geometry, CFG), seeded by TaylorSeer "
+                   "cadences and spread schedules (default all)")
+    s.add_argument("--max-evals", type=int, default=60, help="refine: fresh evaluations at most (default 60)")
+    s.add_argument("--min-weight", type=float, default=1.0,
+                   help="refine: objective = mean PSNR + W * min PSNR over the prompts (default 1)")
+    s.add_argument("--seed-preset", action="append", default=None, metavar="PRESET",
+                   help="refine: also start from this preset's schedule (repeatable)")
     s.add_argument("--max-segment", type=int, default=DEFAULT_MAX_SEGMENT,
                    help="joint search: longest run between fully computed steps (error table, dp, greedy)")
     s.add_argument("--dense-steps", type=int, default=1, help="joint search: first steps always computed in full "

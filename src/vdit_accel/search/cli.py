@@ -114,6 +114,8 @@ def _joint_search_cli(a) -> int:
     if a.latency_model is None:
         raise ConfigError("--target-speedup needs --latency-model PATH (a vdit-accel/latency-model JSON from the step "
                           "benchmark at the target geometry and hardware)")
+    if a.allocator == "refine":
+        return _refine_cli(a)
     allocators = list(ALLOCATORS) if a.allocator == "all" else [a.allocator]
     latency = LatencyModel.load(a.latency_model)
     prompts = resolve_prompts(a.prompts)
@@ -139,6 +141,62 @@ def _joint_search_cli(a) -> int:
                                   "transformer_calls": v["calibration_cost"]["transformer_calls"]}
                               for k, v in record["candidates"].items()}}
     print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _refine_cli(a) -> int:
+    """``search astraea --target-speedup S --allocator refine``: final-video local search (search/refine.py), then
+    the winner and the best seed compared on the held-apart selection prompts."""
+    import numpy as np
+
+    from vdit_accel.bench.harness import resolve_prompts
+    from vdit_accel.instrument.sampler import GenerationConfig
+    from vdit_accel.methods.astraea import AstraeaConfig
+    from vdit_accel.search.joint import SELECTION_PROMPTS, config_to_schedule, preset_name, schedule_to_config
+    from vdit_accel.search.latency import LatencyModel
+    from vdit_accel.search.presets import load_preset
+    from vdit_accel.search.refine import FinalVideoObjective, cadence_seeds, refine_schedule, schedule_key
+
+    latency = LatencyModel.load(a.latency_model)
+    prompts = resolve_prompts(a.prompts)
+    name = preset_name(a.target_speedup)
+    out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"{name}.json"
+    _check_out(out)  # before any compute
+    base = AstraeaConfig(num_steps=a.steps, dense_steps=a.dense_steps, kv_reuse=latency.kv_reuse)
+    seeds = cadence_seeds(latency, a.steps, a.target_speedup)
+    for spec in a.seed_preset or []:
+        cfg = load_preset(spec, steps=a.steps)
+        seeds[f"preset:{spec}"] = config_to_schedule(cfg)
+    model, sampler = _model_and_sampler(a.weights)
+    gen = GenerationConfig(steps=a.steps)
+    workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / f"search-refine-{name}"
+    objective = FinalVideoObjective(sampler, prompts, gen, base, min_weight=a.min_weight, workdir=workdir)
+    say = None if a.quiet else (lambda msg: print(msg, flush=True))
+    sched, record = refine_schedule(objective, latency, a.target_speedup, seeds, dense_steps=a.dense_steps,
+                                    max_evals=a.max_evals, seed=a.seed, progress=say)
+    record["evaluations_this_run"] = objective.evaluations
+    record["evaluations_total"] = len(objective.evals)
+    record["seconds_this_run"] = round(objective.seconds, 1)
+    record["calibration_prompts"] = prompts
+    record["min_weight"] = a.min_weight
+    record["calibration_psnr"] = objective.psnr(sched)
+    # held-apart check: the winner against the best seed on prompts the search never saw
+    sel = FinalVideoObjective(sampler, list(SELECTION_PROMPTS), gen, base, min_weight=a.min_weight,
+                              workdir=workdir / "selection")
+    best_seed = max(record["seeds"], key=record["seeds"].get)
+    held = {"refined": sel.psnr(sched), f"seed:{best_seed}": sel.psnr(seeds[best_seed])}
+    record["selection"] = {k: {"psnr": v, "psnr_mean": float(np.mean(v)), "psnr_min": float(np.min(v))}
+                           for k, v in held.items()}
+    record["selection_prompts"] = list(SELECTION_PROMPTS)
+    record["schedule"] = schedule_key(sched)
+    from vdit_accel.search.presets import save_preset
+
+    save_preset(out, "astraea", schedule_to_config(sched, base), model_id=model.config.model_id,
+                geometry=list(sampler.geometry(gen)), steps=a.steps, seed=a.seed,
+                record={"search": record, "latency_geometry": latency.geometry, "latency_hardware": latency.hardware,
+                        "allocator": "refine"})
+    print(json.dumps({"preset": str(out), "schedule": record["schedule"],
+                      "predicted_speedup": record["predicted_speedup"], "selection": record["selection"]}, indent=1))
     return 0
 
 
