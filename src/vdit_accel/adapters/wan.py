@@ -22,7 +22,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
-from vdit_accel.adapters import ModelAdapter, RowCache, TokenLayout, register_adapter
+from vdit_accel.adapters import AttentionCall, ModelAdapter, RowCache, TokenLayout, register_adapter
 from vdit_accel.errors import ConfigError
 
 
@@ -53,6 +53,21 @@ class WanAdapter(ModelAdapter):
         rope = model.rope
         t, h = rope.t_dim, rope.h_dim
         return {"t": slice(0, t), "h": slice(t, t + h), "w": slice(t + h, t + h + rope.w_dim)}
+
+    def qkv(self, attn, args, kwargs) -> AttentionCall | None:
+        """Wan's processor ``(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)``: video-only
+        self-attention when ``encoder_hidden_states`` is ``None`` (cross-attention calls return ``None``)."""
+        names = ("hidden_states", "encoder_hidden_states", "attention_mask", "rotary_emb")
+        values = dict(zip(names, args)) | kwargs
+        if values.get("encoder_hidden_states") is not None:
+            return None
+        q, k, v = wan_qkv(attn, values["hidden_states"], values.get("rotary_emb"))
+        proc = attn.get_processor()
+        return AttentionCall(q, k, v, 0, 0, values.get("attention_mask"), getattr(proc, "_attention_backend", None),
+                             getattr(proc, "_parallel_config", None))
+
+    def attention_output(self, attn, out, call):
+        return wan_attention_output(attn, out, call.q)
 
     def block_rows_forward(self, block, args, kwargs, idx, attention_fn, *, kv="all", cache=None):
         names = ("hidden_states", "encoder_hidden_states", "temb", "rotary_emb")
