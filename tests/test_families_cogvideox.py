@@ -172,7 +172,6 @@ def test_row_path_subset_matches_stock_rows_and_kv_cache_reuses():
     assert torch.equal(moved, expect)
 
 
-@pytest.mark.slow
 def test_pipeline_off_exact_on_acts_remove_restores():
     pipe = cogvideox_pipeline()
     pipe.set_progress_bar_config(disable=True)

@@ -103,18 +103,50 @@ def tiny_wan_vae(z_dim: int = 4):
                             temperal_downsample=[False, True, True]).eval()
 
 
-def wan_pipeline(two_experts: bool = False, expand_timesteps: bool = False, boundary_ratio: float | None = None):
+def wan_pipeline(two_experts: bool = False, expand_timesteps: bool = False, boundary_ratio: float = 0.6,
+                 shift: float = 1.0):
     """``WanPipeline`` from tiny parts: Wan2.1 (one denoiser), Wan2.2 A14B (``transformer_2`` with
-    ``boundary_ratio``) or Wan2.2 TI2V-5B style (``expand_timesteps``: per-token timesteps)."""
+    ``boundary_ratio``) or Wan2.2 TI2V-5B style (``expand_timesteps``: per-token timesteps). With ``shift=1`` and 4
+    steps the timesteps are 1000, 750, 500, 250: ``boundary_ratio=0.6`` gives two steps to each expert."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     kw = {}
     if two_experts:
-        kw = dict(transformer_2=tiny_wan(seed=1), boundary_ratio=0.5 if boundary_ratio is None else boundary_ratio)
+        kw = dict(transformer_2=tiny_wan(seed=1), boundary_ratio=boundary_ratio)
     return WanPipeline(tokenizer=word_tokenizer(16), text_encoder=tiny_t5(16), vae=tiny_wan_vae(),
-                       transformer=tiny_wan(), scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                       transformer=tiny_wan(), scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
                        expand_timesteps=expand_timesteps, **kw)
 
 
-WAN_CALL = dict(height=32, width=32, num_frames=5, num_inference_steps=3, guidance_scale=2.0, max_sequence_length=16,
+WAN_CALL = dict(height=32, width=32, num_frames=5, num_inference_steps=4, guidance_scale=2.0, max_sequence_length=16,
                 output_type="latent")
+
+
+def tiny_wan_vace(seed: int = 0):
+    """``WanVACETransformer3DModel``: the tiny Wan with control blocks after main blocks 0 and 1."""
+    from diffusers import WanVACETransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=16, ffn_dim=24, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32, vace_layers=[0, 1], vace_in_channels=8).eval()
+
+
+def tiny_skyreels_v2(seed: int = 0):
+    """``SkyReelsV2Transformer3DModel`` with the tiny Wan sizes."""
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    torch.manual_seed(seed)
+    return SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=16, ffn_dim=24, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32).eval()
+
+
+def wan_inputs(batch: int = 2, frames: int = 2, size: int = 8, text: int = 5, seed: int = 1, **extra):
+    """Root-call kwargs of the Wan family: latents `[B, 4, F, H, W]`, timestep `[B]`, text `[B, L, 16]`."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 4, frames, size, size, generator=g),
+                timestep=torch.tensor([700.0] * batch), encoder_hidden_states=torch.randn(batch, text, 16, generator=g),
+                return_dict=False, **extra)
