@@ -148,5 +148,5 @@ def wan_inputs(batch: int = 2, frames: int = 2, size: int = 8, text: int = 5, se
     """Root-call kwargs of the Wan family: latents `[B, 4, F, H, W]`, timestep `[B]`, text `[B, L, 16]`."""
     g = torch.Generator().manual_seed(seed)
     return dict(hidden_states=torch.randn(batch, 4, frames, size, size, generator=g),
-                timestep=torch.tensor([700.0] * batch), encoder_hidden_states=torch.randn(batch, text, 16, generator=g),
-                return_dict=False, **extra)
+                timestep=torch.tensor([700.0] * batch),
+                encoder_hidden_states=torch.randn(batch, text, 16, generator=g), return_dict=False, **extra)
