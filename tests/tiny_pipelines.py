@@ -150,3 +150,45 @@ def wan_inputs(batch: int = 2, frames: int = 2, size: int = 8, text: int = 5, se
     return dict(hidden_states=torch.randn(batch, 4, frames, size, size, generator=g),
                 timestep=torch.tensor([700.0] * batch),
                 encoder_hidden_states=torch.randn(batch, text, 16, generator=g), return_dict=False, **extra)
+
+
+# ------------------------------------------------------------------------------------------------------ LTX
+def tiny_ltx(seed: int = 0):
+    """``LTXVideoTransformer3DModel``: 2 heads x 12 channels, 2 layers, 8 latent channels, text 16."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                      num_attention_heads=2, attention_head_dim=12, cross_attention_dim=24,
+                                      num_layers=2, caption_channels=16).eval()
+
+
+def ltx_inputs(batch: int = 2, grid=(2, 4, 4), text: int = 5, seed: int = 1):
+    """Root-call kwargs: packed latents `[B, T*H*W, 8]`, text `[B, L, 16]` with its mask, timestep, token grid."""
+    g = torch.Generator().manual_seed(seed)
+    t, h, w = grid
+    mask = torch.ones(batch, text)
+    mask[:, -1] = 0  # one padded text token: the cross-attention mask matters
+    return dict(hidden_states=torch.randn(batch, t * h * w, 8, generator=g),
+                encoder_hidden_states=torch.randn(batch, text, 16, generator=g), timestep=torch.tensor([700] * batch),
+                encoder_attention_mask=mask, num_frames=t, height=h, width=w, return_dict=False)
+
+
+def ltx_pipeline():
+    """``LTXPipeline`` from tiny parts (VAE 4x spatial, 4x temporal compression, as diffusers' tests build it)."""
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=1,
+        patch_size_t=1, encoder_causal=True, decoder_causal=False).eval()
+    return LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=tiny_t5(16),
+                       tokenizer=word_tokenizer(16), transformer=tiny_ltx())
+
+
+LTX_CALL = dict(height=32, width=32, num_frames=9, num_inference_steps=4, guidance_scale=2.0, max_sequence_length=16,
+                output_type="latent")
