@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from tiny_pipelines import (
     cogvideox_inputs,
+    hunyuan_inputs,
     ltx_inputs,
     tiny_cogvideox,
+    tiny_hunyuan_video,
     tiny_ltx,
     tiny_skyreels_v2,
     tiny_wan,
@@ -39,6 +41,7 @@ FAMILIES = {
     "cogvideox": (tiny_cogvideox, None),
     "cogvideox_2b_sincos": (lambda: tiny_cogvideox(rope=False), None),
     "ltx": (tiny_ltx, ltx_inputs),
+    "hunyuan_video": (tiny_hunyuan_video, lambda: hunyuan_inputs(padded=2)),
 }
 
 
@@ -110,7 +113,8 @@ def test_optional_contract_methods_raise_typed_errors_naming_the_family():
 
 
 def test_unknown_model_lists_supported_classes():
-    with pytest.raises(UnsupportedModelError, match="CogVideoXTransformer3DModel.*WanTransformer3DModel"):
+    with pytest.raises(UnsupportedModelError, match="CogVideoXTransformer3DModel.*HunyuanVideoTransformer3DModel.*"
+                       "LTXVideoTransformer3DModel.*SkyReelsV2Transformer3DModel.*WanTransformer3DModel"):
         resolve_adapter(torch.nn.Linear(2, 2))
 
 

@@ -192,3 +192,58 @@ def ltx_pipeline():
 
 LTX_CALL = dict(height=32, width=32, num_frames=9, num_inference_steps=4, guidance_scale=2.0, max_sequence_length=16,
                 output_type="latent")
+
+
+# ----------------------------------------------------------------------------------------------- HunyuanVideo
+def tiny_hunyuan_video(seed: int = 0):
+    """``HunyuanVideoTransformer3DModel``: 2 heads x 16 channels (RoPE axes 4/6/6), one dual- and one
+    single-stream block, text 16 (Llama width), pooled 8 (CLIP width), guidance embedding."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6)).eval()
+
+
+def hunyuan_inputs(batch: int = 2, frames: int = 2, size: int = 4, text: int = 5, padded: int = 0, seed: int = 1):
+    """Root-call kwargs: latents `[B, 4, F, H, W]`, text `[B, L, 16]` with its mask (``padded`` masked tokens at
+    the end of the second prompt), pooled `[B, 8]`, timestep, guidance."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, text)
+    if padded:
+        mask[-1, -padded:] = 0
+    return dict(hidden_states=torch.randn(batch, 4, frames, size, size, generator=g),
+                timestep=torch.tensor([700] * batch),
+                encoder_hidden_states=torch.randn(batch, text, 16, generator=g), encoder_attention_mask=mask,
+                pooled_projections=torch.randn(batch, 8, generator=g), guidance=torch.tensor([6000.0] * batch),
+                return_dict=False)
+
+
+def hunyuan_video_pipeline():
+    """``HunyuanVideoPipeline`` from tiny parts: Llama (2 layers, width 16) + CLIP text encoders, word tokenizers,
+    VAE 8x spatial / 4x temporal."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        act_fn="silu", norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
+        temporal_compression_ratio=4, mid_block_add_attention=True).eval()
+    vocab = len(WORDS) + 3
+    llama = LlamaModel(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                   pad_token_id=0)).eval()
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=77, projection_dim=8,
+                                        pad_token_id=0, bos_token_id=1, eos_token_id=1)).eval()
+    return HunyuanVideoPipeline(text_encoder=llama, tokenizer=word_tokenizer(16), transformer=tiny_hunyuan_video(),
+                                vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=clip,
+                                tokenizer_2=word_tokenizer(77))
+
+
+HUNYUAN_CALL = dict(height=32, width=32, num_frames=5, num_inference_steps=4, guidance_scale=6.0,
+                    max_sequence_length=16, prompt_template={"template": "{}", "crop_start": 0}, output_type="latent")

@@ -296,4 +296,4 @@ def resolve_adapter(model: torch.nn.Module | type) -> ModelAdapter:
 def _load_builtin_adapters() -> None:
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED.append(True)
-        from vdit_accel.adapters import cogvideox, ltx, wan  # noqa: F401  (each registers itself)
+        from vdit_accel.adapters import cogvideox, hunyuan_video, ltx, wan  # noqa: F401  (each registers itself)

@@ -314,8 +314,8 @@ class TimeRippleProcessor:
         """The stock processor's call ``(attn, *args, **kwargs)``: reuse at a step with θ > 0, else the stock call.
 
         Raises:
-            UnsupportedModelError: the call carries an attention mask (TimeRipple's ops take none) or runs under
-                diffusers context parallelism (the reuse windows need the whole token grid on one device).
+            UnsupportedModelError: the call runs under diffusers context parallelism (the reuse windows need the
+                whole token grid on one device), or carries an attention mask with a variant other than "exact_sim".
         """
         ctx = self.context.current
         if ctx is None:
@@ -325,14 +325,13 @@ class TimeRippleProcessor:
         if call is None:  # a dense step, or a call that is not video self-attention
             self.stats.dense_calls += theta == 0.0
             return self.original(attn, *args, **kwargs)
-        if call.mask is not None:
-            raise UnsupportedModelError(f"{self.adapter.family or type(self.adapter).__name__} self-attention "
-                                        "carries an attention mask: TimeRipple's reuse ops accept no mask")
         if call.parallel_config is not None:
             raise UnsupportedModelError("TimeRipple under diffusers context parallelism is not supported: its reuse "
                                         "windows need the whole token grid; disable parallelism")
         q, k, v = call.q, call.k, call.v
         cfg = self.config
+        if call.mask is not None:
+            return self._masked_call(attn, call, ctx, theta)
         kw = dict(
             grid=ctx.grid.as_tuple(), thresholds=self._thresholds(theta, q), window=cfg.window, axes=cfg.axes,
             priority=cfg.priority, text_prefix=call.text_prefix, text_suffix=call.text_suffix, reuse_q=cfg.reuse_q,
@@ -351,6 +350,25 @@ class TimeRippleProcessor:
                 q, k, v, variant=cfg.variant, row_fraction=cfg.row_fraction, **kw
             )
         self.stats.record(ctx.branch, ctx.step_index, self.layer, stats)
+        return self.adapter.attention_output(attn, out, call)
+
+    def _masked_call(self, attn, call, ctx, theta: float):
+        """A call whose attention carries a mask (HunyuanVideo's text padding): the exact simulation substitutes the
+        reused q/k elements (Q̃/K̃) and runs the adapter's raw attention op, which honours the mask. Only
+        ``variant="exact_sim"``; the structured variants remove rows and keys and take no mask."""
+        cfg = self.config
+        if cfg.variant != "exact_sim":
+            raise UnsupportedModelError(f"variant={cfg.variant!r} is not supported where self-attention carries an "
+                                        f"attention mask ({self.adapter.family or type(self.adapter).__name__}): "
+                                        "accepted ['exact_sim']")
+        args = (ctx.grid.as_tuple(), self._thresholds(theta, call.q), call.text_prefix, call.text_suffix)
+        q_masks = self._decide(call.q, *args) if cfg.reuse_q else None
+        k_masks = self._decide(call.k, *args) if cfg.reuse_k else None
+        q = call.q if q_masks is None else resolve_reuse(call.q, q_masks, priority=cfg.priority)
+        k = call.k if k_masks is None else resolve_reuse(call.k, k_masks, priority=cfg.priority)
+        out = self.adapter.attention(attn, call, q, k, call.v)
+        self.stats.record(ctx.branch, ctx.step_index, self.layer,
+                          _build_stats(q_masks, k_masks, call.q.shape, cfg.axes, self.rope_groups))
         return self.adapter.attention_output(attn, out, call)
 
     def _decide(self, x: torch.Tensor, grid, thresholds, text_prefix: int, text_suffix: int):
