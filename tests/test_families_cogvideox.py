@@ -188,3 +188,18 @@ def test_pipeline_off_exact_on_acts_remove_restores():
     assert stats["active_calls"] == 2 * 3 and stats["qk_savings_active"] > 0.1  # 2 layers x 3 steps (CFG batched)
     assert not torch.equal(on, ref)
     assert torch.equal(run(), ref)
+
+
+def test_pipeline_2b_sincos_takes_astraea_exactly_and_refuses_timeripple():
+    pipe = cogvideox_pipeline(rope=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe(PROMPT, generator=torch.Generator().manual_seed(0), **COGVIDEOX_CALL).frames
+
+    ref = run()
+    with vdit_accel.apply(pipe, AstraeaConfig(budgets=(1.0,) * 3, num_steps=3)):
+        assert torch.equal(run(), ref)
+    with pytest.raises(ConfigError, match="no RoPE"):
+        vdit_accel.apply(pipe, ON)
+    assert torch.equal(run(), ref)
