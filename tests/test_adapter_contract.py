@@ -307,3 +307,37 @@ def test_registered_user_adapter_works_through_vdit_accel_apply(monkeypatch):
     assert stats["timeripple"]["active_calls"] > 0 and stats["astraea"]["kept_ratio"] < 1.0
     assert not torch.equal(out[-1], ref[-1])
     assert all(torch.equal(o, r) for o, r in zip(_toy_run(model), ref))
+
+
+def test_timeripple_refuses_a_context_parallel_call_and_backend_settings_carry_over():
+    """A processor's ``_parallel_config`` (diffusers context parallelism) and ``_attention_backend`` reach the
+    installed method processor; TimeRipple refuses a sharded sequence instead of computing windows on a shard."""
+    model = tiny_wan()
+    kw = wan_inputs()
+    attn = resolve_adapter(model).self_attention(model.blocks[0])
+    stock = attn.get_processor()
+    stock._attention_backend, stock._parallel_config = "native", object()
+    handle = apply_timeripple(model, TR_ON)
+    try:
+        installed = attn.get_processor()
+        assert installed._attention_backend == "native" and installed._parallel_config is stock._parallel_config
+        with pytest.raises(UnsupportedModelError, match="context parallelism"), torch.no_grad():
+            model(**kw)
+    finally:
+        handle.remove()
+        stock._attention_backend = stock._parallel_config = None
+    assert attn.get_processor() is stock
+
+
+def test_the_latest_registration_for_a_class_wins(monkeypatch):
+    from diffusers import WanTransformer3DModel
+
+    from vdit_accel.adapters.wan import WanAdapter
+
+    class MyWan(WanAdapter):
+        family = "my_wan"
+
+    monkeypatch.setattr(adapters_module, "_ADAPTERS", list(adapters_module._ADAPTERS))
+    assert resolve_adapter(WanTransformer3DModel).family == "wan"
+    register_adapter(MyWan())
+    assert resolve_adapter(WanTransformer3DModel).family == "my_wan"
