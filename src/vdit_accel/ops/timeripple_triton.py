@@ -118,6 +118,7 @@ def _attn_fwd(  # pragma: no cover - compiled/interpreted by triton, never calle
     BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     # one program: BLOCK_M query rows of one (batch, head); keys streamed in BLOCK_N tiles (online softmax, base 2)
     pid_m = tl.program_id(0)
@@ -138,8 +139,8 @@ def _attn_fwd(  # pragma: no cover - compiled/interpreted by triton, never calle
         q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
 
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
@@ -154,11 +155,20 @@ def _attn_fwd(  # pragma: no cover - compiled/interpreted by triton, never calle
             bias = tl.load(Bias + b * sbb + cols * sbn, mask=n_ok, other=0.0).to(tl.float32)
             s = s + bias[None, :] * 1.4426950408889634
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if INTERPRET:  # tl.max/tl.sum are @jit functions the interpreter cannot call when triton was imported
+            # before TRITON_INTERPRET was set; tl.reduce with the same combine functions runs as numpy there
+            row_max = tl.reduce(s, 1, tl.standard._elementwise_max)
+        else:
+            row_max = tl.max(s, 1)
+        m_new = tl.maximum(m_i, row_max)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with only -inf so far: no NaN from -inf - -inf
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if INTERPRET:
+            row_sum = tl.reduce(p, 1, tl.standard._sum_combine)
+        else:
+            row_sum = tl.sum(p, 1)
+        l_i = l_i * alpha + row_sum
         v = tl.load(v_base + cols[:, None] * svn + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         if DOT_FP32:
             p = p.to(V.dtype.element_ty).to(tl.float32)  # keep the GPU path's rounding of p to the input dtype
@@ -311,6 +321,7 @@ def biased_attention_triton(
         BLOCK_DV=max(16, 1 << (dv - 1).bit_length()),
         PRECISION="ieee" if q.dtype == torch.float32 or interp_bf16 else "tf32",
         DOT_FP32=interp_bf16,
+        INTERPRET=interpret,
         num_warps=num_warps or dw,
         num_stages=num_stages or ds,
     )
