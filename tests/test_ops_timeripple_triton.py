@@ -296,3 +296,55 @@ def test_package_imports_and_runs_without_triton():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------- the GPU benchmark
+def _gpu_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "timeripple_gpu.py"
+    spec = importlib.util.spec_from_file_location("timeripple_gpu_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the exit on a machine without CUDA")
+def test_gpu_benchmark_exits_cleanly_without_cuda(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "gpu.json"
+    assert _gpu_bench().main(["--out", str(out)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err and not out.exists()
+
+
+@needs_triton  # the whole script in the interpreter at a 2x4x6 grid (~3 s here)
+def test_gpu_benchmark_cpu_smoke(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out = tmp_path / "gpu.json"
+    argv = ["--cpu-smoke", "--grid", "2", "4", "6", "--heads", "2", "--head-dim", "64", "--warmup", "0",
+            "--repeats", "1", "--configs", "16,16,4,2", "--presets", "timeripple-op1.5x", "--out", str(out)]
+    assert _gpu_bench().main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["best_config"] == "triton_dense_16x16_w4_s2"
+    assert res["errors"]["triton_dense_16x16_w4_s2"]["lse_max_abs_vs_flash"] < 1e-3
+    names = [c["name"] for c in res["cases"]]
+    assert names == ["timeripple-op1.5x", "timeripple-op1.5x+q"]
+    k_only, both = res["cases"]
+    assert k_only["rows_removed"] == 0 and k_only["keys_removed"] == pytest.approx(0.39, abs=0.03)
+    assert both["rows_removed"] == both["keys_removed"] == k_only["keys_removed"]
+    assert k_only["out_rel_l2_triton_vs_torch_path"] < 2e-2  # bfloat16 outputs of two accumulation orders
+    for key in ("sdpa_flash", "timeripple-op1.5x:tokens_e2e_triton", "timeripple-op1.5x:tokens_kernel",
+                "timeripple-op1.5x+q:tokens_e2e_torch"):
+        assert res["timings"][key]["median_ms"] > 0
+
+
+def test_kernel_rejects_inputs_past_int32_offsets(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    big = torch.empty_strided((1, 2, 1, 16), (0, 2**31, 16, 1), device="meta")  # 2nd row 2**31 elements away
+    small = torch.empty(1, 2, 1, 16, device="meta")
+    with pytest.raises(ConfigError, match="2\\*\\*31") as info:
+        biased_attention_triton(big, small, small)
+    assert not isinstance(info.value, TritonUnavailableError)

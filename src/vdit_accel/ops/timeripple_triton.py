@@ -175,7 +175,7 @@ def _attn_fwd(  # pragma: no cover - compiled/interpreted by triton, never calle
             v = v.to(tl.float32)
         else:
             p = p.to(v.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
 
     acc = acc / l_i[:, None]
@@ -282,6 +282,10 @@ def biased_attention_triton(
     if q.dtype not in _DTYPES:
         raise ConfigError(f"dtype {q.dtype} is not accepted by the Triton kernel: expected one of "
                           f"{[str(x) for x in _DTYPES]} (use biased_attention_reference for float64)")
+    for name, t in (("q", q), ("k", k), ("v", v)):  # the kernel's pointer offsets are int32
+        if sum((t.shape[i] - 1) * t.stride(i) for i in range(4)) >= 2**31:
+            raise ConfigError(f"{name}.shape={tuple(t.shape)} is out of range: the kernel addresses < 2**31 "
+                              "elements per tensor (split the batch or heads)")
     ok, why = triton_usable(q.device)
     if not ok:
         raise TritonUnavailableError(f"the Triton attention kernel cannot run: {why}")
