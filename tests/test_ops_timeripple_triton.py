@@ -348,3 +348,32 @@ def test_kernel_rejects_inputs_past_int32_offsets(monkeypatch):
     with pytest.raises(ConfigError, match="2\\*\\*31") as info:
         biased_attention_triton(big, small, small)
     assert not isinstance(info.value, TritonUnavailableError)
+
+
+@needs_triton
+@pytest.mark.slow  # one real compile to a Hopper cubin with triton's bundled ptxas (~7-20 s)
+@pytest.mark.parametrize("dtype,head_dim", [("bf16", 128)])
+def test_kernel_compiles_for_sm90_without_a_gpu(monkeypatch, dtype, head_dim):
+    """The GPU code path (not the interpreter's): front end, TTGIR, PTX and cubin for sm_90 with the default blocks."""
+    import triton
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kern = tri._kernel(False)
+    ints = ("sqb", "sqm", "sqh", "skb", "skn", "skh", "svb", "svn", "svh", "sbb", "sbn", "sob", "som", "soh", "slb",
+            "slm", "slh", "H", "M", "N", "D", "DV")
+    sig = {n: ("*fp32" if n in ("Bias", "Lse") else f"*{dtype}") for n in ("Q", "K", "V", "Bias", "Out", "Lse")}
+    sig.update({n: "i32" for n in ints}, qk_scale="fp32")
+    bm, bn, warps, stages = tri.default_blocks(head_dim, {"bf16": torch.bfloat16}[dtype])
+    const = dict(HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_dim, BLOCK_DV=head_dim, PRECISION="tf32",
+                 DOT_FP32=False, INTERPRET=False)
+    sig.update(dict.fromkeys(const, "constexpr"))
+    assert set(sig) == set(kern.arg_names)
+    cc = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                        options=dict(num_warps=warps, num_stages=stages))
+    assert "wgmma" in cc.asm["ptx"] and len(cc.asm["cubin"]) > 0  # Hopper tensor-core MMAs, and ptxas succeeded
+    assert cc.metadata.shared <= 227 * 1024  # fits an H100/H200 SM's shared memory

@@ -226,13 +226,19 @@ def _check(q, k, v, bias, scale) -> float:
     return float(scale)
 
 
-def default_blocks(head_dim: int) -> tuple[int, int, int, int]:
-    """`(BLOCK_M, BLOCK_N, num_warps, num_stages)` used when none are given, by head dim (not by GPU).
+def default_blocks(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
+    """`(BLOCK_M, BLOCK_N, num_warps, num_stages)` used when none are given, by head dim and dtype (not by GPU).
+
+    Checked by compiling for sm_90 without a GPU (shared memory per program: bf16 D=128 48 KiB, fp32 D=128 with
+    128x64 tiles 161 KiB, hence smaller fp32 tiles); not tuned on hardware (``benchmarks/timeripple_gpu.py`` times
+    alternatives).
 
     Example:
         >>> default_blocks(128)
         (128, 64, 8, 2)
     """
+    if dtype == torch.float32:
+        return 64, 32, 4, 2
     if head_dim <= 64:
         return 128, 64, 4, 3
     return 128, 64, 8, 2
@@ -291,7 +297,7 @@ def biased_attention_triton(
         raise TritonUnavailableError(f"the Triton attention kernel cannot run: {why}")
     b, m, h, d = q.shape
     n, dv = k.shape[1], v.shape[3]
-    dm, dn, dw, ds = default_blocks(d)
+    dm, dn, dw, ds = default_blocks(d, q.dtype)
     block_m, block_n = block_m or dm, block_n or dn
     for name, val in (("block_m", block_m), ("block_n", block_n)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 16 or val & (val - 1):
