@@ -377,3 +377,27 @@ def test_kernel_compiles_for_sm90_without_a_gpu(monkeypatch, dtype, head_dim):
                         options=dict(num_warps=warps, num_stages=stages))
     assert "wgmma" in cc.asm["ptx"] and len(cc.asm["cubin"]) > 0  # Hopper tensor-core MMAs, and ptxas succeeded
     assert cc.metadata.shared <= 227 * 1024  # fits an H100/H200 SM's shared memory
+
+
+def test_auto_falls_back_to_sdpa_when_the_kernel_fails(monkeypatch, caplog):
+    monkeypatch.setattr(tokens_mod, "_failed", set())
+    monkeypatch.setattr(tokens_mod, "_warned", set())
+    calls = []
+
+    def broken(*a, **kw):
+        calls.append(1)
+        raise RuntimeError("no kernel image for this GPU")
+
+    monkeypatch.setattr(tokens_mod, "biased_attention_triton", broken)
+    qb, kb, vb = (torch.randn(6, 2, 16) for _ in range(3))
+    bias = torch.tensor([0.0, math.log(2.0), 0.0, 0.0, math.log(3.0), 0.0])
+    want = F.scaled_dot_product_attention(qb.transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1),
+                                          attn_mask=bias.view(1, 1, -1)).transpose(0, 1)
+    with caplog.at_level("WARNING"):
+        got = tokens_mod._attend_unique(qb, kb, vb, bias, None, True, False)  # "auto" chose Triton
+    torch.testing.assert_close(got, want)
+    assert len(calls) == 1 and "Triton kernel failed" in caplog.text
+    tokens_mod._attend_unique(qb, kb, vb, bias, None, True, False)  # remembered: no second try
+    assert len(calls) == 1
+    with pytest.raises(RuntimeError, match="no kernel image"):  # forced: the error surfaces
+        tokens_mod._attend_unique(qb, kb, vb, bias, None, True, True)

@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 TOKENS_BACKENDS = ("auto", "torch", "triton")
 _backend_override: str | None = None
 _warned: set[tuple] = set()
+_failed: set[tuple] = set()  # (device, dtype, D, Dv) where the kernel raised under "auto": SDPA from then on
 
 
 def set_tokens_backend(name: str | None) -> str | None:
@@ -109,25 +110,54 @@ def resolve_tokens_backend(backend: str, device: torch.device | str) -> str:
         >>> resolve_tokens_backend("auto", "cpu")
         'torch'
     """
+    return _resolve(backend, device)[0]
+
+
+def _resolve(backend: str, device: torch.device | str) -> tuple[str, bool]:
+    """`(backend to run, whether "triton" was forced)`; see `resolve_tokens_backend`."""
     check_choice("backend", backend, TOKENS_BACKENDS)
     if backend == "auto" and _backend_override is not None:
         backend = _backend_override
     device = torch.device(device)
     if backend == "torch":
-        return "torch"
+        return "torch", False
     ok, why = triton_usable(device)
     if backend == "triton":
         if not ok:
             raise TritonUnavailableError(f"backend='triton' is not accepted here: {why}; use backend='torch' "
                                          "or 'auto'")
-        return "triton"
+        return "triton", True
     if device.type == "cuda":
         if ok:
-            return "triton"
-        if ("auto", device.type) not in _warned:
-            _warned.add(("auto", device.type))
-            logger.warning("tokens variant: %s; using the torch SDPA path (same results, slower)", why)
-    return "torch"
+            return "triton", False
+        _warn_once(("auto", device.type), f"tokens variant: {why}")
+    return "torch", False
+
+
+def _warn_once(key: tuple, reason: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning("%s; using the torch SDPA path (same results, slower)", reason)
+
+
+def _attend_unique(qb, kb, vb, bias, scale, use_triton: bool, forced: bool) -> torch.Tensor:
+    """Attention of `qb` `[Uq, H, D]` over `kb` `[Uk, H, D]`, `vb` `[Uk, H, Dv]` with the per-key logit bias
+    `bias` `[Uk]` (or `None`) -> `[Uq, H, Dv]`. On the Triton path a kernel error under ``"auto"`` falls back to
+    SDPA (one-time warning, and that device/dtype/head dim stays on SDPA); a forced ``"triton"`` raises it."""
+    key = ("kernel", str(qb.device), qb.dtype, qb.shape[-1], vb.shape[-1])
+    if use_triton and (forced or key not in _failed):
+        try:  # [1, U, H, *] views in place; the float32 bias goes to the kernel as one value per key
+            kbias = None if bias is None else bias.float()[None]
+            return biased_attention_triton(qb[None], kb[None], vb[None], kbias, scale=scale)[0][0]
+        except Exception as e:
+            if forced:
+                raise
+            _failed.add(key)
+            _warn_once(key, f"tokens variant: the Triton kernel failed on {key[1:]} ({type(e).__name__}: {e})")
+    mask = None if bias is None else bias.to(qb.dtype).view(1, 1, 1, -1)
+    return F.scaled_dot_product_attention(
+        qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None], attn_mask=mask, scale=scale
+    )[0].transpose(0, 1)
 
 
 @dataclass(frozen=True)
@@ -399,7 +429,7 @@ def token_dedup_attention(
     b, s = q.shape[:2]
     _check_root(q_root, b, s, "q_root")
     _check_root(k_root, b, s, "k_root")
-    use_triton = resolve_tokens_backend(backend, q.device) == "triton"
+    chosen, forced = _resolve(backend, q.device)
     ar = torch.arange(s, device=q.device)
     outs, nq_all, nk_all, work = [], 0, 0, 0.0
     for bi in range(b):  # B is 1 or 2 (CFG); unique counts differ per item, so no padding is needed this way
@@ -424,15 +454,7 @@ def token_dedup_attention(
                 vb = (vsum / count.view(-1, 1, 1)).to(v.dtype)
                 kb = kb.index_select(0, u)
                 bias = count.log()  # [Uk]
-        if use_triton:  # [1, U, H, *] views in place; the float32 bias goes to the kernel as one value per key
-            kbias = None if bias is None else bias.float()[None]
-            out = biased_attention_triton(qb[None], kb[None], vb[None], kbias, scale=scale)[0][0]  # [Uq, H, Dv]
-        else:
-            mask = None if bias is None else bias.to(q.dtype).view(1, 1, 1, -1)
-            out = F.scaled_dot_product_attention(
-                qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None], attn_mask=mask,
-                scale=scale,
-            )[0].transpose(0, 1)  # [Uq, H, Dv]
+        out = _attend_unique(qb, kb, vb, bias, scale, chosen == "triton", forced)  # [Uq, H, Dv]
         if q_pos is not None:
             out = out.index_select(0, q_pos)
         outs.append(out)
