@@ -536,8 +536,9 @@ def tile_window_mask(grid: tuple[int, int, int], tile: tuple[int, int, int], win
                      text_prefix: int = 0, text_suffix: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
     """The static mask as a dense `[S, S]` bool (True = the query row attends to the key column).
 
-    Video query token in tile ``c`` (per axis ``c_a = coord_a // tile_a``) attends to video keys whose tile index is
-    in ``[start_a, start_a + window_a)`` on every axis, ``start_a = clamp(c_a - (window_a - 1)//2, 0, n_a - window_a)``.
+    Video query token in tile ``c`` (per axis ``c_a = coord_a // tile_a``) attends to video keys whose tile index
+    is in ``[start_a, start_a + window_a)`` on every axis,
+    ``start_a = clamp(c_a - (window_a - 1)//2, 0, n_a - window_a)``.
     Text tokens attend to everything and are attended by everything.
 
     Example:
