@@ -319,3 +319,72 @@ def test_method_runs_each_baseline_and_removes_bit_identically():
                 assert summary["attn_work"] < 1.0
                 assert not torch.equal(video, dense)
         assert torch.equal(sampler(TINY_PROMPT, gen, progress=False), dense)  # removal restores the model exactly
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+def _load_masking_benchmark():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "timeripple_masking.py"
+    spec = importlib.util.spec_from_file_location("timeripple_masking", script)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.modules.pop(spec.name, None)
+    return mod
+
+
+def test_masking_benchmark_pairing_interpolates_on_measured_curves():
+    mod = _load_masking_benchmark()
+    assert mod._interp([(1.0, 10.0), (2.0, 20.0)], 1.5) == pytest.approx(15.0)
+    assert mod._interp([(1.0, 1e-2), (2.0, 1e-4)], 1.5, log=True) == pytest.approx(1e-3)
+    assert mod._interp([(1.0, 10.0), (2.0, 20.0)], 2.5) is None  # never extrapolated
+    op = {"aggregate": {
+        "timeripple@0.1": {"family": "timeripple", "speedup_vs_dense_geomean": 1.5, "rel_l2_vs_dense_mean": 0.05},
+        "topk_keys@0.1": {"family": "topk_keys", "speedup_vs_dense_geomean": 1.2, "rel_l2_vs_dense_mean": 0.1},
+        "topk_keys@0.2": {"family": "topk_keys", "speedup_vs_dense_geomean": 1.8, "rel_l2_vs_dense_mean": 0.4},
+    }}
+    e2e = {"summary": {"topk_keys@0.1": {"psnr_mean": 30.0}, "topk_keys@0.2": {"psnr_mean": 24.0},
+                       "timeripple@0.1": {"psnr_mean": 38.0}}}
+    res = mod.pair(op, e2e, [1.5, 2.5])
+    at = res["at_timeripple_points"]["timeripple@0.1"]
+    assert at["speedup"] == 1.5 and at["timeripple"]["psnr_mean"] == 38.0
+    assert at["topk_keys"]["psnr_mean"] == pytest.approx(27.0)
+    assert at["topk_keys"]["rel_l2_vs_dense"] == pytest.approx(0.2)
+    assert res["at_target_speedups"]["2.5"]["topk_keys"]["psnr_mean"] is None
+    assert "note" in mod.pair(None, e2e, [1.5])
+
+
+def test_masking_benchmark_smoke_and_resume(tmp_path):
+    """Every family runs on the tiny model at θ = 2 (7/8 of keys / rows removed), the JSON is complete, and a re-run
+    of the e2e part reuses its stored entries."""
+    import json
+
+    mod = _load_masking_benchmark()
+    argv = ["--model", "tiny", "--grid", "2", "8", "8", "--heads", "2", "--head-dim", "16", "--tile", "1", "4", "4",
+            "--windows", "2,2,1", "--e2e-tile", "1", "1", "1", "--e2e-windows", "2,2,1", "--steps", "3",
+            "--capture-steps", "1", "--layers", "0", "--e2e-steps", "2", "--e2e-prompts", "1", "--repeats", "1",
+            "--thetas", "2.0", "--e2e-thetas", "2.0", "--query-pool", "8", "--out", str(tmp_path)]
+    mod.main(argv)
+    doc = json.loads((tmp_path / "timeripple_masking.json").read_text())
+    assert doc["format"] == "vdit-accel/timeripple-masking" and "--model tiny" in doc["command"]
+    op = doc["op"]
+    assert set(op) == {"dense", "timeripple@2", "topk_keys@2", "similarity_keys@2", "static_rows@2",
+                       "tile_window@2,2,1"}
+    for lab in ("timeripple@2", "topk_keys@2", "similarity_keys@2", "static_rows@2"):
+        assert op[lab]["removed_mean"] == pytest.approx(7 / 8)  # 2x8x8 grid: every non-anchor token
+        assert op[lab]["rel_l2_vs_dense_mean"] > 0 and op[lab]["speedup_vs_dense_geomean"] > 0
+    assert op["tile_window@2,2,1"]["density"] == 0.5 and op["tile_window@2,2,1"]["rel_l2_vs_dense_mean"] > 0
+    e2e = doc["e2e"]
+    assert set(e2e) == {"timeripple@2", "topk_keys@2", "similarity_keys@2", "static_rows@2", "tile_window@2,2,1"}
+    assert e2e["static_rows@2"]["rows_removed_mean"] > 0 and e2e["topk_keys@2"]["keys_removed_mean"] > 0
+    assert all(math.isfinite(x["psnr_mean"]) for x in e2e.values())
+    assert set(doc["pairing"]["curves"]) == {"timeripple", "topk_keys", "similarity_keys", "static_rows",
+                                             "tile_window"}
+    stored = json.loads((tmp_path / "e2e.json").read_text())["entries"]
+    mod.main(argv[:-2] + ["--parts", "e2e", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "e2e.json").read_text())["entries"] == stored
