@@ -27,6 +27,10 @@ class WeightsError(VditAccelError, OSError):
     """A weight or preset file is missing, corrupt or does not match its config."""
 
 
+class VideoError(WeightsError):
+    """A video file is missing, empty, truncated, of an unknown format, or not a square clip."""
+
+
 class UnsupportedModelError(VditAccelError, TypeError):
     """No adapter knows this model class."""
 

@@ -156,12 +156,17 @@ def check_output_path(path, extensions: Iterable[str], *, overwrite: bool = Fals
         raise OutputPathError(f"{name}={str(p)!r} is a directory: name a file")
     if p.exists() and not overwrite:
         raise OutputPathError(f"{name}={str(p)!r} already exists: pass --overwrite to replace it")
-    check_output_dir(p.parent, name=f"the folder of {name}={str(p)!r}")
+    check_output_dir(p.parent, name=f"the folder of {name}={str(p)!r}", create=False)
     return p
 
 
-def check_output_dir(folder, *, name: str = "--out") -> Path:
-    """Create ``folder`` (with its parents) if missing and check it is a writable directory; return it."""
+def check_output_dir(folder, *, name: str = "--out", create: bool = True) -> Path:
+    """Check ``folder`` is (or can be created as) a writable directory; create it (with parents) if ``create``.
+
+    Raises:
+        OutputPathError: an empty name, ``folder`` or an ancestor is a file, or the nearest existing ancestor is
+            not writable (or creation fails).
+    """
     if folder is None or str(folder).strip() == "":
         raise OutputPathError(f"{name}={str(folder or '')!r} is not accepted: name a folder")
     folder = Path(folder)
@@ -172,17 +177,18 @@ def check_output_dir(folder, *, name: str = "--out") -> Path:
         raise OutputPathError(f"{name}: {str(existing)!r} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputPathError(f"{name}: folder {str(existing)!r} is not writable")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputPathError(f"{name}: folder {str(folder)!r} cannot be created: {e}") from e
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputPathError(f"{name}: folder {str(folder)!r} cannot be created: {e}") from e
     return folder
 
 
 @contextlib.contextmanager
 def atomic_write(path) -> Iterator[Path]:
-    """Yield a temporary path in ``path``'s folder (same suffix); on success rename it to ``path``, on failure
-    delete it. An interrupted write never leaves a half-written ``path``.
+    """Yield a temporary path in ``path``'s folder (created if missing; same suffix); on success rename it to
+    ``path``, on failure delete it. An interrupted write never leaves a half-written ``path``.
 
     Example:
         >>> import tempfile
@@ -193,6 +199,7 @@ def atomic_write(path) -> Iterator[Path]:
         ['x.txt']
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)

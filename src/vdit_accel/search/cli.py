@@ -26,11 +26,13 @@ def calibrate_cli(a) -> int:
     prompts = resolve_prompts(a.prompts)[: a.n_prompts]
     gen = GenerationConfig(steps=a.steps)
     if a.method == "magcache":
-        from vdit_accel.methods.magcache_ratios import RATIOS_FILE, calibrate_mag_ratios
+        from vdit_accel.methods.magcache_ratios import USER_RATIOS_FILE, calibrate_mag_ratios
 
+        out = Path(a.out) if a.out else USER_RATIOS_FILE
+        _check_out(out)  # never inside the package
         _, sampler = _model_and_sampler(a.weights)
-        ratios = calibrate_mag_ratios(sampler, prompts[0], gen)
-        print(f"wrote {len(ratios)} MagCache ratios to {RATIOS_FILE}")
+        ratios = calibrate_mag_ratios(sampler, prompts[0], gen, out=out, progress=not getattr(a, "quiet", True))
+        print(f"wrote {len(ratios)} MagCache ratios to {out}")
         return 0
     if a.method != "timeripple":
         raise ConfigError(f"calibrate method {a.method!r} is unknown: choose one of ['timeripple', 'magcache']")
