@@ -175,7 +175,7 @@ def check_output_dir(folder, *, name: str = "--out", create: bool = True) -> Pat
         existing = existing.parent
     if not existing.is_dir():
         raise OutputPathError(f"{name}: {str(existing)!r} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not os.access(existing, os.W_OK | os.X_OK) or not _can_create_in(existing):
         raise OutputPathError(f"{name}: folder {str(existing)!r} is not writable")
     if create:
         try:
@@ -183,6 +183,18 @@ def check_output_dir(folder, *, name: str = "--out", create: bool = True) -> Pat
         except OSError as e:
             raise OutputPathError(f"{name}: folder {str(folder)!r} cannot be created: {e}") from e
     return folder
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (a probe file, removed at once): ``os.access`` alone says yes
+    to root on a read-only mount or a pseudo file system."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".vdit-accel-probe.", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
 
 
 @contextlib.contextmanager

@@ -44,10 +44,10 @@ def calibrate_cli(a) -> int:
         raise ConfigError("calibrate timeripple needs --target (QK savings in (0, 1), e.g. 0.85) or --target-speedup")
     from vdit_accel.search.calibrate import calibrate_timeripple
 
+    out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"timeripple-{round(a.target * 100)}.json"
+    _check_out(out)  # before any compute
     model, sampler = _model_and_sampler(a.weights)
     cfg, record = calibrate_timeripple(sampler, prompts, a.target, gen)
-    out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"timeripple-{round(a.target * 100)}.json"
-    _check_out(out)
     save_preset(out, "timeripple", cfg, model_id=model.config.model_id, geometry=list(sampler.geometry(gen)),
                 steps=gen.steps, seed=gen.seed, record={"calibration": record})
     print(json.dumps({"preset": str(out), **record}, indent=1))
