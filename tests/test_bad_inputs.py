@@ -658,3 +658,47 @@ CATALOGUE_COUNTS = {
 def test_catalogue_size():
     assert len(CLI_CASES) + len(API_CASES) >= 120
     assert len({c.id for c in CLI_CASES}) == len(CLI_CASES) and len({c.id for c in API_CASES}) == len(API_CASES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI polish: every flag says what it does and its default; names have choices
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _subparsers():
+    from vdit_accel.cli import build_parser
+
+    parser = build_parser()
+    return parser, parser._subparsers._group_actions[0].choices
+
+
+def test_every_flag_has_help_that_states_its_default():
+    parser, subs = _subparsers()
+    missing = []
+    for name, sub in subs.items():
+        text = sub.format_help()
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            if not action.help:
+                missing.append(f"{name} {action.dest}: no help")
+            elif action.option_strings and "default" not in sub._get_formatter()._expand_help(action).lower():
+                missing.append(f"{name} {action.option_strings[0]}: no default in its help")
+        assert "%(default)" not in text
+    assert missing == []
+
+
+@pytest.mark.parametrize("command, dest", [("generate", "method"), ("calibrate", "method"), ("search", "method"),
+                                           ("score", "layout"), ("bench-step", "dtype"), ("bench-step", "device")])
+def test_names_have_choices(command, dest):
+    _, subs = _subparsers()
+    action = next(a for a in subs[command]._actions if a.dest == dest)
+    assert action.choices and f"{{{','.join(action.choices)}}}" in subs[command].format_help().replace("\n", "")
+
+
+def test_generate_method_choices_are_the_registry():
+    from vdit_accel.registry import method_names
+
+    _, subs = _subparsers()
+    action = next(a for a in subs["generate"]._actions if a.dest == "method")
+    assert sorted(action.choices) == sorted({"dense", *method_names()})
