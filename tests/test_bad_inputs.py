@@ -120,6 +120,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     (root / "clip.txt").write_text("not a video")
     # output-path obstacles
     (root / "folder.mp4").mkdir()
+    (root / "folder.json").mkdir()
     (root / "exists.mp4").write_bytes(b"keep me")
     (root / "exists.gif").write_bytes(b"keep me")
     (root / "exists.json").write_text("{}")
@@ -347,6 +348,16 @@ CLI_CASES = [
                                                "--weights", "{tiny}"], r"--dense-steps=2 applies to --target-speedup"),
     CliCase("search-out-in-package", ["search", "astraea", "--target", "0.5", "--weights", "{tiny}", "--out",
                                       f"{PKG}/presets/astraea-50.json"], r"is inside the installed package"),
+    CliCase("search-out-folder", ["search", "astraea", "--target", "0.5", "--weights", "{tiny}", "--out",
+                                  "{root}/folder.json"], r"--out='.*folder.json' is a directory"),
+    CliCase("search-plot-txt", ["search", "astraea", "--target", "0.5", "--weights", "{tiny}", "--plot",
+                                "{root}/plot.txt"], r"--plot='.*plot.txt' has extension '.txt': accepted \['.png'\]"),
+    CliCase("search-checkpoint-file", ["search", "astraea", "--target", "0.5", "--weights", "{tiny}",
+                                       "--checkpoint", "{root}/a_file"], r"a_file' is a file, not a folder"),
+    CliCase("calibrate-out-txt", ["calibrate", "timeripple", "--target", "0.5", "--weights", "{tiny}", "--out",
+                                  "{root}/preset.txt"], r"preset.txt' has extension '.txt': accepted \['.json'\]"),
+    CliCase("bench-step-latency-model-folder", ["bench-step", "--tiny", "--out", "{root}/never-s", "--latency-model",
+                                                "{root}/folder.json"], r"folder.json' is a directory"),
     # the command line itself
     CliCase("no-command", [], r"the following arguments are required: cmd"),
     CliCase("unknown-command", ["accelerate"], r"invalid choice: 'accelerate'"),

@@ -259,6 +259,7 @@ def cmd_bench_step(a) -> int:
     if a.out is None:
         raise VditAccelError("bench-step needs --out DIR: results are written there and nowhere else")
     _check_out_dir(a.out)
+    _check_named_outputs(a, {"latency_model": (".json",)})
     cfg = StepBenchConfig(layers=a.layers, target_layers=a.target_layers, latent=tuple(a.latent), text_len=a.text_len,
                           dtype=a.dtype, device=a.device, repeats=a.repeats, warmup=a.warmup, budgets=tuple(a.budgets),
                           kv_reuse=a.kv_reuse, orders=tuple(a.orders), seed=a.seed, full=a.full, tiny=a.tiny)
@@ -274,15 +275,28 @@ def cmd_bench_step(a) -> int:
     return 0
 
 
+def _check_named_outputs(a, files: dict[str, tuple[str, ...]]) -> None:
+    """Named output files of calibrate/search, before any compute: a known extension, not a folder, in a writable
+    folder (these commands replace their own earlier results, as a resumed run must, so existing files pass)."""
+    for dest, extensions in files.items():
+        value = getattr(a, dest, None)
+        if value is not None:
+            validate.check_output_path(value, extensions, overwrite=True, name="--" + dest.replace("_", "-"))
+
+
 def cmd_calibrate(a) -> int:
     from vdit_accel.search.cli import calibrate_cli
 
+    _check_named_outputs(a, {"out": (".json",)})
     return calibrate_cli(a)
 
 
 def cmd_search(a) -> int:
     from vdit_accel.search.cli import search_cli
 
+    _check_named_outputs(a, {"out": (".json",), "plot": (".png",)})
+    if a.checkpoint is not None:
+        validate.check_output_dir(a.checkpoint, name="--checkpoint", create=False)
     return search_cli(a)
 
 
