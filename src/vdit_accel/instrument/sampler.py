@@ -167,7 +167,6 @@ class Sampler:
         x = x.clamp(-1, 1)
         return x[0] if single else x
 
-
     def _check_latents(self, latents: torch.Tensor, cfg: GenerationConfig, batch: int) -> None:
         f, h, w = self.geometry(cfg)
         if not torch.is_tensor(latents) or tuple(latents.shape) != (batch, 3, f, h, w):

@@ -187,7 +187,8 @@ def search_cli(a) -> int:
     _check_out(out)
     model, sampler = _model_and_sampler(a.weights)
     workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / f"search-{name}"
-    cfg, record = search_astraea(sampler, prompts, a.target, steps=steps, evolution=evo, workdir=workdir)
+    cfg, record = search_astraea(sampler, prompts, a.target, steps=steps, evolution=evo, workdir=workdir,
+                                 progress=not a.quiet)
     save_preset(out, "astraea", cfg, model_id=model.config.model_id,
                 geometry=list(sampler.geometry(GenerationConfig())), steps=steps, seed=a.seed,
                 record={"search": record})
