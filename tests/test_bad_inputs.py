@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from vdit_accel import errors
+from vdit_accel import errors, validate
 from vdit_accel.cli import UsageError, main
 from vdit_accel.errors import (
     ConfigError,
@@ -713,3 +715,52 @@ def test_generate_method_choices_are_the_registry():
     _, subs = _subparsers()
     action = next(a for a in subs["generate"]._actions if a.dest == "method")
     assert sorted(action.choices) == sorted({"dense", *method_names()})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# property checks of the validation layer: any value is either accepted within its stated range or a ConfigError
+# ---------------------------------------------------------------------------------------------------------------
+
+ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5),
+                      st.integers(-5, 5).map(np.int64), st.floats(-5, 5).map(np.float32))
+
+
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(steps=ANY_VALUE, guidance=ANY_VALUE, seed=ANY_VALUE, flow_shift=ANY_VALUE, frames=ANY_VALUE)
+def test_generation_config_accepts_in_range_or_raises_config_error(steps, guidance, seed, flow_shift, frames):
+    try:
+        cfg = GenerationConfig(steps=steps, guidance=guidance, seed=seed, flow_shift=flow_shift, frames=frames)
+    except ConfigError as e:
+        assert "=" in str(e) and "accepted" in str(e)
+        return
+    assert isinstance(cfg.steps, (int, np.integer)) and not isinstance(cfg.steps, bool)
+    assert 1 <= cfg.steps <= validate.MAX_STEPS and 0 <= cfg.seed <= validate.MAX_SEED
+    assert cfg.guidance is None or 0 <= cfg.guidance <= validate.MAX_GUIDANCE
+    assert cfg.flow_shift is None or 0 < cfg.flow_shift <= validate.MAX_FLOW_SHIFT
+    assert cfg.frames is None or (isinstance(cfg.frames, (int, np.integer)) and cfg.frames >= 1)
+
+
+NUMBER_TEXT = st.one_of(st.integers(-(2**70), 2**70).map(str),
+                        st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                        st.sampled_from(["inf", "-inf", "nan", "1e9", "0x10", "", " 3", "1_000", "２"]))
+
+
+@pytest.fixture(scope="module")
+def parser():
+    from vdit_accel.cli import build_parser
+
+    return build_parser()
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(steps=NUMBER_TEXT, guidance=NUMBER_TEXT, seed=NUMBER_TEXT)
+def test_cli_numbers_parse_in_range_or_are_usage_errors(parser, steps, guidance, seed):
+    try:
+        a = parser.parse_args(["generate", TINY_PROMPT, f"--steps={steps}", f"--guidance={guidance}",
+                                       f"--seed={seed}"])
+    except UsageError as e:
+        assert "accepted" in str(e) or "expected" in str(e)
+        return
+    assert 1 <= a.steps <= validate.MAX_STEPS and 0 <= a.guidance <= validate.MAX_GUIDANCE
+    assert 0 <= a.seed <= validate.MAX_SEED and math.isfinite(a.guidance)

@@ -11,14 +11,14 @@ The stated bounds:
 ``guidance``       a finite float in [0, ``MAX_GUIDANCE`` = 50]
 ``seed``           an int in [0, ``MAX_SEED`` = 2**63 - 1] (a ``torch.Generator`` seed)
 ``flow_shift``     a finite float in (0, ``MAX_FLOW_SHIFT`` = 100]
-frames/height/w    positive multiples of the patch size, at most ``max_positions`` patches per axis
-                   (the transformer's rotary table: 64 for the embedded model)
+geometry           frames, height, width: positive int multiples of the patch size,
+                   at most ``max_positions`` patches per axis (the rotary table: 64 for the embedded model)
 =================  ==========================================================================
 
 Output paths (:func:`check_output_path`) must be non-empty, carry a known extension, not name a directory, not
-exist unless ``overwrite``, and have a writable parent folder (created, as named, if missing); files are written
-through :func:`atomic_write`: a temporary name in the same folder, renamed at the end, so an interrupted run never
-leaves a half-written file.
+exist unless ``overwrite``, and have a writable parent folder (created as named when the file is written); files
+are written through :func:`atomic_write`: a temporary name in the same folder, renamed at the end, so an
+interrupted run never leaves a half-written file.
 
 Example:
     >>> check_int("steps", 50, lo=1, hi=MAX_STEPS)
