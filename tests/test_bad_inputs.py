@@ -726,7 +726,7 @@ ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), 
                       st.integers(-5, 5).map(np.int64), st.floats(-5, 5).map(np.float32))
 
 
-@settings(max_examples=120, deadline=None, derandomize=True)
+@settings(max_examples=120, deadline=None, derandomize=True, database=None)
 @given(steps=ANY_VALUE, guidance=ANY_VALUE, seed=ANY_VALUE, flow_shift=ANY_VALUE, frames=ANY_VALUE)
 def test_generation_config_accepts_in_range_or_raises_config_error(steps, guidance, seed, flow_shift, frames):
     try:
@@ -753,7 +753,7 @@ def parser():
     return build_parser()
 
 
-@settings(max_examples=150, deadline=None, derandomize=True)
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
 @given(steps=NUMBER_TEXT, guidance=NUMBER_TEXT, seed=NUMBER_TEXT)
 def test_cli_numbers_parse_in_range_or_are_usage_errors(parser, steps, guidance, seed):
     try:
