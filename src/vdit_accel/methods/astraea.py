@@ -72,6 +72,7 @@ from vdit_accel.ops.attention import row_subset_attention
 from vdit_accel.ops.schedule import resample_mean, resample_nearest
 from vdit_accel.registry import Method, register_method
 from vdit_accel.search.presets import preset_operating_point
+from vdit_accel.validate import MAX_STEPS, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +133,8 @@ class AstraeaConfig:
     memory_cap_mb: float | None = None
 
     def __post_init__(self) -> None:
-        check_range("num_steps", self.num_steps, lo=1)
-        check_range("dense_steps", self.dense_steps, lo=0, hi=self.num_steps)
+        check_int("num_steps", self.num_steps, lo=1, hi=MAX_STEPS)
+        check_int("dense_steps", self.dense_steps, lo=0, hi=self.num_steps)
         for name in ("w_alpha", "w_beta"):
             check_range(name, getattr(self, name), lo=0.0)
         check_choice("delta_norm", self.delta_norm, NORMS)

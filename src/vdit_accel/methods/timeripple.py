@@ -62,6 +62,7 @@ from vdit_accel.ops.timeripple_structured import (
 from vdit_accel.ops.timeripple_tokens import token_decisions, tokens_timeripple_attention
 from vdit_accel.registry import Method, register_method
 from vdit_accel.search.presets import preset_operating_point
+from vdit_accel.validate import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +120,11 @@ class TimeRippleConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes", tuple(self.axes))
         object.__setattr__(self, "axis_scale", tuple(float(x) for x in self.axis_scale))
+        if self.layers is not None and not isinstance(self.layers, (list, tuple)):
+            raise ConfigError(f"layers={self.layers!r} is not accepted: a list of block indices (ints >= 0) or None")
         if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+            object.__setattr__(self, "layers", tuple(check_int(f"layers[{k}]", i, lo=0)
+                                                     for k, i in enumerate(self.layers)))
         _ = self.schedule  # validates thresholds and ramp steps
         if self.fixed_threshold is not None and not self.fixed_threshold >= 0:
             raise ConfigError(f"fixed_threshold={self.fixed_threshold!r} is out of range: accepted [0, inf)")

@@ -26,11 +26,13 @@ def calibrate_cli(a) -> int:
     prompts = resolve_prompts(a.prompts)[: a.n_prompts]
     gen = GenerationConfig(steps=a.steps)
     if a.method == "magcache":
-        from vdit_accel.methods.magcache_ratios import RATIOS_FILE, calibrate_mag_ratios
+        from vdit_accel.methods.magcache_ratios import USER_RATIOS_FILE, calibrate_mag_ratios
 
+        out = Path(a.out) if a.out else USER_RATIOS_FILE
+        _check_out(out)  # never inside the package
         _, sampler = _model_and_sampler(a.weights)
-        ratios = calibrate_mag_ratios(sampler, prompts[0], gen)
-        print(f"wrote {len(ratios)} MagCache ratios to {RATIOS_FILE}")
+        ratios = calibrate_mag_ratios(sampler, prompts[0], gen, out=out, progress=not getattr(a, "quiet", True))
+        print(f"wrote {len(ratios)} MagCache ratios to {out}")
         return 0
     if a.method != "timeripple":
         raise ConfigError(f"calibrate method {a.method!r} is unknown: choose one of ['timeripple', 'magcache']")
@@ -42,10 +44,10 @@ def calibrate_cli(a) -> int:
         raise ConfigError("calibrate timeripple needs --target (QK savings in (0, 1), e.g. 0.85) or --target-speedup")
     from vdit_accel.search.calibrate import calibrate_timeripple
 
+    out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"timeripple-{round(a.target * 100)}.json"
+    _check_out(out)  # before any compute
     model, sampler = _model_and_sampler(a.weights)
     cfg, record = calibrate_timeripple(sampler, prompts, a.target, gen)
-    out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"timeripple-{round(a.target * 100)}.json"
-    _check_out(out)
     save_preset(out, "timeripple", cfg, model_id=model.config.model_id, geometry=list(sampler.geometry(gen)),
                 steps=gen.steps, seed=gen.seed, record={"calibration": record})
     print(json.dumps({"preset": str(out), **record}, indent=1))
@@ -243,7 +245,8 @@ def search_cli(a) -> int:
     _check_out(out)
     model, sampler = _model_and_sampler(a.weights)
     workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / f"search-{name}"
-    cfg, record = search_astraea(sampler, prompts, a.target, steps=steps, evolution=evo, workdir=workdir)
+    cfg, record = search_astraea(sampler, prompts, a.target, steps=steps, evolution=evo, workdir=workdir,
+                                 progress=not a.quiet)
     save_preset(out, "astraea", cfg, model_id=model.config.model_id,
                 geometry=list(sampler.geometry(GenerationConfig())), steps=steps, seed=a.seed,
                 record={"search": record})
