@@ -171,7 +171,7 @@ def _refine_cli(a) -> int:
         seeds[f"preset:{spec}"] = config_to_schedule(cfg)
     model, sampler = _model_and_sampler(a.weights)
     gen = GenerationConfig(steps=a.steps)
-    workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / f"search-refine-{name}"
+    workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / "search-refine"  # shared by every target
     objective = FinalVideoObjective(sampler, prompts, gen, base, min_weight=a.min_weight, workdir=workdir)
     say = None if a.quiet else (lambda msg: print(msg, flush=True))
     sched, record = refine_schedule(objective, latency, a.target_speedup, seeds, dense_steps=a.dense_steps,
