@@ -309,6 +309,12 @@ class TimeRippleProcessor:
         return per_channel.expand(len(cfg.axes), -1)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if self._parallel_config is not None:  # set by enable_parallelism(): this call sees one rank's shard
+            from vdit_accel.parallel.cp import ParallelError
+
+            raise ParallelError("TimeRipple under context parallelism is not supported (enable_parallelism was called "
+                                "after apply_timeripple): its reuse needs each token's t/h/w neighbours, which sit on "
+                                "other ranks at shard edges (docs/parallel.md)")
         ctx = self.context.current
         if ctx is None:
             raise ConfigError("TimeRipple needs the root context hook: call the transformer as a whole model")
