@@ -269,3 +269,36 @@ def test_four_ranks_ulysses_and_hybrid():
     for rank in ranks:
         assert (rank["dense"] - dense).abs().max() < 1e-4
         assert (rank["sparse"] - sparse).abs().max() < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------- the CLI
+def test_generate_argv_forwards_every_flag_but_nproc():
+    from vdit_accel.cli import build_parser
+    from vdit_accel.parallel.generate import generate_argv
+
+    a = build_parser().parse_args(["generate", "a red circle grows on a gray background", "--steps", "3",
+                                   "--method", "astraea", "--nproc", "2", "--quiet"])
+    argv = generate_argv(a)
+    assert argv[0] == "a red circle grows on a gray background"
+    assert argv[argv.index("--steps") + 1] == "3" and argv[argv.index("--method") + 1] == "astraea"
+    assert "--nproc" not in argv and "--quiet" in argv
+    again = build_parser().parse_args(["generate", *argv])
+    assert (again.steps, again.method, again.nproc) == (3, "astraea", 1)
+
+
+@pytest.mark.slow
+def test_cli_nproc_two_equals_one_process(tmp_path, monkeypatch):
+    """``vdit-accel generate --nproc 2`` (torchrun, 2 gloo ranks, Ulysses 2) writes the one-process video, bit for
+    bit, with the embedded model (2,048 tokens), 2 steps."""
+    from safetensors.torch import load_file
+
+    from vdit_accel.cli import main
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    prompt = "a red circle moves right on a blue background"
+    common = ["generate", prompt, "--steps", "2", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "one.mp4"), "--save-tensor", str(tmp_path / "one.st")]) == 0
+    assert main([*common, "--out", str(tmp_path / "two.mp4"), "--save-tensor", str(tmp_path / "two.st"),
+                 "--nproc", "2"]) == 0
+    assert torch.equal(load_file(tmp_path / "one.st")["video"], load_file(tmp_path / "two.st")["video"])
+    assert (tmp_path / "two.gif").exists()

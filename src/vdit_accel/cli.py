@@ -41,6 +41,10 @@ def _method_config(name: str | None, preset: str | None, steps: int, model_id: s
 
 
 def cmd_generate(a) -> int:
+    if a.nproc != 1:  # context parallelism: the same command on N ranks (vdit_accel.parallel.generate)
+        from vdit_accel.parallel.generate import launch_generate
+
+        return launch_generate(a)
     from vdit_accel.bench.harness import stats_summary
     from vdit_accel.instrument.sampler import GenerationConfig, Sampler
     from vdit_accel.instrument.video import to_frames, write_video
@@ -211,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", default=None, help="model folder (default: the embedded model)")
     s.add_argument("--save-tensor", default=None, help="also save the raw video tensor (safetensors)")
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--nproc", type=int, default=1, help="context-parallel ranks: > 1 relaunches through torchrun "
+                   "(docs/parallel.md)")
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("score", help="check whether a clip shows its prompt")
