@@ -273,6 +273,41 @@ def model(args) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------- (c) per-rank vs global top-k
+def fidelity(args) -> dict:
+    """PSNR against dense of Astraea with the global top-k (one process) and with the per-rank top-k of ``G``
+    context-parallel ranks (each shard's budget from its own shard, simulated on one process: the selection the
+    CP tests show the ranks make, bit for bit), on the embedded model."""
+    from vdit_accel.bench.harness import BENCH_PROMPTS
+    from vdit_accel.bench.metrics import psnr
+    from vdit_accel.cli import _load_model
+    from vdit_accel.instrument.sampler import GenerationConfig, Sampler
+    from vdit_accel.methods.astraea import apply_astraea
+    from vdit_accel.parallel.cp import simulate_rank_selection
+    from vdit_accel.search.presets import load_preset
+
+    model = _load_model(None)
+    cfg = load_preset(args.preset, steps=args.steps)
+    gen = GenerationConfig(steps=args.steps, seed=0)
+    rows = []
+    for prompt in BENCH_PROMPTS[: args.prompts]:
+        dense = Sampler(model)(prompt, gen, progress=False)
+        row = {"prompt": prompt}
+        for groups in (1, *args.groups):
+            handle = apply_astraea(model.transformer, cfg)
+            simulate_rank_selection(handle, groups)
+            try:
+                video = Sampler(model)(prompt, gen, progress=False)
+            finally:
+                handle.remove()
+            row["global" if groups == 1 else f"ranks{groups}"] = psnr(video, dense)
+        rows.append(row)
+    keys = [k for k in rows[0] if k != "prompt"]
+    return {"format": FORMAT, "kind": "fidelity", "command": "python " + " ".join(sys.argv), "preset": args.preset,
+            "steps": args.steps, "model": model.config.model_id, "tokens": 2048, "rows": rows,
+            "mean_psnr": {k: statistics.mean(r[k] for r in rows) for k in keys}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -294,8 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--latency-model", default="docs/results/bench-step/latency-kv/latency.json")
     s.add_argument("--preset", default="astraea-3x")
     s.add_argument("--out", required=True)
+    f = sub.add_parser("fidelity")
+    f.add_argument("--preset", default="astraea-3x")
+    f.add_argument("--steps", type=int, default=50)
+    f.add_argument("--prompts", type=int, default=2)
+    f.add_argument("--groups", type=int, nargs="*", default=(2, 4, 8))
+    f.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    if a.cmd == "measure":
+    if a.cmd == "fidelity":
+        result = fidelity(a)
+    elif a.cmd == "measure":
         a.latent = tuple(a.latent)
         if a.tiny:
             a.latent, a.text_len = (2, 8, 8), 8
@@ -304,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         result = model(a)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("settings", "validation", "predictions", "cpu_check") if k in result},
+    print(json.dumps({k: result[k] for k in ("settings", "validation", "predictions", "cpu_check", "mean_psnr")
+                      if k in result},
                      indent=1)[:6000])
     return 0
 
