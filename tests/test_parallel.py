@@ -196,6 +196,7 @@ def test_rank_selection_reference_differs_from_global_and_is_balanced(single2):
         assert torch.equal(halves[0], halves[1])
 
 
+@pytest.mark.slow
 def test_rank_failure_ends_every_rank_with_a_clear_error():
     import time
 
@@ -227,7 +228,8 @@ def test_ulysses_astraea_equals_per_rank_reference_in_either_order(ulysses2, sin
     """Each rank selects its budget of its shard; the rows' attention goes through the all-to-all over all keys.
     Bit-exact against the one-process per-rank reference: per (row, head) the same keys, the same op."""
     for rank in ulysses2:
-        assert rank["sparse_before_kept"] == pytest.approx((1.0 + 0.5 + 0.25 + 0.5) / 4)  # per-rank counts are exact halves
+        # per-rank counts are exact halves of the one-process counts: the mean kept ratio is the schedule's
+        assert rank["sparse_before_kept"] == pytest.approx((1.0 + 0.5 + 0.25 + 0.5) / 4)
         for key in ("sparse_before", "sparse_after"):
             assert torch.equal(rank[key], single2["sparse_rank2"]), key
         assert torch.equal(rank["sparse_kv"], single2["sparse_kv_rank2"])

@@ -215,10 +215,10 @@ def check_split(grid: tuple[int, int, int], heads: int, *, ulysses: int, ring: i
     equipartition; gloo's all-gather needs equal sizes too) and ``heads`` over ``ulysses``.
 
     Example:
-        >>> check_split((3, 5, 7), 2, ulysses=2, ring=1)
+        >>> check_split((3, 5, 7), 2, ulysses=2, ring=1)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        vdit_accel.parallel.cp.ParallelError: grid (3, 5, 7) has 105 tokens, not divisible by the 2 context-parallel ranks: choose frames/height/width whose token count is a multiple of 2 (e.g. an even latent frame count)
+        vdit_accel.parallel.cp.ParallelError: grid (3, 5, 7) has 105 tokens, not divisible by the 2 context-parallel...
     """
     world = ulysses * ring
     tokens = grid[0] * grid[1] * grid[2]
