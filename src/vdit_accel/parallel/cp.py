@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -232,7 +233,7 @@ def check_split(grid: tuple[int, int, int], heads: int, *, ulysses: int, ring: i
 
 
 def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int = 1, ring: int = 1,
-                            lse_processor: bool | None = None, adapter=None):
+                            lse_processor: bool | None = None, adapter=None, _cfg: int = 1):
     """``transformer.enable_parallelism(ContextParallelConfig(ulysses_degree, ring_degree))`` on the current
     process group, CPU or GPU, with the checks and workarounds above. Returns the ``ParallelConfig``.
 
@@ -258,15 +259,17 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int = 1, r
     for name, d in (("ulysses", ulysses), ("ring", ring)):
         if isinstance(d, bool) or not isinstance(d, int) or d < 1:
             raise ParallelError(f"{name}={d!r} is out of range: accepted an int >= 1")
-    if ulysses * ring != world:
-        raise ParallelError(f"ulysses={ulysses} x ring={ring} = {ulysses * ring} ranks, but the world size is "
-                            f"{world}: the degrees must multiply to the world size")
+    if ulysses * ring * _cfg != world:
+        raise ParallelError(f"cfg={_cfg} x ulysses={ulysses} x ring={ring} = {ulysses * ring * _cfg} ranks, but the "
+                            f"world size is {world}: the degrees must multiply to the world size")
     adapter = adapter or resolve_adapter(transformer)
     heads = getattr(transformer.config, "num_attention_heads", None)
     if heads is not None and heads % ulysses:
         check_split((1, 1, world), heads, ulysses=ulysses, ring=ring)
     device_type = torch._C._get_accelerator().type
-    mesh = dist.device_mesh.init_device_mesh(device_type, (ring, ulysses), mesh_dim_names=("ring", "ulysses"))
+    full = dist.device_mesh.init_device_mesh(device_type, (_cfg, ring, ulysses),
+                                             mesh_dim_names=("cfg", "ring", "ulysses"))
+    mesh = full["ring", "ulysses"]  # this rank's CFG group: its own context-parallel mesh
     if lse_processor is None:
         backend, _ = _AttentionBackendRegistry.get_active_backend()
         lse_processor = ring > 1 and getattr(backend, "value", str(backend)) == "native"
@@ -280,7 +283,67 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int = 1, r
     if heads is not None:
         hook = _TokenCheckHook(ulysses, ring, heads, adapter)
         transformer._vdit_cp_check = transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    if _cfg > 1:
+        return CfgParallel(group=full["cfg"].get_group(), branch=full.get_local_rank("cfg"))
     return transformer._parallel_config
+
+
+@dataclass(frozen=True)
+class CfgParallel:
+    """This rank's place in CFG parallelism: its CFG group (one rank per branch, same CP position) and its branch
+    (0: cond, 1: uncond)."""
+
+    group: object
+    branch: int
+
+
+def enable_cfg_context_parallel(transformer: torch.nn.Module, *, ulysses: int = 1, ring: int = 1,
+                                adapter=None) -> CfgParallel:
+    """CFG parallelism composed with context parallelism: ``2 x ulysses x ring`` ranks; the first half runs the
+    cond branch, the second the uncond branch, each half one CP mesh of ``ulysses x ring`` over the sequence.
+    Sample with :func:`cfg_parallel_generate`. Raises :class:`ParallelError` as :func:`enable_context_parallel`."""
+    return enable_context_parallel(transformer, ulysses=ulysses, ring=ring, adapter=adapter, _cfg=2)
+
+
+@torch.no_grad()
+def cfg_parallel_generate(model, prompt: str, gen, cfg: CfgParallel) -> torch.Tensor:
+    """:class:`~vdit_accel.instrument.sampler.Sampler`'s loop for one prompt with the two CFG branches on the two
+    halves of the ranks: each rank calls the transformer once per step, for its own branch (inside
+    ``cache_context("cond" | "uncond")``, so per-branch caches stay as on one process), the two predictions are
+    exchanged by ``all_gather`` in the rank's CFG group, and every rank combines them and steps the scheduler as
+    the one-process sampler does. Returns the `[3, F, H, W]` video on every rank.
+
+    Raises:
+        ParallelError: guidance <= 1 (no uncond branch to put on the other ranks).
+    """
+    import torch.distributed as dist
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from vdit_accel.instrument.sampler import Sampler
+
+    sampler = Sampler(model)
+    guidance = sampler.guidance(gen)
+    if guidance <= 1.0:
+        raise ParallelError(f"guidance={guidance} runs no uncond branch: CFG parallelism needs guidance > 1")
+    transformer = model.transformer
+    name, emb = ("cond", model.encode_prompts([prompt])) if cfg.branch == 0 else ("uncond", model.encode_prompts([""]))
+    x = sampler.initial_noise(gen, 1)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=sampler.flow_shift(gen))
+    scheduler.set_timesteps(gen.steps)
+    transformer._reset_stateful_cache()
+    try:
+        for i, t in enumerate(scheduler.timesteps):
+            ctx = dict(step_index=i, num_inference_steps=gen.steps, timestep=t, sigma=float(scheduler.sigmas[i]))
+            with transformer.cache_context(name, **ctx):
+                mine = transformer(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=emb,
+                                   return_dict=False)[0].contiguous()
+            both = [torch.empty_like(mine) for _ in range(2)]
+            dist.all_gather(both, mine, group=cfg.group)
+            pred, pred_u = both
+            x = scheduler.step(pred_u + guidance * (pred - pred_u), t, x, return_dict=False)[0]
+    finally:
+        transformer._reset_stateful_cache()
+    return x.clamp(-1, 1)[0]
 
 
 def simulate_rank_selection(handle, groups: int) -> None:
