@@ -223,12 +223,13 @@ def test_rank_failure_ends_every_rank_with_a_clear_error():
     import time
 
     start = time.monotonic()
-    with pytest.raises(ParallelError) as info:
-        spawn(_fail_on_rank_one, 2, timeout=60, grace=10, collective_timeout=20)
+    with pytest.raises(ParallelError) as info:  # generous timeout: start-up (imports) is slow on a loaded machine
+        spawn(_fail_on_rank_one, 2, timeout=400, grace=10, collective_timeout=30)
     msg = str(info.value)
+    assert "failed after" in msg  # ended by the failure, not by the launcher's timeout
     assert "rank 1 raised ValueError: rank one broke on purpose" in msg
     assert "rank 0" in msg  # the peer's fate is named too (its collective failed, or the launcher ended it)
-    assert time.monotonic() - start < 50
+    assert time.monotonic() - start < 400
 
 
 # -------------------------------------------------------------------------------------- 2-rank Ulysses

@@ -259,6 +259,9 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int = 1, r
     for name, d in (("ulysses", ulysses), ("ring", ring)):
         if isinstance(d, bool) or not isinstance(d, int) or d < 1:
             raise ParallelError(f"{name}={d!r} is out of range: accepted an int >= 1")
+    if ulysses * ring == 1:
+        raise ParallelError("ulysses=1 x ring=1 splits nothing: context parallelism needs ulysses * ring >= 2 (CFG "
+                            "parallelism alone, without a sequence split, is not supported)")
     if ulysses * ring * _cfg != world:
         raise ParallelError(f"cfg={_cfg} x ulysses={ulysses} x ring={ring} = {ulysses * ring * _cfg} ranks, but the "
                             f"world size is {world}: the degrees must multiply to the world size")
