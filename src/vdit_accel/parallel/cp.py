@@ -247,7 +247,6 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int = 1, r
     """
     import torch.distributed as dist
     from diffusers import ContextParallelConfig
-    from diffusers.hooks import HookRegistry  # noqa: F401  (hooks registry used by enable_parallelism)
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
     from vdit_accel.adapters import resolve_adapter
