@@ -26,7 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vdit_accel.errors import ConfigError, WeightsError, check_range
+from vdit_accel import validate
+from vdit_accel.errors import ChecksumError, ConfigError, WeightsError
 from vdit_accel.instrument.captions import MAX_CAPTION_TOKENS, VOCAB, tokenize
 
 #: the shipped default (``vdit-accel train --recipe v2``, session 6): every preset and published figure is for it.
@@ -40,6 +41,10 @@ CONFIG_VERSION = 1
 PREDICTIONS = ("velocity", "sample")
 MIN_SIGMA_FOR_SAMPLE = 0.05  # x0 -> velocity divides by the noise level; below this it is held
 NO_OP_MODULES = ("pooled_caption.",)  # start as a no-op: a fine-tune may start from weights without them
+ROPE_MAX_SEQ_LEN = 64  # rotary table length: at most this many patches per axis (frames, height, width)
+WEIGHTS_FILE = "model.safetensors"
+CHECKSUM_KEY = "weights_sha256"  # config.json: {file name: SHA-256 hex}, verified on load
+NOT_CONFIG_KEYS = ("training", CHECKSUM_KEY)  # records in config.json beside the architecture
 
 
 @dataclass(frozen=True)
@@ -102,11 +107,15 @@ class EmbeddedConfig:
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:
             raise ConfigError(f"prediction={self.prediction!r} is not known: accepted {list(PREDICTIONS)}")
-        for name in ("frames", "height", "width", "num_heads", "head_dim", "num_layers", "ffn_dim", "text_dim"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is out of range: accepted [1, inf)")
-        check_range("guidance", self.guidance, lo=0.0)
-        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        for name in ("frames", "height", "width", "num_heads", "head_dim", "num_layers", "ffn_dim", "text_dim",
+                     "freq_dim", "max_text_len"):
+            validate.check_int(name, getattr(self, name), lo=1)
+        validate.check_guidance(self.guidance)
+        validate.check_flow_shift(self.flow_shift)
+        if not isinstance(self.patch_size, (tuple, list)) or len(self.patch_size) != 3:
+            raise ConfigError(f"patch_size={self.patch_size!r} is not accepted: three ints (t, h, w) >= 1")
+        object.__setattr__(self, "patch_size", tuple(validate.check_int(f"patch_size[{i}]", p, lo=1)
+                                                     for i, p in enumerate(self.patch_size)))
         object.__setattr__(self, "vocab", tuple(self.vocab))
         check_geometry(self.frames, self.height, self.width, self.patch_size)
 
@@ -139,7 +148,7 @@ class EmbeddedConfig:
             num_layers=self.num_layers,
             cross_attn_norm=True,
             qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=64,
+            rope_max_seq_len=ROPE_MAX_SEQ_LEN,
         )
 
     def to_dict(self) -> dict:
@@ -164,13 +173,9 @@ class EmbeddedConfig:
 
 
 def check_geometry(frames: int, height: int, width: int, patch_size: tuple[int, int, int]) -> None:
-    """Raise :class:`ConfigError` unless each size is a positive multiple of its patch size."""
-    for name, size, p in zip(("frames", "height", "width"), (frames, height, width), patch_size):
-        if size < p or size % p:
-            raise ConfigError(
-                f"{name}={size} is not accepted: it must be a positive multiple of the patch size {p} "
-                f"(patch_size={tuple(patch_size)})"
-            )
+    """Raise :class:`ConfigError` unless each size is an int, a positive multiple of its patch size and within
+    the rotary table (``ROPE_MAX_SEQ_LEN`` patches per axis); see :func:`vdit_accel.validate.check_geometry`."""
+    validate.check_geometry(frames, height, width, patch_size, max_positions=ROPE_MAX_SEQ_LEN)
 
 
 class CaptionEncoder(nn.Module):
@@ -300,8 +305,13 @@ class EmbeddedModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()}
-        save_file(tensors, str(directory / "model.safetensors"), metadata={"model_id": self.config.model_id})
-        (directory / "config.json").write_text(json.dumps({**self.config.to_dict(), **(extra or {})}, indent=1))
+        w_path = directory / WEIGHTS_FILE
+        with validate.atomic_write(w_path) as tmp:
+            save_file(tensors, str(tmp), metadata={"model_id": self.config.model_id})
+            digest = validate.sha256_file(tmp)
+        config = {**self.config.to_dict(), **(extra or {}), CHECKSUM_KEY: {WEIGHTS_FILE: digest}}
+        with validate.atomic_write(directory / "config.json") as tmp:
+            tmp.write_text(json.dumps(config, indent=1))
 
     def start_from(self, directory: str | Path) -> None:
         """Copy the weights of a saved model (a fine-tune's start); modules that begin as a no-op
@@ -317,24 +327,43 @@ class EmbeddedModel(nn.Module):
                                f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
     @classmethod
-    def load(cls, directory: str | Path | None = None) -> EmbeddedModel:
-        """Load a saved model (``None``: the shipped one, ``WEIGHTS_DIR``); raise :class:`WeightsError` on a
-        missing, corrupt or mismatched file."""
+    def load(cls, directory: str | Path | None = None, *, require_checksum: bool = False) -> EmbeddedModel:
+        """Load a saved model (``None``: the shipped one, ``WEIGHTS_DIR``).
+
+        The weights file is verified against the SHA-256 its ``config.json`` records (``weights_sha256``; written
+        by :meth:`save` and present in the shipped models) and every tensor is checked finite.
+
+        Args:
+            directory (`str | Path | None`): the model folder (``config.json`` + ``model.safetensors``).
+            require_checksum (`bool`, defaults False): refuse a folder whose config records no checksum.
+
+        Raises:
+            WeightsError: a missing, corrupt or mismatched file, non-finite weights, or (``require_checksum``) no
+                recorded checksum; :class:`ChecksumError` (a ``WeightsError``) when the SHA-256 differs.
+        """
         directory = Path(WEIGHTS_DIR if directory is None else directory)
-        cfg_path, w_path = directory / "config.json", directory / "model.safetensors"
+        cfg_path, w_path = directory / "config.json", directory / WEIGHTS_FILE
         for p in (cfg_path, w_path):
             if not p.is_file():
                 raise WeightsError(f"weight file {str(p)!r} is missing")
         try:
-            raw = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
+            raw = json.loads(cfg_path.read_text(), parse_constant=lambda token: _refuse_constant(token, cfg_path))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise WeightsError(f"{str(cfg_path)!r} is not valid JSON: {e}") from e
-        raw = {k: v for k, v in raw.items() if k != "training"}
+        if not isinstance(raw, dict):
+            raise WeightsError(f"{str(cfg_path)!r} holds a {type(raw).__name__}: expected a JSON object")
+        _verify_checksum(raw.get(CHECKSUM_KEY), w_path, cfg_path, require_checksum)
+        raw = {k: v for k, v in raw.items() if k not in NOT_CONFIG_KEYS}
         model = cls(EmbeddedConfig.from_dict(raw))
         try:
             state = load_file(str(w_path))
         except (SafetensorError, OSError) as e:
             raise WeightsError(f"{str(w_path)!r} is not a readable safetensors file: {e}") from e
+        for name, t in state.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise WeightsError(f"{str(w_path)!r}: tensor {name!r} has {bad} non-finite values (NaN or inf) of "
+                                   f"{t.numel()}: weights must be finite")
         missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
         if missing or unexpected:
             raise WeightsError(
@@ -346,3 +375,24 @@ class EmbeddedModel(nn.Module):
         except RuntimeError as e:
             raise WeightsError(f"{str(w_path)!r} does not match its config: {e}") from e
         return model.eval()
+
+
+def _refuse_constant(token: str, path: Path):
+    """``json.loads`` hook: ``NaN``, ``Infinity`` and ``-Infinity`` are not JSON numbers; refuse them."""
+    raise ConfigError(f"{str(path)!r}: value {token} is not accepted: every number must be finite")
+
+
+def _verify_checksum(recorded, w_path: Path, cfg_path: Path, required: bool) -> None:
+    """Compare ``w_path``'s SHA-256 with the one ``config.json`` records (``{"model.safetensors": hex}``)."""
+    if recorded is None:
+        if required:
+            raise WeightsError(f"{str(cfg_path)!r} records no {CHECKSUM_KEY}: save the model with "
+                               "EmbeddedModel.save (or vdit-accel train) to record one")
+        return
+    if not isinstance(recorded, dict) or not isinstance(recorded.get(WEIGHTS_FILE), str):
+        raise WeightsError(f"{str(cfg_path)!r}: {CHECKSUM_KEY}={recorded!r} is not accepted: expected "
+                           f"{{{WEIGHTS_FILE!r}: <64 hex digits>}}")
+    actual = validate.sha256_file(w_path)
+    if actual != recorded[WEIGHTS_FILE].lower():
+        raise ChecksumError(f"{str(w_path)!r} has SHA-256 {actual}, but {str(cfg_path)!r} records "
+                            f"{recorded[WEIGHTS_FILE]!r}: the weights file is corrupt or was replaced")

@@ -38,10 +38,9 @@ import numpy as np
 import torch
 
 from vdit_accel.adapters import ModelAdapter, resolve_adapter
-from vdit_accel.adapters.wan import wan_attention_output, wan_qkv
 from vdit_accel.config_io import config_from_dict, config_to_dict
 from vdit_accel.context import ContextHook, acquire_context, release_context
-from vdit_accel.errors import ConfigError, check_choice
+from vdit_accel.errors import ConfigError, UnsupportedModelError, check_choice
 from vdit_accel.ops.attention import row_subset_attention
 from vdit_accel.ops.timeripple import (
     AXES,
@@ -63,6 +62,7 @@ from vdit_accel.ops.timeripple_structured import (
 from vdit_accel.ops.timeripple_tokens import token_decisions, tokens_timeripple_attention
 from vdit_accel.registry import Method, register_method
 from vdit_accel.search.presets import preset_operating_point
+from vdit_accel.validate import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +120,11 @@ class TimeRippleConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes", tuple(self.axes))
         object.__setattr__(self, "axis_scale", tuple(float(x) for x in self.axis_scale))
+        if self.layers is not None and not isinstance(self.layers, (list, tuple)):
+            raise ConfigError(f"layers={self.layers!r} is not accepted: a list of block indices (ints >= 0) or None")
         if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+            object.__setattr__(self, "layers", tuple(check_int(f"layers[{k}]", i, lo=0)
+                                                     for k, i in enumerate(self.layers)))
         _ = self.schedule  # validates thresholds and ramp steps
         if self.fixed_threshold is not None and not self.fixed_threshold >= 0:
             raise ConfigError(f"fixed_threshold={self.fixed_threshold!r} is out of range: accepted [0, inf)")
@@ -272,19 +275,22 @@ class TimeRippleStats:
 
 
 class TimeRippleProcessor:
-    """Replacement processor for one video self-attention module (Wan family)."""
+    """Replacement processor for one video self-attention module, any family: the model adapter splits the stock
+    call into post-RoPE q/k/v and the output step (``ModelAdapter.qkv`` / ``attention_output``), so the processor
+    takes the stock processor's arguments whatever they are (installed by ``ModelAdapter.install_processor``)."""
 
     _attention_backend = None
     _parallel_config = None
 
     def __init__(self, layer: int, original, config: TimeRippleConfig, context: ContextHook,
-                 rope_groups: dict[str, slice], stats: TimeRippleStats) -> None:
+                 rope_groups: dict[str, slice], stats: TimeRippleStats, adapter: ModelAdapter | None = None) -> None:
         self.layer = layer
         self.original = original
         self.config = config
         self.context = context
         self.rope_groups = rope_groups
         self.stats = stats
+        self.adapter = adapter
         self.decision_log: dict | None = None  # set by TimeRippleHandle.record_decisions ("tokens" variant)
 
     def _theta(self, ctx) -> float:
@@ -308,25 +314,31 @@ class TimeRippleProcessor:
         per_channel = theta * mag / mag.mean().clamp_min(1e-12)
         return per_channel.expand(len(cfg.axes), -1)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if self._parallel_config is not None:  # set by enable_parallelism(): this call sees one rank's shard
-            from vdit_accel.parallel.cp import ParallelError
+    def __call__(self, attn, *args, **kwargs):
+        """The stock processor's call ``(attn, *args, **kwargs)``: reuse at a step with θ > 0, else the stock call.
 
-            raise ParallelError("TimeRipple under context parallelism is not supported (enable_parallelism was called "
-                                "after apply_timeripple): its reuse needs each token's t/h/w neighbours, which sit on "
-                                "other ranks at shard edges (docs/parallel.md)")
+        Raises:
+            UnsupportedModelError: the call runs under diffusers context parallelism (the reuse windows need the
+                whole token grid on one device), or carries an attention mask with a variant other than "exact_sim".
+        """
         ctx = self.context.current
         if ctx is None:
             raise ConfigError("TimeRipple needs the root context hook: call the transformer as a whole model")
         theta = self._theta(ctx)
-        if encoder_hidden_states is not None or attention_mask is not None or theta == 0.0:
-            self.stats.dense_calls += encoder_hidden_states is None
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        q, k, v = wan_qkv(attn, hidden_states, rotary_emb)
+        call = self.adapter.qkv(attn, args, kwargs) if theta != 0.0 else None
+        if call is None:  # a dense step, or a call that is not video self-attention
+            self.stats.dense_calls += theta == 0.0
+            return self.original(attn, *args, **kwargs)
+        if call.parallel_config is not None:
+            raise UnsupportedModelError("TimeRipple under diffusers context parallelism is not supported: its reuse "
+                                        "windows need the whole token grid; disable parallelism")
+        q, k, v = call.q, call.k, call.v
         cfg = self.config
+        if call.mask is not None:
+            return self._masked_call(attn, call, ctx, theta)
         kw = dict(
             grid=ctx.grid.as_tuple(), thresholds=self._thresholds(theta, q), window=cfg.window, axes=cfg.axes,
-            priority=cfg.priority, text_prefix=ctx.text_prefix, text_suffix=ctx.text_suffix, reuse_q=cfg.reuse_q,
+            priority=cfg.priority, text_prefix=call.text_prefix, text_suffix=call.text_suffix, reuse_q=cfg.reuse_q,
             reuse_k=cfg.reuse_k, rope_groups=self.rope_groups,
         )
         if cfg.variant == "tokens":
@@ -342,7 +354,26 @@ class TimeRippleProcessor:
                 q, k, v, variant=cfg.variant, row_fraction=cfg.row_fraction, **kw
             )
         self.stats.record(ctx.branch, ctx.step_index, self.layer, stats)
-        return wan_attention_output(attn, out, q)
+        return self.adapter.attention_output(attn, out, call)
+
+    def _masked_call(self, attn, call, ctx, theta: float):
+        """A call whose attention carries a mask (HunyuanVideo's text padding): the exact simulation substitutes the
+        reused q/k elements (Q̃/K̃) and runs the adapter's raw attention op, which honours the mask. Only
+        ``variant="exact_sim"``; the structured variants remove rows and keys and take no mask."""
+        cfg = self.config
+        if cfg.variant != "exact_sim":
+            raise UnsupportedModelError(f"variant={cfg.variant!r} is not supported where self-attention carries an "
+                                        f"attention mask ({self.adapter.family or type(self.adapter).__name__}): "
+                                        "accepted ['exact_sim']")
+        args = (ctx.grid.as_tuple(), self._thresholds(theta, call.q), call.text_prefix, call.text_suffix)
+        q_masks = self._decide(call.q, *args) if cfg.reuse_q else None
+        k_masks = self._decide(call.k, *args) if cfg.reuse_k else None
+        q = call.q if q_masks is None else resolve_reuse(call.q, q_masks, priority=cfg.priority)
+        k = call.k if k_masks is None else resolve_reuse(call.k, k_masks, priority=cfg.priority)
+        out = self.adapter.attention(attn, call, q, k, call.v)
+        self.stats.record(ctx.branch, ctx.step_index, self.layer,
+                          _build_stats(q_masks, k_masks, call.q.shape, cfg.axes, self.rope_groups))
+        return self.adapter.attention_output(attn, out, call)
 
     def _decide(self, x: torch.Tensor, grid, thresholds, text_prefix: int, text_suffix: int):
         cfg = self.config
@@ -425,6 +456,7 @@ class TimeRippleHandle:
 
     transformer: torch.nn.Module
     stats: TimeRippleStats
+    adapter: ModelAdapter | None = None
     _restore: list = field(default_factory=list)
     _removed: bool = False
 
@@ -441,7 +473,7 @@ class TimeRippleHandle:
         if self._removed:
             return
         for module, processor in self._restore:
-            module.set_processor(processor)
+            self.adapter.restore_processor(module, processor)
         release_context(self.transformer)
         self._removed = True
 
@@ -471,12 +503,12 @@ def apply_timeripple(transformer: torch.nn.Module, config: TimeRippleConfig,
                           "handle before applying it again")
     context = acquire_context(transformer, adapter, num_steps=config.num_steps)
     stats = TimeRippleStats()
-    handle = TimeRippleHandle(transformer, stats)
+    handle = TimeRippleHandle(transformer, stats, adapter)
     groups = adapter.rope_groups(transformer)
     for i in layers:
         attn = adapter.self_attention(blocks[i])
-        original = attn.get_processor()
-        attn.set_processor(TimeRippleProcessor(i, original, config, context, groups, stats))
+        original = adapter.install_processor(
+            attn, TimeRippleProcessor(i, attn.get_processor(), config, context, groups, stats, adapter))
         handle._restore.append((attn, original))
         logger.debug("TimeRipple on block %d", i)
     return handle

@@ -342,7 +342,12 @@ def cfg_parallel_generate(model, prompt: str, gen, cfg: CfgParallel) -> torch.Te
             both = [torch.empty_like(mine) for _ in range(2)]
             dist.all_gather(both, mine, group=cfg.group)
             pred, pred_u = both
-            x = scheduler.step(pred_u + guidance * (pred - pred_u), t, x, return_dict=False)[0]
+            pred = pred_u + guidance * (pred - pred_u)
+            if getattr(gen, "check_finite", False) and not bool(torch.isfinite(pred).all()):  # as Sampler checks
+                from vdit_accel.errors import NonFiniteError
+
+                raise NonFiniteError(f"the guided prediction at step {i} (t={float(t):.1f}) is not finite", step=i)
+            x = scheduler.step(pred, t, x, return_dict=False)[0]
     finally:
         transformer._reset_stateful_cache()
     return x.clamp(-1, 1)[0]

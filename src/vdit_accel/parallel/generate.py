@@ -14,11 +14,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from vdit_accel.errors import VditAccelError
 
 _FLAGS = ("steps", "seed", "guidance", "flow_shift", "out", "method", "preset", "weights", "save_tensor")
+_SWITCHES = ("quiet", "no_gif", "overwrite", "no_check_finite")
 
 
 def generate_argv(a) -> list[str]:
@@ -28,17 +28,20 @@ def generate_argv(a) -> list[str]:
         value = getattr(a, name, None)
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
-    if getattr(a, "quiet", False):
-        argv.append("--quiet")
+    for name in _SWITCHES:
+        if getattr(a, name, False):
+            argv.append(f"--{name.replace('_', '-')}")
     return argv
 
 
 def launch_generate(a) -> int:
     """Run ``generate`` on ``a.nproc`` ranks through torchrun; return its exit status (2 on a rank failure)."""
+    from vdit_accel.cli import generate_outputs
     from vdit_accel.parallel.launch import torchrun_command
 
     if isinstance(a.nproc, bool) or not isinstance(a.nproc, int) or a.nproc < 1:
         raise VditAccelError(f"--nproc={a.nproc!r} is out of range: accepted an int >= 1")
+    generate_outputs(a)  # bad or existing output paths fail here, once, before any rank starts
     cmd = torchrun_command(a.nproc, "vdit_accel.parallel.generate", generate_argv(a))
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     code = subprocess.run(cmd, env=env).returncode
@@ -53,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     import vdit_accel
+    from vdit_accel import validate
     from vdit_accel.bench.harness import stats_summary
-    from vdit_accel.cli import _load_model, _method_config, build_parser
+    from vdit_accel.cli import _load_model, _method_config, build_parser, generate_outputs
     from vdit_accel.instrument.sampler import GenerationConfig, Sampler
     from vdit_accel.instrument.video import to_frames, write_video
     from vdit_accel.parallel.cp import cpu_workarounds, enable_context_parallel
@@ -64,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = init_process_group(timeout_s=float(os.environ.get("VDIT_CP_TIMEOUT_S", "600")))
     try:
         with cpu_workarounds():
-            cfg = GenerationConfig(steps=a.steps, guidance=a.guidance, seed=a.seed, flow_shift=a.flow_shift)
+            cfg = GenerationConfig(steps=a.steps, guidance=a.guidance, seed=a.seed, flow_shift=a.flow_shift,
+                                   check_finite=not a.no_check_finite)
+            paths = generate_outputs(a)
             model = _load_model(a.weights)
             model.encode_prompts([a.prompt])
             method_cfg = _method_config(a.method, a.preset, a.steps, model.config.model_id)
@@ -73,19 +79,19 @@ def main(argv: list[str] | None = None) -> int:
             enable_context_parallel(model.transformer, ulysses=ulysses, ring=ring)
             video = Sampler(model)(a.prompt, cfg, progress=not a.quiet and rank == 0)
             stats = stats_summary(handle) if handle is not None else None
-        if rank == 0:
+        if rank == 0:  # as cmd_generate writes them
             frames = to_frames(video)
-            out = Path(a.out)
-            write_video(frames, out.with_suffix(".mp4"))
-            write_video(frames, out.with_suffix(".gif"))
-            print(f"wrote {out.with_suffix('.mp4')} and {out.with_suffix('.gif')} ({world} ranks: ulysses={ulysses}"
-                  f", ring={ring})")
+            for path in paths:
+                if path.suffix.lower() == ".safetensors":
+                    from safetensors.torch import save_file
+
+                    with validate.atomic_write(path) as tmp:
+                        save_file({"video": video.contiguous()}, str(tmp))
+                else:
+                    write_video(frames, path)
+            print(f"wrote {' and '.join(map(str, paths))} ({world} ranks: ulysses={ulysses}, ring={ring})")
             if stats:
                 print(json.dumps(stats, indent=1))
-            if a.save_tensor:
-                from safetensors.torch import save_file
-
-                save_file({"video": video.contiguous()}, a.save_tensor)
     except VditAccelError as e:
         print(f"vdit-accel generate (rank {rank}/{world}): error: {e}", file=sys.stderr)
         return 2
