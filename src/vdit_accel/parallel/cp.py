@@ -275,6 +275,10 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int = 1, r
     if lse_processor is None:
         backend, _ = _AttentionBackendRegistry.get_active_backend()
         lse_processor = ring > 1 and getattr(backend, "value", str(backend)) == "native"
+    if lse_processor and adapter.family != "wan":
+        raise ParallelError(f"Ring on a backend without LSE needs LSEAttnProcessor, which is written for Wan; the "
+                            f"{adapter.family!r} family has none: use Ulysses only, or an attention backend that "
+                            "returns the LSE (e.g. flash on GPU)")
     if lse_processor:
         for block in adapter.blocks(transformer):
             attn = adapter.self_attention(block)
