@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 
 from vdit_accel.errors import ConfigError
+from vdit_accel.parallel.cp import ParallelError, cp_config_of, lifted_cp_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +121,17 @@ class AccelHandle:
         self.remove()
 
 
+def _check_parallel(target: Any, names: list[str]) -> list[torch.nn.Module]:
+    """The denoisers with diffusers' context parallelism enabled; refuse methods that cannot run on its shards."""
+    parallel = [m for m in denoisers(target).values() if cp_config_of(m) is not None]
+    if parallel and "timeripple" in names:
+        raise ParallelError(
+            "TimeRipple under context parallelism is not supported: its processor sees one rank's sequence shard, "
+            "while its reuse decisions need each token's t/h/w neighbours, which sit on other ranks at shard edges "
+            "(docs/parallel.md). Run TimeRipple on one process, or Astraea under context parallelism")
+    return parallel
+
+
 def apply(target: Any, spec: Any, *, steps: int | None = None) -> AccelHandle:
     """Apply one or several accelerations to a pipeline or transformer; see the module docstring.
 
@@ -129,7 +142,8 @@ def apply(target: Any, spec: Any, *, steps: int | None = None) -> AccelHandle:
 
     Raises:
         ConfigError: an unknown spec, the same method twice, a schedule for another step count without
-            resampling; CompositionError: an order that cannot work (from the method itself).
+            resampling; CompositionError: an order that cannot work (from the method itself); ParallelError: a
+            method that cannot run under the model's context parallelism (TimeRipple).
     """
     import vdit_accel.methods  # noqa: F401  (registers the built-in methods)
     from vdit_accel.registry import method_for
@@ -145,12 +159,16 @@ def apply(target: Any, spec: Any, *, steps: int | None = None) -> AccelHandle:
     if dupes:
         raise ConfigError(f"methods {dupes} appear more than once in spec: each method at most once")
     order = sorted(range(len(configs)), key=lambda i: _ORDER.get(names[i], len(_ORDER)))
+    parallel = _check_parallel(target, names)
     handle = AccelHandle()
     try:
-        for denoiser, module in denoisers(target).items():
-            for i in order:
-                handle.applied.append((names[i], denoiser, methods[i].apply(module, configs[i])))
-                logger.debug("applied %s to %s", names[i], denoiser)
+        with contextlib.ExitStack() as stack:  # methods go inside diffusers' context-parallel hooks, whatever order
+            for module in parallel:
+                stack.enter_context(lifted_cp_hooks(module))
+            for denoiser, module in denoisers(target).items():
+                for i in order:
+                    handle.applied.append((names[i], denoiser, methods[i].apply(module, configs[i])))
+                    logger.debug("applied %s to %s", names[i], denoiser)
         for _, _, h in handle.applied:  # a method that computes something itself checks what was added after it
             if hasattr(h, "check"):
                 h.check()

@@ -119,6 +119,10 @@ def generate_outputs(a) -> list[Path]:
 
 
 def cmd_generate(a) -> int:
+    if a.nproc != 1:  # context parallelism: the same command on N ranks (vdit_accel.parallel.generate)
+        from vdit_accel.parallel.generate import launch_generate
+
+        return launch_generate(a)
     from vdit_accel.bench.harness import stats_summary
     from vdit_accel.instrument.sampler import GenerationConfig, Sampler
     from vdit_accel.instrument.video import to_frames, write_video
@@ -340,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-check-finite", action="store_true", help="skip the per-step NaN/inf check of the model "
                    "output (default off: checked, one host sync per step)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--nproc", type=int, default=1, help="context-parallel ranks: > 1 relaunches through torchrun "
+                   "(docs/parallel.md; default 1)")
     s.set_defaults(fn=cmd_generate)
 
     from vdit_accel.instrument.dataset import LAYOUTS

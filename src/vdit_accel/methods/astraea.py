@@ -70,6 +70,7 @@ from vdit_accel.ops.astraea import (
 )
 from vdit_accel.ops.attention import row_subset_attention
 from vdit_accel.ops.schedule import resample_mean, resample_nearest
+from vdit_accel.parallel.cp import cp_rows_attention, is_cp_hook, processor_cp_config
 from vdit_accel.registry import Method, register_method
 from vdit_accel.search.presets import preset_operating_point
 from vdit_accel.validate import MAX_STEPS, check_int
@@ -325,16 +326,21 @@ def _attention_through(block, adapter: ModelAdapter, idx: torch.Tensor):
     TimeRipple, then acts inside Astraea's rows), else plain :func:`row_subset_attention`."""
     processor = getattr(adapter.self_attention(block), "processor", None)
     rows_attention = getattr(processor, "rows_attention", None)
+    parallel = processor_cp_config(processor)
+    if parallel is not None:  # context parallelism: the rows meet every rank's K/V through diffusers' engine
+        return lambda q, k, v: cp_rows_attention(q, k, v, parallel)
     if rows_attention is None:
         return row_subset_attention
     return lambda q, k, v: rows_attention(q, idx, k, v)
 
 
-def _foreign_hooks(module: torch.nn.Module) -> list[str]:
+def _foreign_hooks(module: torch.nn.Module, *, skip_cp: bool = False) -> list[str]:
+    """Hooks on ``module`` other than ours; ``skip_cp``: also not diffusers' context-parallel split/gather hooks
+    (they reshape the sequence around Astraea and never consume its outputs)."""
     registry = getattr(module, "_diffusers_hook", None)
     if registry is None:
         return []
-    return [n for n in registry._hook_order if n not in (BLOCK_HOOK, CONTEXT_HOOK)]
+    return [n for n in registry._hook_order if n not in (BLOCK_HOOK, CONTEXT_HOOK) and not (skip_cp and is_cp_hook(n))]
 
 
 def _check_composition(adapter: ModelAdapter, transformer: torch.nn.Module, blocks: list) -> None:
@@ -352,6 +358,11 @@ def _check_composition(adapter: ModelAdapter, transformer: torch.nn.Module, bloc
             inner = _foreign_hooks(block)
         else:
             inner = [n for n in registry._hook_order[:registry._hook_order.index(BLOCK_HOOK)] if n != CONTEXT_HOOK]
+        if inner and any(is_cp_hook(n) for n in inner):
+            raise CompositionError(
+                f"block {i} carries diffusers' context-parallel hooks {inner} registered before Astraea: its rows "
+                "would not be split across ranks. Orders that work: vdit_accel.apply(...) (either order: it puts "
+                "the context-parallel hooks back outside), or apply_astraea before enable_parallelism")
         if inner:
             raise CompositionError(
                 f"block {i} carries hooks {inner} registered before Astraea: Astraea's row path would bypass them. "
@@ -378,6 +389,7 @@ class AstraeaBlockHook(ModelHook):
         sparse = [i for i, b in enumerate(self.schedule) if b < 1.0]
         self.last_sparse = sparse[-1] if sparse else -1
         self.states: dict[str, BlockState] = {}
+        self.selection_groups = 1  # > 1: top-k within each of that many contiguous shards (one CP rank's selection)
 
     def reset_state(self, module):
         self.states.clear()
@@ -406,7 +418,8 @@ class AstraeaBlockHook(ModelHook):
                 order, kv_reuse = (order - 1, kv_reuse) if order > 0 else (order, False)
                 self.stats.degraded.append(what)
                 logger.warning("Astraea memory cap %.1f MB: %s", cfg.memory_cap_mb, what)
-        wrapped = any(_foreign_hooks(h.block) for h in hooks) or bool(_foreign_hooks(self.context_module()))
+        wrapped = any(_foreign_hooks(h.block, skip_cp=True) for h in hooks) or bool(
+            _foreign_hooks(self.context_module(), skip_cp=True))
         whole_steps = all(b in (0.0, 1.0) for b in self.schedule)
         self.shared["settings"] = {"order": order, "kv_reuse": kv_reuse, "shortcut": not wrapped,
                                    "lean": whole_steps and not wrapped and cfg.cache == "output"}
@@ -441,7 +454,8 @@ class AstraeaBlockHook(ModelHook):
         step = ctx.step_index
         budget = self.schedule[step] if state.out is not None else 1.0
         order = min(self.config.orders[step], settings["order"])
-        count = budget_to_count(budget, n)
+        groups = self.selection_groups
+        count = budget_to_count(budget, n) if groups == 1 else groups * budget_to_count(budget, n // groups)
         if count == 0:
             state.skips = update_skips(state.skips, hidden_states.new_zeros(b, 0, dtype=torch.long))
             self.stats.record(ctx.branch, step, self.index, 0.0)
@@ -560,7 +574,16 @@ class AstraeaBlockHook(ModelHook):
 
     def _scores_topk(self, state: BlockState, x: torch.Tensor, count: int) -> torch.Tensor:
         delta = input_delta(x, state.inp.to(x.dtype), self.config.delta_norm)
-        scores = token_scores(state.lse, delta, state.skips, w_alpha=self.config.w_alpha, w_beta=self.config.w_beta,
+        groups, n = self.selection_groups, x.shape[1]
+        if groups > 1:  # what each of `groups` context-parallel ranks selects from its own shard, side by side
+            size, per = n // groups, count // groups
+            return torch.cat([self._topk(state.lse[:, g * size:(g + 1) * size], delta[:, g * size:(g + 1) * size],
+                                         state.skips[:, g * size:(g + 1) * size], per) + g * size
+                              for g in range(groups)], dim=1)
+        return self._topk(state.lse, delta, state.skips, count)
+
+    def _topk(self, lse: torch.Tensor, delta: torch.Tensor, skips: torch.Tensor, count: int) -> torch.Tensor:
+        scores = token_scores(lse, delta, skips, w_alpha=self.config.w_alpha, w_beta=self.config.w_beta,
                               normalize=self.config.normalize)
         return select_topk(scores, count)
 
