@@ -11,7 +11,7 @@ from tiny_pipelines import COGVIDEOX_CALL, PROMPT, cogvideox_inputs, cogvideox_p
 import vdit_accel
 from vdit_accel.adapters import RowCache, resolve_adapter
 from vdit_accel.adapters.cogvideox import CogVideoXAdapter
-from vdit_accel.errors import ConfigError, UnsupportedModelError
+from vdit_accel.errors import ConfigError
 from vdit_accel.methods.astraea import AstraeaConfig, apply_astraea
 from vdit_accel.methods.timeripple import TimeRippleConfig, apply_timeripple
 from vdit_accel.ops.attention import row_subset_attention
@@ -113,7 +113,8 @@ def _steps(model, n=3):
 
 
 @pytest.mark.parametrize(("cfg", "rope"), [
-    (AS_ON, True), (dataclasses.replace(AS_ON, kv_reuse=True), True), (dataclasses.replace(AS_ON, kv="selected"), True),
+    (AS_ON, True), (dataclasses.replace(AS_ON, kv_reuse=True), True),
+    (dataclasses.replace(AS_ON, kv="selected"), True),
     (dataclasses.replace(AS_ON, forecast=1), True), (AS_ON, False),
     (AstraeaConfig(budgets=(1.0, 0.0, 0.5), num_steps=3), True),  # a budget-0 step (reuse) before a sparse one
     (AstraeaConfig(budgets=(1.0, 0.0, 0.0), num_steps=3, forecast=1), True),  # whole-step (lean) schedule
