@@ -148,6 +148,10 @@ def apply(target: Any, spec: Any, *, steps: int | None = None, adapter: Any = No
     if not items:
         raise ConfigError("spec=[] selects nothing: give at least one config or preset")
     model_id = model_id_of(target)
+    if model_id is None and not isinstance(target, torch.nn.Module):  # a pipeline built in memory: its config hash
+        from vdit_accel.pipelines import pipeline_model_id
+
+        model_id = pipeline_model_id(target)
     configs = [_resolve(item, steps, model_id) for item in items]
     methods = [method_for(c) for c in configs]
     names = [m.name for m in methods]

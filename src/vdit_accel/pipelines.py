@@ -75,7 +75,7 @@ def load_pipeline(folder: str | Path, *, dtype: str = "float32", device: str = "
     cls = getattr(diffusers, str(spec.get("_class_name")), None) or DiffusionPipeline
     if not (isinstance(cls, type) and issubclass(cls, DiffusionPipeline)):
         cls = DiffusionPipeline
-    pipe = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch_dtype, **components)
+    pipe = cls.from_pretrained(str(folder), local_files_only=True, dtype=torch_dtype, **components)
     return pipe.to(dev)
 
 
@@ -104,10 +104,13 @@ def _preload_fp32_keeping_models(folder: Path, index: dict, dtype: torch.dtype) 
         for f in files:
             state.update(load_file(str(f)))
         model.load_state_dict(state, strict=True)
-        model = model.to(dtype)
-        for mod_name, mod in model.named_modules():
-            if any(k in mod_name.split(".") for k in keep):
-                mod.to(torch.float32)
+        if dtype != torch.float32:  # diffusers' own rule: the listed modules (any part of the name) stay float32
+            for mod_name, mod in model.named_modules():
+                if any(k in mod_name.split(".") for k in keep):
+                    continue
+                for t in (*mod.parameters(recurse=False), *mod.buffers(recurse=False)):
+                    if t.is_floating_point():
+                        t.data = t.data.to(dtype)
         out[name] = model.eval()
     return out
 
