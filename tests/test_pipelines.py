@@ -191,3 +191,17 @@ def test_calibrate_and_search_cli_on_a_saved_pipeline(saved, tmp_path, capsys, c
 def test_embedded_only_modes_refuse_a_pipeline(saved, tmp_path, capsys, argv, match):
     assert main([*argv, "--model", saved, "--out", str(tmp_path / "x.json")]) == 2
     assert match in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+def test_apply_warns_with_both_ids_for_a_foreign_preset_on_an_in_memory_pipeline(tmp_path, caplog):
+    """A shipped preset (made for the embedded model) and a file preset of another model, applied to a pipeline
+    built in memory: each warns naming the preset's model and the pipeline's (transformer class + config hash)."""
+    pipe = wan_pipeline()
+    own = pipeline_model_id(pipe)
+    mine = save_preset(tmp_path / "mine.json", "astraea", AS_ON, model_id=own, geometry=[5, 32, 32], steps=3, seed=0)
+    with caplog.at_level(logging.WARNING):
+        vdit_accel.apply(pipe, str(mine)).remove()
+        assert "was made for model" not in caplog.text
+        vdit_accel.apply(pipe, "astraea-3x", steps=4).remove()
+    shipped = read_preset("astraea-3x")["model_id"]
+    assert f"preset astraea-3x was made for model {shipped}, applied to {own}" in caplog.text
