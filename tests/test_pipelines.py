@@ -205,3 +205,26 @@ def test_apply_warns_with_both_ids_for_a_foreign_preset_on_an_in_memory_pipeline
         vdit_accel.apply(pipe, "astraea-3x", steps=4).remove()
     shipped = read_preset("astraea-3x")["model_id"]
     assert f"preset astraea-3x was made for model {shipped}, applied to {own}" in caplog.text
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "hunyuan_video"])
+def test_pipeline_sampler_on_joint_attention_pipelines(family):
+    """The same interface over CogVideoXPipeline / HunyuanVideoPipeline: its seeded initial latents (the pipeline's
+    own layout) give exactly the pipeline's own seeded run, and Astraea on ``sampler.model.transformer`` acts."""
+    from tiny_pipelines import COGVIDEOX_CALL, HUNYUAN_CALL, cogvideox_pipeline, hunyuan_video_pipeline
+
+    pipe, call = ((cogvideox_pipeline(), COGVIDEOX_CALL) if family == "cogvideox"
+                  else (hunyuan_video_pipeline(), HUNYUAN_CALL))
+    extra = {k: v for k, v in call.items() if k in ("max_sequence_length", "prompt_template")}
+    sampler = PipelineSampler(pipe, frames=call["num_frames"], height=call["height"], width=call["width"],
+                              call_kwargs=extra)
+    gen = GenerationConfig(steps=3, guidance=call["guidance_scale"], seed=2)
+    noise = sampler.initial_noise(gen)
+    out = sampler(PROMPT, gen, progress=False, latents=noise)
+    assert torch.equal(out, sampler(PROMPT, gen, progress=False)) and torch.isfinite(out).all()
+    own = pipe(PROMPT, generator=torch.Generator().manual_seed(2), **dict(call, num_inference_steps=3)).frames
+    assert torch.equal(out, own[0])
+    with vdit_accel.apply(sampler.model.transformer, AS_ON) as handle:
+        sparse = sampler(PROMPT, gen, progress=False, latents=noise)
+        assert handle.stats["astraea"]["kept_ratio"] < 1.0
+    assert not torch.equal(sparse, out)
