@@ -124,9 +124,13 @@ def test_generate_model_refuses_bad_flags_before_compute(saved, tmp_path, capsys
     assert match in capsys.readouterr().err and not out.exists()
 
 
-def test_embedded_generate_refuses_pipeline_only_flags(tmp_path, capsys):
-    assert main(["generate", "x", "--dtype", "bfloat16", "--out", str(tmp_path / "n.gif")]) == 2
-    assert "--model" in capsys.readouterr().err
+@pytest.mark.parametrize("argv", [["generate", "x", "--dtype", "bfloat16"],
+                                  ["calibrate", "timeripple", "--target", "0.5", "--device", "cpu:0"],
+                                  ["search", "astraea", "--target", "0.5", "--frames", "9"]])
+def test_embedded_model_refuses_pipeline_only_flags(tmp_path, capsys, argv):
+    """Flags that only a --model pipeline honours are refused on the embedded model, not silently ignored."""
+    assert main([*argv, "--out", str(tmp_path / "n.json" if argv[0] != "generate" else tmp_path / "n.gif")]) == 2
+    assert "--model" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
 def test_pipeline_sampler_runs_the_pipeline_and_refuses_two_experts():

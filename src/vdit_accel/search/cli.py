@@ -28,13 +28,16 @@ def _model_and_sampler(a):
 
 
 def _check_model_flags(a, what: str, supported: bool = True) -> None:
-    """Before any compute: ``--model`` excludes ``--weights``; its dtype/device flags need it; ``what`` (a mode) may
-    not support a pipeline at all."""
+    """Before any compute: ``--model`` excludes ``--weights``; its dtype/device/geometry flags need it (the embedded
+    model's calibration and search use its own geometry); ``what`` (a mode) may not support a pipeline at all."""
     from vdit_accel.pipelines import check_device
 
     if getattr(a, "model", None) is None:
         given = [f for f, v, d in (("--dtype", getattr(a, "dtype", "float32"), "float32"),
-                                   ("--device", getattr(a, "device", "cpu"), "cpu")) if v != d]
+                                   ("--device", getattr(a, "device", "cpu"), "cpu"),
+                                   ("--frames", getattr(a, "frames", None), None),
+                                   ("--height", getattr(a, "height", None), None),
+                                   ("--width", getattr(a, "width", None), None)) if v != d]
         if given:
             raise ConfigError(f"{' and '.join(given)} apply to --model (a diffusers pipeline) only")
         return
