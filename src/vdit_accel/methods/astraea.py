@@ -56,7 +56,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from vdit_accel.adapters import ModelAdapter, RowCache, resolve_adapter
 from vdit_accel.config_io import config_from_dict, config_to_dict
 from vdit_accel.context import CONTEXT_HOOK, ContextHook, acquire_context, release_context
-from vdit_accel.errors import CompositionError, ConfigError, check_choice, check_range
+from vdit_accel.errors import CompositionError, ConfigError, UnsupportedModelError, check_choice, check_range
 from vdit_accel.ops.astraea import (
     LSE_REDUCTIONS,
     NORMS,
@@ -323,7 +323,8 @@ def cache_bytes(tokens: int, dim: int, heads: int, blocks: int, *, branches: int
 def _attention_through(block, adapter: ModelAdapter, idx: torch.Tensor):
     """The row-subset attention ``(q_sel, k, v) -> (out, lse)`` for the rows ``idx`` `[B, k]`: through the
     self-attention processor's ``rows_attention(q_sel, idx, k, v)`` when it has one (another method, e.g.
-    TimeRipple, then acts inside Astraea's rows), else plain :func:`row_subset_attention`."""
+    TimeRipple, then acts inside Astraea's rows), else plain :func:`row_subset_attention`. Keyword arguments (an
+    adapter's ``key_mask`` `[B, S]` for masked keys, e.g. HunyuanVideo's text padding) are passed on."""
     processor = getattr(adapter.self_attention(block), "processor", None)
     rows_attention = getattr(processor, "rows_attention", None)
     parallel = processor_cp_config(processor)
@@ -331,7 +332,7 @@ def _attention_through(block, adapter: ModelAdapter, idx: torch.Tensor):
         return lambda q, k, v: cp_rows_attention(q, k, v, parallel)
     if rows_attention is None:
         return row_subset_attention
-    return lambda q, k, v: rows_attention(q, idx, k, v)
+    return lambda q, k, v, **kw: rows_attention(q, idx, k, v, **kw)
 
 
 def _foreign_hooks(module: torch.nn.Module, *, skip_cp: bool = False) -> list[str]:
@@ -613,6 +614,26 @@ class AstraeaHandle:
         self._removed = True
 
 
+def _check_row_path(adapter: ModelAdapter, transformer: torch.nn.Module, config: AstraeaConfig) -> None:
+    """Refuse, before anything is installed, a schedule whose sparse steps the adapter cannot compute."""
+    schedule = config.schedule
+    needs_rows = any(0.0 < b < 1.0 for b in schedule) or (config.cache != "output" and min(schedule) < 1.0)
+    if not needs_rows:  # full budgets run the stock block; whole-step schedules reuse whole block outputs
+        return
+    modes = adapter.row_kv_modes(transformer)
+    name = adapter.family or type(adapter).__name__
+    if not modes:
+        raise UnsupportedModelError(
+            f"the {name} adapter has no row-subset block for {type(transformer).__name__}: Astraea's sparse steps "
+            f"(budgets strictly between 0 and 1, or cache='residual') are not supported; accepted here: budgets of "
+            f"0.0 or 1.0 only (whole-step reuse, cache='output')")
+    kv = "rows" if config.kv == "selected" else ("cache" if config.kv_reuse else "all")
+    if kv not in modes:
+        setting = "kv='selected'" if kv == "rows" else "kv_reuse=True"
+        raise UnsupportedModelError(f"{setting} (row K/V mode {kv!r}) is not supported by the {name} adapter's "
+                                    f"row-subset block: accepted modes {list(modes)}")
+
+
 def apply_astraea(transformer: torch.nn.Module, config: AstraeaConfig,
                   adapter: ModelAdapter | None = None) -> AstraeaHandle:
     """Install Astraea on every transformer block of ``transformer``.
@@ -620,10 +641,15 @@ def apply_astraea(transformer: torch.nn.Module, config: AstraeaConfig,
     Raises:
         ConfigError: ``config`` is not an :class:`AstraeaConfig`, or Astraea is already applied to this model.
         CompositionError: a hook Astraea would bypass is installed (see the module docstring).
+        UnsupportedModelError: the schedule needs the row-subset block (a budget strictly between 0 and 1, or
+            ``cache="residual"`` with a budget below 1) and the adapter has none for this model, or the K/V mode
+            (``kv="selected"``, ``kv_reuse=True``) is not one the adapter's row-subset block supports. Nothing is
+            installed.
     """
     if not isinstance(config, AstraeaConfig):
         raise ConfigError(f"config of type {type(config).__name__} is not accepted: an AstraeaConfig")
     adapter = adapter or resolve_adapter(transformer)
+    _check_row_path(adapter, transformer, config)
     blocks = adapter.blocks(transformer)
     if any(getattr(b, "_diffusers_hook", None) is not None and b._diffusers_hook.get_hook(BLOCK_HOOK) is not None
            for b in blocks):

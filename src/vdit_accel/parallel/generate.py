@@ -56,9 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     import vdit_accel
-    from vdit_accel import validate
     from vdit_accel.bench.harness import stats_summary
-    from vdit_accel.cli import _load_model, _method_config, build_parser, generate_outputs
+    from vdit_accel.cli import (
+        _load_model,
+        _method_configs,
+        _method_specs,
+        _write_outputs,
+        build_parser,
+        generate_outputs,
+    )
     from vdit_accel.instrument.sampler import GenerationConfig, Sampler
     from vdit_accel.instrument.video import to_frames, write_video
     from vdit_accel.parallel.cp import cpu_workarounds, enable_context_parallel
@@ -69,27 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with cpu_workarounds():
             cfg = GenerationConfig(steps=a.steps, guidance=a.guidance, seed=a.seed, flow_shift=a.flow_shift,
+                                   frames=a.frames, height=a.height, width=a.width,
                                    check_finite=not a.no_check_finite)
             paths = generate_outputs(a)
+            specs = _method_specs(a.method, a.preset)
             model = _load_model(a.weights)
             model.encode_prompts([a.prompt])
-            method_cfg = _method_config(a.method, a.preset, a.steps, model.config.model_id)
+            configs = _method_configs(specs, a.steps, model.config.model_id)
             ulysses, ring = degrees_for(world, model.config.num_heads)
-            handle = vdit_accel.apply(model.transformer, method_cfg) if method_cfg is not None else None
+            handle = vdit_accel.apply(model.transformer, configs, steps=a.steps) if configs else None
             enable_context_parallel(model.transformer, ulysses=ulysses, ring=ring)
             video = Sampler(model)(a.prompt, cfg, progress=not a.quiet and rank == 0)
             stats = stats_summary(handle) if handle is not None else None
         if rank == 0:  # as cmd_generate writes them
-            frames = to_frames(video)
-            for path in paths:
-                if path.suffix.lower() == ".safetensors":
-                    from safetensors.torch import save_file
-
-                    with validate.atomic_write(path) as tmp:
-                        save_file({"video": video.contiguous()}, str(tmp))
-                else:
-                    write_video(frames, path)
-            print(f"wrote {' and '.join(map(str, paths))} ({world} ranks: ulysses={ulysses}, ring={ring})")
+            _write_outputs(paths, video, to_frames(video), write_video)
+            print(f"({world} ranks: ulysses={ulysses}, ring={ring})")
             if stats:
                 print(json.dumps(stats, indent=1))
     except VditAccelError as e:
