@@ -123,3 +123,8 @@ for s in 1.3 1.5; do $VA calibrate timeripple --target-speedup $s --keys-only --
 $PY benchmarks/astraea_w1.py --out docs/results/astraea/w1
 $PY benchmarks/astraea_memory.py --out docs/results/astraea/memory.json
 $VA bench --methods dense,timeripple,astraea,pab,fbc,taylorseer,fastercache,magcache --prompts bench --seeds 2 --steps 50 --step-costs docs/results/bench-step/latency-kv/bench-step.json --latency-model docs/results/bench-step/latency-kv/latency.json --out docs/results/bench-v3
+
+# ---- Session 9: final-video refinement of Astraea schedules, the bench against TaylorSeer's cadences (docs/speed.md)
+# 1. refine (local search scored on final videos at full size with CFG, 4 calibration prompts; held-apart check on the
+#    4 selection prompts); presets copied to src/vdit_accel/presets/astraea-{3.5,4,4.5,5.5}x.json
+for t in 3.5:30 4:30 4.51:10 5.5:10; do $VA search astraea --target-speedup ${t%%:*} --allocator refine --latency-model docs/results/bench-step/latency-kv/latency.json --max-evals ${t##*:} --checkpoint runs/refine/ck-${t%%:*}x --out runs/refine/astraea-${t%%:*}x.json; done

@@ -211,12 +211,16 @@ def test_cli_refine_smoke(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     data = read_preset(out)
     rec = data["record"]["search"]
-    assert data["record"]["allocator"] == "refine" and summary["schedule"] == rec["key"]
-    assert rec["predicted_speedup"] >= 2.0 and set(rec["selection"]) == {"refined", f"seed:{rec['start']}"}
+    assert data["record"]["allocator"] == "refine" and summary["schedule"] == rec["schedule"]
+    assert rec["predicted_speedup"] >= 2.0 and {"refined", f"seed:{rec['start']}"} <= set(rec["selection"])
+    assert rec["chosen"] in rec["selection"] and rec["selection"][rec["chosen"]]["key"] == rec["schedule"]
+    assert rec["selection"][rec["chosen"]]["score_8_prompts"] == max(v["score_8_prompts"]
+                                                                      for v in rec["selection"].values())
     assert rec["evaluations_this_run"] >= 1 and rec["evaluations_total"] == rec["evaluations_this_run"]
     cfg = load_preset(out)
-    assert _n_full([StepChoice(b) for b in cfg.budgets]) == _n_full(parse_key(rec["key"]))
+    assert _n_full([StepChoice(b) for b in cfg.budgets]) == _n_full(parse_key(rec["schedule"]))
     # rerun: every evaluation replayed from the checkpoint, same schedule
     assert main(args[:-3] + ["--out", str(tmp_path / "again.json"), "--quiet"]) == 0
     rec2 = read_preset(tmp_path / "again.json")["record"]["search"]
-    assert rec2["key"] == rec["key"] and rec2["evaluations_this_run"] == 0
+    assert rec2["schedule"] == rec["schedule"] and rec2["key_refined"] == rec["key_refined"]
+    assert rec2["evaluations_this_run"] == 0
