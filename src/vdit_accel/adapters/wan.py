@@ -168,7 +168,8 @@ def _cross_attention(attn, x: torch.Tensor, encoder_hidden_states: torch.Tensor,
     value projections are kept in ``cache`` and reused while ``encoder_hidden_states`` is unchanged. Image-
     conditioned cross-attention (``add_k_proj``, I2V) and custom processors take the stock path.
     """
-    if cache is None or attn.add_k_proj is not None or not isinstance(attn.processor, WanAttnProcessor):
+    if (cache is None or attn.add_k_proj is not None or not isinstance(attn.processor, WanAttnProcessor)
+            or torch.compiler.is_compiling()):  # traced: no data-dependent cache check (aten.equal), recompute
         return attn(x, encoder_hidden_states, None, None)
     src = cache.text_src
     if src is None or src.shape != encoder_hidden_states.shape or not torch.equal(src, encoder_hidden_states):
