@@ -69,6 +69,10 @@ from vdit_accel.validate import check_int
 logger = logging.getLogger(__name__)
 
 THRESHOLD_MODES = ("shared", "per_axis", "per_channel")
+COMPILED_VARIANTS = 2
+"""Graphs a compiled block compiles for "exact_sim" (per block shape): a dense step and a reuse step. θ reaches the
+graph as a device tensor and the step, CFG branch and layer not at all, so neither the ramp nor the branch
+recompiles (``docs/compile.md``)."""
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,8 @@ def reuse_masks(
         grid (`tuple[int, int, int]`): `(T, Hg, Wg)`.
         thresholds (`float | dict[str, float] | torch.Tensor`): θ >= 0 shared by all axes, one per axis, a 0-d
             tensor (one θ on the device: no host sync, no recompile per value), or a `[len(axes), D]` tensor (per axis
-            and channel); tensors are validated on the host only (not while ``torch.compile`` traces). θ = 0 reuses nothing; θ = inf reuses every valid element.
+            and channel); tensors are validated on the host only (not while ``torch.compile`` traces). θ = 0 reuses
+            nothing; θ = inf reuses every valid element.
         window (`int`, defaults to 2): window size K.
         axes (`tuple[str, ...]`, defaults to `AXES`): axes checked, distinct names from `AXES`.
         text_prefix (`int`, defaults to 0), text_suffix (`int`, defaults to 0): text token counts.
@@ -271,7 +272,7 @@ def resolve_reuse(x: torch.Tensor, masks: ReuseMasks, *, priority: str = "thw") 
     _check_priority(priority, masks.axes)
     chosen = _chosen(masks, priority)
     out = x
-    if torch.compiler.is_compiling():  # no data-dependent exit in a graph: run every hop (idempotent at the fixed point)
+    if torch.compiler.is_compiling():  # no data-dependent exit in a graph: every hop (idempotent at the fixed point)
         for _ in range(len(chosen) + 1):
             nxt = x
             for a, m in chosen.items():
