@@ -88,13 +88,13 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 def test_timeripple_exact_sim_regional_fullgraph_no_breaks_and_exact(mode):
     kw = dict(threshold_mode=mode, axis_scale=(1.0, 0.5, 2.0))
     eager, eager_stats, _, _, _ = _run("timeripple", None, **kw)
-    outs, stats, breaks, graphs, _ = _run("timeripple", "regional", generations=2, **kw)
+    outs, stats, breaks, graphs, _ = _run("timeripple", "regional", **kw)
     assert breaks == {}
     assert 1 <= graphs <= COMPILED_VARIANTS  # dense step and reuse step, shared by both blocks and CFG branches
-    assert _same(outs[: len(eager)], eager) and _same(outs[len(eager):], eager)
-    assert stats["active_calls"] == 2 * eager_stats["active_calls"] > 0
+    assert _same(outs, eager)
+    assert stats["active_calls"] == eager_stats["active_calls"] > 0
     assert stats["qk_savings_active"] == eager_stats["qk_savings_active"] > 0
-    assert stats["dense_calls"] == 2 * eager_stats["dense_calls"]
+    assert stats["dense_calls"] == eager_stats["dense_calls"] > 0
 
 
 @pytest.mark.slow  # compiles (Dynamo tracing, 5-20 s on a loaded 2-core machine)
@@ -123,13 +123,32 @@ def test_timeripple_structured_variant_breaks_are_known():
                                            (ON_GRID, {"selection": "fixed"}), (ON_GRID, {"kv_reuse": True})])
 def test_astraea_regional_fullgraph_no_breaks_and_exact(budgets, extra):
     eager, eager_stats, _, _, _ = _run("astraea", None, budgets=budgets, **extra)
-    outs, stats, breaks, graphs, handle = _run("astraea", "regional", generations=2, budgets=budgets, **extra)
+    outs, stats, breaks, graphs, handle = _run("astraea", "regional", budgets=budgets, **extra)
     assert breaks == {}
     assert graphs < torch._dynamo.config.recompile_limit  # no fallback to eager from the recompile limit
-    assert _same(outs[: len(eager)], eager) and _same(outs[len(eager):], eager)
+    assert _same(outs, eager)
     assert stats["kept_ratio_per_step"] == eager_stats["kept_ratio_per_step"]
-    assert stats["forecast_calls"] == 2 * eager_stats["forecast_calls"]
+    assert stats["forecast_calls"] == eager_stats["forecast_calls"]
     assert handle.stats.bucketed == {}
+
+
+@pytest.mark.slow  # compiles (Dynamo tracing, 5-20 s on a loaded 2-core machine)
+def test_astraea_every_bucket_stays_under_the_recompile_limit():
+    """A schedule using all seven intermediate buckets (and forecasts): the row count varies every step, yet the
+    graphs stay under Dynamo's recompile_limit (Dynamo makes the bucket a symbolic size after its first change)."""
+    budgets = (1.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+    m = tiny_model().transformer
+    handle = apply_astraea(m, AstraeaConfig(budgets=budgets, num_steps=len(budgets), forecast=1))
+    m.compile_repeated_blocks(backend="eager", fullgraph=True)
+    x, text, uncond = _inputs()
+    with torch.no_grad():
+        for i in range(len(budgets)):
+            for branch, emb in (("cond", text), ("uncond", uncond)):
+                with m.cache_context(branch, step_index=i, num_inference_steps=len(budgets)):
+                    m(hidden_states=x, timestep=torch.tensor([900.0 - 90 * i]), encoder_hidden_states=emb)
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] < torch._dynamo.config.recompile_limit
+    assert handle.stats.summary()["kept_ratio_per_step"] == list(budgets) and handle.stats.bucketed == {}
 
 
 @pytest.mark.slow  # compiles (Dynamo tracing, 5-20 s on a loaded 2-core machine)

@@ -15,6 +15,11 @@ What is saved is reported as "QK savings" (the fraction of Q·Kᵀ channel produ
 unnecessary), never as a speedup: this implementation simulates the reuse exactly and runs dense
 attention; it is not faster.
 
+Under ``torch.compile`` (``docs/compile.md``) the root context hook's planner decides θ on the host and hands it to
+the processors as a device tensor; "exact_sim" then traces without graph breaks (``COMPILED_VARIANTS`` graphs) and
+leaves its stats as integer counts that :meth:`TimeRippleStats.flush` records. The row-removing variants have
+data-dependent row counts and break the graph.
+
 Example:
     >>> from vdit_accel.testing import tiny_model, TINY_PROMPT
     >>> from vdit_accel.instrument.sampler import GenerationConfig, Sampler
