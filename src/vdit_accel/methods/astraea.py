@@ -743,6 +743,7 @@ class _Planner:
         cfg, hooks = self.config, self.hooks
         if not hooks:
             return
+        self.stats.flush()  # the previous call's slots (plain floats: no device sync)
         first = hooks[0]
         if ctx.step_index > first.last_sparse:
             for h in hooks:

@@ -74,6 +74,7 @@ from vdit_accel.validate import check_int
 logger = logging.getLogger(__name__)
 
 THRESHOLD_MODES = ("shared", "per_axis", "per_channel")
+MAX_PENDING_SLOTS = 4096  # compiled calls whose stats wait on the device for flush()
 COMPILED_VARIANTS = 2
 """Graphs a compiled block compiles for "exact_sim" (per block shape): a dense step and a reuse step. θ reaches the
 graph as a device tensor and the step, CFG branch and layer not at all, so neither the ramp nor the branch
@@ -380,6 +381,10 @@ class _Planner:
     def __call__(self, ctx) -> None:
         if not self.processors:
             return
+        stats = self.stats
+        stats._pending = [s for s in stats._pending if s.dense or s.sums is not None]  # eager calls fill none
+        if len(stats._pending) > MAX_PENDING_SLOTS:
+            stats.flush()  # bounded device memory when summary() is never asked (one sync, outside the graph)
         theta = self.processors[0]._theta(ctx)
         theta_t = None
         if theta != 0.0:
