@@ -7,7 +7,8 @@ row buckets, so compiled and eager compute the same rows) and Astraea whole-step
 compiled seconds per generation (CUDA-synchronised, median of ``--repeats`` after one warm-up generation), the
 compile time (the first compiled generation), graph breaks and graphs (``torch._dynamo.utils.counters``) and the
 largest |compiled - eager| of the outputs relative to their largest |eager| value (bf16: float reassociation only).
-The compile is diffusers' regional ``compile_repeated_blocks(fullgraph=True)`` with inductor.
+The compile is diffusers' regional ``compile_repeated_blocks(fullgraph=True)`` with inductor. The whole model is
+cast to bf16 (norms and time embedder too, unlike ``from_pretrained(torch_dtype=...)``; diffusers warns about it).
 
 Usage (about 2-3 min on an H200 at the defaults; the first inductor compile dominates):
 
