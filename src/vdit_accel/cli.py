@@ -153,8 +153,8 @@ def cmd_generate(a) -> int:
     if a.nproc != 1:  # context parallelism: the same command on N ranks (vdit_accel.parallel.generate)
         if a.model is not None:
             raise ConfigError(f"--nproc={a.nproc} runs the embedded model only; with --model, enable diffusers' "
-                              "context parallelism on the pipeline's transformer and call vdit_accel.apply from Python "
-                              "(docs/parallel.md)")
+                              "context parallelism on the pipeline's transformer and call vdit_accel.apply from "
+                              "Python (docs/parallel.md)")
         from vdit_accel.parallel.generate import launch_generate
 
         return launch_generate(a)

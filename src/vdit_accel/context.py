@@ -8,6 +8,14 @@ pipeline gives no step index, the hook counts calls per branch. Pipelines reset 
 end of each call (``_reset_stateful_cache``), and so does our sampler, so the counters restart for
 every generation.
 
+Compile-friendliness (``docs/compile.md``): the hook is the host side of every method. It runs outside any compiled
+region (``torch.compiler.disable``: under a whole-module ``torch.compile`` it is the one graph break per call; under
+diffusers' regional ``compile_repeated_blocks`` the root forward is not compiled at all), never syncs with the device
+(the ``timestep`` is kept as a tensor and converted only when :attr:`StepContext.timestep` is read), and calls every
+registered *planner* (:meth:`ContextHook.add_planner`) with the new context, so methods take their per-call decisions
+(step schedule lookups, CFG-branch state, bucketed row counts) here, in Python, and hand the compiled blocks only
+values that take a bounded set of values.
+
 Example:
     >>> from vdit_accel.instrument.model import EmbeddedConfig, EmbeddedModel
     >>> import torch
@@ -23,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +70,8 @@ class StepContext:
         branch (`str`): CFG branch (``"cond"``, ``"uncond"``, ``"cond_uncond"`` or ``"default"``).
         step_index (`int`): 0-based denoising step within this generation.
         num_steps (`int | None`): number of denoising steps, when known.
-        timestep (`float`): the raw ``timestep`` the model was called with (first batch element).
+        timestep_raw (`torch.Tensor | float`): the raw ``timestep`` argument (any shape; NaN when absent), kept
+            unconverted so that publishing the context never syncs with the device; :attr:`timestep` converts.
         grid (`Grid`): video token grid.
         text_prefix, text_suffix (`int`): text tokens before/after the video tokens in self-attention.
         batch (`int`): batch size of the call.
@@ -70,11 +80,17 @@ class StepContext:
     branch: str
     step_index: int
     num_steps: int | None
-    timestep: float
+    timestep_raw: torch.Tensor | float
     grid: Grid
     text_prefix: int
     text_suffix: int
     batch: int
+
+    @property
+    def timestep(self) -> float:
+        """The ``timestep`` of the first batch element as a float (a device sync when read; NaN when absent)."""
+        t = self.timestep_raw
+        return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
 
 
 class _BranchName(BaseState):
@@ -97,7 +113,16 @@ class ContextHook(ModelHook):
         self.current: StepContext | None = None
         self.users = 0
         self._calls: dict[str, int] = {}
+        self._planners: dict[str, Callable[[StepContext], None]] = {}
 
+    def add_planner(self, key: str, planner: Callable[[StepContext], None]) -> None:
+        """Call ``planner(context)`` after every published context (host side, outside compiled regions)."""
+        self._planners[key] = planner
+
+    def remove_planner(self, key: str) -> None:
+        self._planners.pop(key, None)
+
+    @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         cc = self.cache_context._context
         branch = cc.name if cc is not None else DEFAULT_BRANCH
@@ -111,12 +136,14 @@ class ContextHook(ModelHook):
             branch=branch,
             step_index=int(step),
             num_steps=num_steps,
-            timestep=float(timestep.flatten()[0]) if timestep is not None else float("nan"),
+            timestep_raw=timestep if timestep is not None else float("nan"),
             grid=Grid(*layout.grid),
             text_prefix=layout.text_prefix,
             text_suffix=layout.text_suffix,
             batch=layout.batch,
         )
+        for planner in list(self._planners.values()):
+            planner(self.current)
         return args, kwargs
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:

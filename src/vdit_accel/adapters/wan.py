@@ -169,9 +169,11 @@ def _cross_attention(attn, x: torch.Tensor, encoder_hidden_states: torch.Tensor,
 
     Exactly the stock processor's computation (same ops, same ``dispatch_attention_fn``); only the text key and
     value projections are kept in ``cache`` and reused while ``encoder_hidden_states`` is unchanged. Image-
-    conditioned cross-attention (``add_k_proj``, I2V) and custom processors take the stock path.
+    conditioned cross-attention (``add_k_proj``, I2V) and custom processors take the stock path, and so does a call
+    traced by ``torch.compile`` (the cache check ``torch.equal`` is data-dependent: the text K/V are recomputed).
     """
-    if cache is None or attn.add_k_proj is not None or not isinstance(attn.processor, WanAttnProcessor):
+    if (cache is None or attn.add_k_proj is not None or not isinstance(attn.processor, WanAttnProcessor)
+            or torch.compiler.is_compiling()):  # traced: no data-dependent cache check (aten.equal), recompute
         return attn(x, encoder_hidden_states, None, None)
     src = cache.text_src
     if src is None or src.shape != encoder_hidden_states.shape or not torch.equal(src, encoder_hidden_states):

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -68,7 +69,7 @@ from vdit_accel.ops.astraea import (
     token_scores,
     update_skips,
 )
-from vdit_accel.ops.attention import row_subset_attention
+from vdit_accel.ops.attention import probe_fast_path, row_subset_attention
 from vdit_accel.ops.schedule import resample_mean, resample_nearest
 from vdit_accel.parallel.cp import cp_rows_attention, is_cp_hook, processor_cp_config
 from vdit_accel.registry import Method, register_method
@@ -83,6 +84,11 @@ SELECTIONS = ("dynamic", "fixed")
 KV_SOURCES = ("all", "selected")
 MAX_FORECAST_ORDER = 2
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ROW_BUCKETS = 8
+"""Under ``torch.compile`` a block computes ``ceil(N·j/ROW_BUCKETS)`` rows, ``j = ceil(budget·ROW_BUCKETS)``
+(budgets rounded *up* to eighths, budget 0 stays 0): at most ``ROW_BUCKETS + 1`` row counts per block shape, so a
+schedule compiles a bounded number of variants (:func:`compiled_row_counts`). The rounding is recorded
+(``AstraeaStats.bucketed``) and logged; eager runs keep exact counts (``budget_to_count``)."""
 
 
 @dataclass(frozen=True)
@@ -271,19 +277,42 @@ class AstraeaStats:
     cache_bytes_peak: int = 0
     forecast_calls: int = 0
     degraded: list[str] = field(default_factory=list)
+    bucketed: dict[float, float] = field(default_factory=dict)
     _all: list = field(default_factory=list)
+    _pending: list = field(default_factory=list)  # _BlockSlot of compiled block calls, resolved by flush()
+
+    def flush(self) -> None:
+        """Record the compiled block calls (their kept ratios were left in host-made slots); logs budget rounding.
+
+        ``bucketed`` maps each budget a compiled run rounded to the kept ratio it computed instead.
+        """
+        pending, self._pending = self._pending, []
+        new = {}
+        for slot in pending:
+            if slot.ratio is None:
+                continue
+            self.record(slot.branch, slot.step, slot.block, slot.ratio)
+            self.forecast_calls += slot.forecast
+            if slot.budget is not None and slot.budget not in self.bucketed and slot.ratio != slot.budget:
+                new[slot.budget] = slot.ratio
+        if new:
+            self.bucketed.update(new)
+            logger.warning("Astraea under torch.compile rounded budgets up to row buckets (ROW_BUCKETS=%d): %s",
+                           ROW_BUCKETS, ", ".join(f"{b:g} -> {r:.4f}" for b, r in sorted(new.items())))
 
     def record(self, branch: str, step: int, block: int, ratio: float) -> None:
         self.kept[(branch, step, block)] = ratio
         self._all.append((step, ratio))
 
     def per_step(self) -> dict[int, float]:
+        self.flush()
         by: dict[int, list[float]] = defaultdict(list)
         for s, r in self._all:
             by[s].append(r)
         return {s: float(np.mean(v)) for s, v in sorted(by.items())}
 
     def summary(self) -> dict:
+        self.flush()
         ratios = [r for _, r in self._all]
         return {
             "kept_ratio": round(float(np.mean(ratios)), 4) if ratios else 1.0,
@@ -297,6 +326,8 @@ class AstraeaStats:
     def reset(self) -> None:
         self.kept.clear()
         self._all.clear()
+        self._pending.clear()
+        self.bucketed.clear()
         self.cache_bytes_peak = 0
         self.forecast_calls = 0
         self.degraded.clear()
@@ -390,6 +421,7 @@ class AstraeaBlockHook(ModelHook):
         sparse = [i for i, b in enumerate(self.schedule) if b < 1.0]
         self.last_sparse = sparse[-1] if sparse else -1
         self.states: dict[str, BlockState] = {}
+        self.plan: _BlockPlan | None = None  # host-side decisions for the traced path, set by _Planner
         self.selection_groups = 1  # > 1: top-k within each of that many contiguous shards (one CP rank's selection)
 
     def reset_state(self, module):
@@ -431,6 +463,8 @@ class AstraeaBlockHook(ModelHook):
 
     # ------------------------------------------------------------------------------------------------ forward
     def new_forward(self, module, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return self._traced_forward(module, *args, **kwargs)
         ctx = self.context.current
         original = self.fn_ref.original_forward
         if ctx is None or ctx.step_index > self.last_sparse:
@@ -488,7 +522,10 @@ class AstraeaBlockHook(ModelHook):
             return (state.out.float() + (x.float() - state.inp.float())).to(x.dtype)
         if order == 0 or state.d1 is None:
             return state.out.to(x.dtype, copy=True)  # a copy: the cache is updated in place later
-        self.stats.forecast_calls += 1
+        if torch.compiler.is_compiling():
+            self.plan.slot.forecast = True  # counted on the host (an int counter would be a graph constant)
+        else:
+            self.stats.forecast_calls += 1
         gap = (step - state.last).to(torch.float32)[..., None]  # [B, N, 1]
         pred = state.out.float() + state.d1.float() * gap
         if order >= 2 and state.d2 is not None:
@@ -504,7 +541,8 @@ class AstraeaBlockHook(ModelHook):
         at = idx[..., None].expand(-1, -1, c)
         if state.out is None:  # first computation: every row (budget forced to 1)
             state.out = torch.empty(b, n, c, dtype=store, device=x.device).scatter_(1, at, rows.to(store))
-            state.last = torch.full((b, n), step, dtype=torch.long, device=x.device)
+            state.last = (step.expand(b, n).clone() if isinstance(step, torch.Tensor)  # traced: a device step
+                          else torch.full((b, n), step, dtype=torch.long, device=x.device))
             state.hist = torch.ones(b, n, dtype=torch.long, device=x.device)
             return
         if max_order > 0:
@@ -521,7 +559,8 @@ class AstraeaBlockHook(ModelHook):
                 state.d2.scatter_(1, at, d2_new.to(store))
             state.d1.scatter_(1, at, d1_new.to(store))
             state.hist.scatter_(1, idx, torch.gather(state.hist, 1, idx).clamp_max(2) + 1)
-            state.last.scatter_(1, idx, torch.full_like(idx, step))
+            state.last.scatter_(1, idx, step.expand_as(idx) if isinstance(step, torch.Tensor)
+                                else torch.full_like(idx, step))
         state.out.scatter_(1, at, rows.to(store))
 
     def _update(self, state: BlockState, x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, lse: torch.Tensor,
@@ -561,6 +600,60 @@ class AstraeaBlockHook(ModelHook):
         return self.adapter.block_output(args, kwargs, self._reused(state, x, step, min(self.config.orders[step],
                                                                                          settings["order"])))
 
+    # ------------------------------------------------------------------------------- the traced (compiled) path
+    def _traced_forward(self, module, *args, **kwargs):
+        """``new_forward`` as ``torch.compile`` traces it: every decision was taken on the host by :class:`_Planner`
+        (``self.plan``); the graph sees the plan's bounded values (mode, row bucket ``j``, forecast order, whether
+        caches exist) and tensors only, so it has no graph break and one variant per distinct plan."""
+        plan = self.plan
+        original = self.fn_ref.original_forward
+        if plan is None or plan.mode == "stock":
+            if plan is not None:
+                plan.slot.ratio = 1.0
+            return original(*args, **kwargs)
+        x = self.adapter.block_stream(args, kwargs)
+        state, step = plan.state, plan.step
+        if plan.mode == "lean":
+            if plan.compute:
+                out = original(*args, **kwargs)
+                if self.is_last:
+                    b, n, _ = x.shape
+                    self._record_rows(state, x, torch.arange(n, device=x.device).expand(b, n),
+                                      self.adapter.block_output_stream(out), step, plan.max_order)
+                plan.slot.ratio = 1.0
+                return out
+            plan.slot.ratio = 0.0
+            if not self.is_last:
+                return self.adapter.block_output(args, kwargs, x)
+            return self.adapter.block_output(args, kwargs, self._reused(state, x, step, plan.order))
+        b, n, _ = x.shape
+        groups = self.selection_groups  # context-parallel shards: the bucket applies per shard
+        per = n // groups
+        count = groups * (per if plan.j >= ROW_BUCKETS else min(per, -(-per * plan.j // ROW_BUCKETS)))
+        plan.slot.ratio = count / n
+        if count == 0:
+            state.skips = update_skips(state.skips, x.new_zeros(b, 0, dtype=torch.long))
+            if self.config.cache == "output" and plan.shortcut and not self.is_last:
+                return self.adapter.block_output(args, kwargs, x)
+            return self.adapter.block_output(args, kwargs, self._reused(state, x, step, plan.order), state.rows)
+        if count >= n or state.out is None:
+            idx = torch.arange(n, device=x.device).expand(b, n)
+        elif plan.fixed is not None:
+            if plan.fixed.idx is None:
+                plan.fixed.idx = self._scores_topk(state, x, count)
+            idx = plan.fixed.idx
+        else:
+            idx = self._scores_topk(state, x, count)
+        attention = _attention_through(module, self.adapter, idx + plan.text_prefix)
+        rows, lse = self.adapter.block_rows_forward(module, args, kwargs, idx, attention, kv=plan.kv, cache=state.rows)
+        if count == n:
+            out = rows
+        else:
+            base = x.new_empty(x.shape) if state.out is None else self._reused(state, x, step, plan.order)
+            out = base.scatter_(1, idx[..., None].expand(-1, -1, rows.shape[-1]), rows)
+        self._update(state, x, idx, rows, lse, step, plan.max_order)
+        return self.adapter.block_output(args, kwargs, out, state.rows)
+
     @torch.compiler.disable
     def _select(self, branch: str, state: BlockState, x: torch.Tensor, count: int, b: int, n: int) -> torch.Tensor:
         """Token indices `[B, count]` to compute (all tokens, unscored, when ``count == n`` or nothing is cached)."""
@@ -590,6 +683,151 @@ class AstraeaBlockHook(ModelHook):
 
 
 @dataclass
+class _BlockSlot:
+    """Where a compiled block call leaves its kept ratio (made on the host per branch, step and block)."""
+
+    branch: str
+    step: int
+    block: int
+    budget: float | None = None
+    ratio: float | None = None
+    forecast: bool = False
+
+
+@dataclass
+class _FixedRows:
+    """The FIXED-TOKEN ablation's one token set of a (branch, row count), chosen by the first block that needs it."""
+
+    idx: torch.Tensor | None = None
+
+
+@dataclass
+class _BlockPlan:
+    """One block's host-side decisions for one transformer call (made by :class:`_Planner`).
+
+    Args:
+        mode (`str`): "stock" (the original forward), "lean" (whole-step schedule) or "rows" (token-wise).
+        state (`BlockState | None`): the block's state of the call's CFG branch.
+        step (`torch.Tensor | None`): 0-d long, the step index on the model's device (a tensor, not a constant).
+        j (`int`): row bucket in ``[0, ROW_BUCKETS]``; ``ceil(N·j/ROW_BUCKETS)`` rows are computed.
+        order (`int`), max_order (`int`): forecast order of this step / of the generation.
+        kv (`str`): the row-subset block's K/V source; shortcut (`bool`): budget-0 blocks may pass through.
+        compute (`bool`): lean mode, this step runs the stock block.
+        fixed (`_FixedRows | None`): FIXED-TOKEN selection holder; text_prefix (`int`); slot (`_BlockSlot`).
+    """
+
+    mode: str
+    slot: _BlockSlot
+    state: BlockState | None = None
+    step: torch.Tensor | None = None
+    j: int = ROW_BUCKETS
+    order: int = 0
+    max_order: int = 0
+    kv: str = "all"
+    shortcut: bool = False
+    compute: bool = True
+    fixed: _FixedRows | None = None
+    text_prefix: int = 0
+
+
+def row_bucket(budget: float) -> int:
+    """Row bucket ``j = ceil(budget·ROW_BUCKETS)`` of a budget (0 only for budget 0), as compiled runs use it.
+
+    Example:
+        >>> [row_bucket(b) for b in (0.0, 0.01, 0.3, 0.5, 1.0)]
+        [0, 1, 3, 4, 8]
+    """
+    return min(ROW_BUCKETS, math.ceil(round(budget * ROW_BUCKETS, 9)))
+
+
+def compiled_row_counts(config: AstraeaConfig, tokens: int) -> list[int]:
+    """Distinct row counts a compiled run of ``config`` computes per block of ``tokens`` rows (sorted).
+
+    The compiled variants of the block are bounded by these counts times the cache states (first call, forecast
+    differences present), see ``docs/compile.md``.
+
+    Example:
+        >>> compiled_row_counts(AstraeaConfig(budgets=(1.0, 0.5, 0.3, 0.25), num_steps=4), 64)
+        [16, 24, 32, 64]
+    """
+    js = {row_bucket(b) for b in config.schedule}
+    return sorted({tokens if j >= ROW_BUCKETS else min(tokens, -(-tokens * j // ROW_BUCKETS)) for j in js})
+
+
+class _Planner:
+    """Astraea's host side (called by the root context hook before every transformer call): the schedule lookup,
+    the CFG branch's state, the generation settings and the row bucket of every block, as a :class:`_BlockPlan`.
+    Eager block calls ignore the plan (they decide the same things themselves, with exact row counts)."""
+
+    def __init__(self, hooks: list[AstraeaBlockHook], config: AstraeaConfig, stats: AstraeaStats) -> None:
+        self.hooks = hooks
+        self.config = config
+        self.stats = stats
+        self._steps: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, ctx) -> None:
+        cfg, hooks = self.config, self.hooks
+        if not hooks:
+            return
+        self.stats.flush()  # the previous call's slots (plain floats: no device sync)
+        first = hooks[0]
+        if ctx.step_index > first.last_sparse:
+            for h in hooks:
+                h.plan = _BlockPlan("stock", self._slot(ctx, h))
+            return
+        if ctx.num_steps is not None and ctx.num_steps != cfg.num_steps:
+            raise ConfigError(f"Astraea schedule has {cfg.num_steps} steps but the generation has {ctx.num_steps}: "
+                              f"use config.resampled({ctx.num_steps}) (normalised time) or make a schedule for "
+                              f"{ctx.num_steps} steps")
+        param = next(first.block.parameters())
+        key = (param.device, ctx.step_index)
+        if key not in self._steps:
+            self._steps[key] = torch.tensor(ctx.step_index, dtype=torch.long, device=param.device)
+        step_t = self._steps[key]
+        attn = first.adapter.self_attention(first.block)
+        to_q = getattr(attn, "to_q", None)
+        width = getattr(attn, "inner_dim", None) or getattr(to_q, "out_features", 1)  # the cap's estimate only
+        settings = first._settings(torch.empty(ctx.batch, ctx.grid.tokens, width, dtype=param.dtype, device="meta"))
+        _warm_attention_probe(attn, param)
+        step, order_cfg = ctx.step_index, cfg.orders[ctx.step_index]
+        for h in hooks:
+            state = h.states.get(ctx.branch)
+            if state is None:
+                state = h.states[ctx.branch] = BlockState(rows=RowCache(dtype=CACHE_DTYPES.get(cfg.cache_dtype)))
+            slot = self._slot(ctx, h)
+            order = min(order_cfg, settings["order"])
+            if settings["lean"]:
+                last = hooks[-1].states.get(ctx.branch)
+                primed = last is not None and last.out is not None
+                h.plan = _BlockPlan("lean", slot, state, step_t, order=order, max_order=settings["order"],
+                                    compute=not primed or h.schedule[step] >= 1.0)
+                continue
+            budget = h.schedule[step] if state.out is not None else 1.0
+            j = row_bucket(budget)
+            slot.budget = budget
+            kv = "rows" if cfg.kv == "selected" else ("cache" if settings["kv_reuse"] else "all")
+            fixed = None
+            if cfg.selection == "fixed" and 0 < j < ROW_BUCKETS:
+                fixed = first.shared.setdefault(("planned_fixed", ctx.branch, j), _FixedRows())  # reset per generation
+            h.plan = _BlockPlan("rows", slot, state, step_t, j, order, settings["order"], kv, settings["shortcut"],
+                                fixed=fixed, text_prefix=ctx.text_prefix)
+        hooks[-1]._account()  # cache memory as of the previous call (the traced path does not account itself)
+
+    def _slot(self, ctx, hook) -> _BlockSlot:
+        slot = _BlockSlot(ctx.branch, ctx.step_index, hook.index)
+        self.stats._pending.append(slot)
+        return slot
+
+
+def _warm_attention_probe(attn: torch.nn.Module, param: torch.Tensor) -> None:
+    """Run the fused-attention capability probe on the host, so a traced ``row_subset_attention`` finds its answer."""
+    heads = getattr(attn, "heads", None)
+    width = getattr(attn, "inner_dim", None)
+    if heads and width and width % heads == 0:
+        probe_fast_path(param.device, param.dtype, width // heads)
+
+
+@dataclass
 class AstraeaHandle:
     """Returned by :func:`apply_astraea`: live ``stats`` and ``remove()`` (removes every hook)."""
 
@@ -598,6 +836,8 @@ class AstraeaHandle:
     blocks: list = field(default_factory=list)
     adapter: ModelAdapter | None = None
     _removed: bool = False
+    _context: ContextHook | None = None
+    _planner_key: str = ""
 
     def check(self) -> None:
         """Raise :class:`CompositionError` if a hook installed since would be bypassed (also checked at run time)."""
@@ -610,6 +850,9 @@ class AstraeaHandle:
             registry = HookRegistry.check_if_exists_or_initialize(block)
             if registry.get_hook(BLOCK_HOOK) is not None:
                 registry.remove_hook(BLOCK_HOOK, recurse=False)
+        if self._context is not None:
+            self._context.remove_planner(self._planner_key)
+        self.stats.flush()
         release_context(self.transformer)
         self._removed = True
 
@@ -665,6 +908,8 @@ def apply_astraea(transformer: torch.nn.Module, config: AstraeaConfig,
         HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, BLOCK_HOOK)
         hooks.append(hook)
         handle.blocks.append(block)
+    handle._context, handle._planner_key = context, f"astraea:{id(handle)}"
+    context.add_planner(handle._planner_key, _Planner(hooks, config, stats))
     return handle
 
 

@@ -15,6 +15,11 @@ What is saved is reported as "QK savings" (the fraction of Q·Kᵀ channel produ
 unnecessary), never as a speedup: this implementation simulates the reuse exactly and runs dense
 attention; it is not faster.
 
+Under ``torch.compile`` (``docs/compile.md``) the root context hook's planner decides θ on the host and hands it to
+the processors as a device tensor; "exact_sim" then traces without graph breaks (``COMPILED_VARIANTS`` graphs) and
+leaves its stats as integer counts that :meth:`TimeRippleStats.flush` records. The row-removing variants have
+data-dependent row counts and break the graph.
+
 Example:
     >>> from vdit_accel.testing import tiny_model, TINY_PROMPT
     >>> from vdit_accel.instrument.sampler import GenerationConfig, Sampler
@@ -36,6 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from vdit_accel.adapters import ModelAdapter, resolve_adapter
 from vdit_accel.config_io import config_from_dict, config_to_dict
@@ -48,6 +54,7 @@ from vdit_accel.ops.timeripple import (
     ReuseStats,
     ThresholdSchedule,
     _build_stats,
+    qk_savings,
     resolve_reuse,
     reuse_masks,
     timeripple_attention,
@@ -67,6 +74,11 @@ from vdit_accel.validate import check_int
 logger = logging.getLogger(__name__)
 
 THRESHOLD_MODES = ("shared", "per_axis", "per_channel")
+MAX_PENDING_SLOTS = 4096  # compiled calls whose stats wait on the device for flush()
+COMPILED_VARIANTS = 2
+"""Graphs a compiled block compiles for "exact_sim" (per block shape): a dense step and a reuse step. θ reaches the
+graph as a device tensor and the step, CFG branch and layer not at all, so neither the ramp nor the branch
+recompiles (``docs/compile.md``)."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +224,23 @@ class TimeRippleStats:
     dense_calls: int = 0
     generations: int = 0
     _sums: dict = field(default_factory=lambda: defaultdict(list))
+    _pending: list = field(default_factory=list)  # _StatsSlot of compiled calls, resolved by flush()
+
+    def flush(self) -> None:
+        """Turn the compiled calls' device-side mask counts into records (one host sync; :meth:`summary` calls it).
+
+        A compiled processor cannot build :class:`ReuseStats` (floats need a sync): it leaves integer counts in a
+        slot that the root hook's planner made for its (branch, step, layer), and they are converted here, to
+        exactly the numbers an eager call records.
+        """
+        pending, self._pending = self._pending, []
+        for slot in pending:
+            if slot.dense:
+                self.dense_calls += 1
+            elif slot.sums is not None:
+                q_sums, k_sums = slot.sums
+                self.record(slot.branch, slot.step, slot.layer,
+                            _stats_from_sums(q_sums, k_sums, slot.shape, slot.axes, slot.groups))
 
     def record(self, branch: str, step: int, layer: int, stats: ReuseStats) -> None:
         self.calls[(branch, step, layer)] = stats
@@ -232,11 +261,13 @@ class TimeRippleStats:
     def reset(self) -> None:
         self.calls.clear()
         self._sums.clear()
+        self._pending.clear()
         self.dense_calls = 0
         self.generations = 0
 
     def per_step_savings(self) -> dict[int, float]:
         """Mean QK savings per step over layers, branches and generations (dense steps absent)."""
+        self.flush()
         by: dict[int, list[float]] = defaultdict(list)
         for s, v in zip(self._sums["step"], self._sums["qk"]):
             by[s].append(v)
@@ -248,6 +279,7 @@ class TimeRippleStats:
         ``rows_removed_active`` / ``keys_removed_active`` are the mean fractions of query rows / keys a structured
         variant did not compute (0 for "exact_sim"); ``attn_work_active`` the mean share of dense score work run.
         """
+        self.flush()
         active = len(self._sums["qk"])
         total = active + self.dense_calls
 
@@ -274,6 +306,100 @@ class TimeRippleStats:
         return out
 
 
+@dataclass
+class _StatsSlot:
+    """Where a compiled call leaves its stats: made on the host per (branch, step, layer), filled in the graph."""
+
+    branch: str
+    step: int
+    layer: int
+    axes: tuple[str, ...]
+    groups: dict[str, slice]
+    dense: bool = False
+    sums: tuple | None = None  # (q sums, k sums) of _mask_sums, device tensors
+    shape: tuple[int, ...] = ()
+
+
+@dataclass
+class _CallPlan:
+    """One processor's host-side decisions for one transformer call (made by :class:`_Planner`).
+
+    ``theta`` (float) decides dense vs reuse; ``theta_t`` is the same θ as a 0-d float64 tensor on the model's
+    device, which is what a compiled call compares against (a float would be a constant of the graph: one recompile
+    per ramp value). ``grid`` is the token grid, ``slot`` where a compiled call leaves its stats.
+    """
+
+    theta: float
+    theta_t: torch.Tensor | None
+    grid: tuple[int, int, int]
+    branch: str
+    step: int
+    text_prefix: int
+    text_suffix: int
+    slot: _StatsSlot | None = None
+
+
+def _mask_sums(masks, groups: dict[str, slice]) -> dict | None:
+    """Integer counts of a side's masks, computed in the graph: everything :func:`_stats_from_sums` needs."""
+    if masks is None:
+        return None
+    reused = masks.any  # [B, S, H, D]
+    return {"any": reused.sum(), "axis": {a: m.sum() for a, m in masks.per_axis.items()},
+            "group": {g: reused[..., sl].sum() for g, sl in groups.items()}, "rate": reused.sum(1)}
+
+
+def _side_from_sums(sums: dict | None, shape: tuple[int, ...], axes, groups: dict[str, slice]):
+    """Host twin of ``ops.timeripple._side_stats`` from :func:`_mask_sums` counts (identical numbers)."""
+    if sums is None:
+        rate = torch.zeros(shape[0], shape[2], shape[3], dtype=torch.float64)
+        return 0.0, dict.fromkeys(axes, 0.0), dict.fromkeys(groups, 0.0), rate
+    n = int(np.prod(shape))
+    per_row = n // shape[-1]
+    per_axis = {a: int(v) / n for a, v in sums["axis"].items()}
+    per_group = {g: int(sums["group"][g]) / (per_row * len(range(shape[-1])[sl])) for g, sl in groups.items()}
+    return int(sums["any"]) / n, per_axis, per_group, sums["rate"].cpu().double() / shape[1]
+
+
+def _stats_from_sums(q_sums, k_sums, shape, axes, groups) -> ReuseStats:
+    q_all, q_axis, q_group, rq = _side_from_sums(q_sums, shape, axes, groups)
+    k_all, k_axis, k_group, rk = _side_from_sums(k_sums, shape, axes, groups)
+    per_head = qk_savings(rq, rk).mean(0)  # [H]
+    return ReuseStats(q_all, k_all, q_axis, k_axis, q_group, k_group, float(per_head.mean()), per_head.tolist())
+
+
+class _Planner:
+    """TimeRipple's host side: after the root context hook publishes a call, decide θ for every processor (raising
+    the schedule mismatch here, before any block runs) and give each a :class:`_CallPlan` and a stats slot."""
+
+    def __init__(self, transformer: torch.nn.Module, config: TimeRippleConfig, stats: TimeRippleStats) -> None:
+        self.transformer = transformer
+        self.config = config
+        self.stats = stats
+        self.processors: list[TimeRippleProcessor] = []
+        self._theta_tensors: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, ctx) -> None:
+        if not self.processors:
+            return
+        stats = self.stats
+        stats._pending = [s for s in stats._pending if s.dense or s.sums is not None]  # eager calls fill none
+        if len(stats._pending) > MAX_PENDING_SLOTS:
+            stats.flush()  # bounded device memory when summary() is never asked (one sync, outside the graph)
+        theta = self.processors[0]._theta(ctx)
+        theta_t = None
+        if theta != 0.0:
+            device = next(self.transformer.parameters()).device
+            key = (device, theta)
+            if key not in self._theta_tensors:
+                self._theta_tensors[key] = torch.tensor(theta, dtype=torch.float64, device=device)
+            theta_t = self._theta_tensors[key]
+        for proc in self.processors:
+            slot = _StatsSlot(ctx.branch, ctx.step_index, proc.layer, self.config.axes, proc.rope_groups)
+            self.stats._pending.append(slot)
+            proc.plan = _CallPlan(theta, theta_t, ctx.grid.as_tuple(), ctx.branch, ctx.step_index, ctx.text_prefix,
+                                  ctx.text_suffix, slot)
+
+
 class TimeRippleProcessor:
     """Replacement processor for one video self-attention module, any family: the model adapter splits the stock
     call into post-RoPE q/k/v and the output step (``ModelAdapter.qkv`` / ``attention_output``), so the processor
@@ -292,6 +418,7 @@ class TimeRippleProcessor:
         self.stats = stats
         self.adapter = adapter
         self.decision_log: dict | None = None  # set by TimeRippleHandle.record_decisions ("tokens" variant)
+        self.plan: _CallPlan | None = None  # set before every transformer call by the planner (host side)
 
     def _theta(self, ctx) -> float:
         cfg = self.config
@@ -302,6 +429,16 @@ class TimeRippleProcessor:
                               f"{steps} steps: resample it (config.resampled(num_steps), or load_preset(..., "
                               "steps=N)) or use fixed_threshold")
         return cfg.threshold_at(ctx.step_index)
+
+    def _current_plan(self) -> _CallPlan:
+        """The planner's plan for this call; a processor used without one (built by hand) plans from its context."""
+        if self.plan is not None:
+            return self.plan
+        ctx = getattr(self.context, "current", None)
+        if ctx is None:
+            raise ConfigError("TimeRipple needs the root context hook: call the transformer as a whole model")
+        return _CallPlan(self._theta(ctx), None, ctx.grid.as_tuple(), ctx.branch, ctx.step_index, ctx.text_prefix,
+                         ctx.text_suffix)
 
     def _thresholds(self, theta: float, q: torch.Tensor):
         cfg = self.config
@@ -321,31 +458,36 @@ class TimeRippleProcessor:
             UnsupportedModelError: the call runs under diffusers context parallelism (the reuse windows need the
                 whole token grid on one device), or carries an attention mask with a variant other than "exact_sim".
         """
-        ctx = self.context.current
-        if ctx is None:
-            raise ConfigError("TimeRipple needs the root context hook: call the transformer as a whole model")
-        theta = self._theta(ctx)
+        plan = self._current_plan()
+        theta = plan.theta
         call = self.adapter.qkv(attn, args, kwargs) if theta != 0.0 else None
         if call is None:  # a dense step, or a call that is not video self-attention
-            self.stats.dense_calls += theta == 0.0
+            if theta == 0.0:
+                if torch.compiler.is_compiling() and plan.slot is not None:
+                    plan.slot.dense = True  # counted on the host (an int counter here would be a graph constant)
+                else:
+                    self.stats.dense_calls += 1
             return self.original(attn, *args, **kwargs)
         if call.parallel_config is not None:
             raise UnsupportedModelError("TimeRipple under diffusers context parallelism is not supported: its reuse "
                                         "windows need the whole token grid; disable parallelism")
         q, k, v = call.q, call.k, call.v
         cfg = self.config
+        ctx = plan
         if call.mask is not None:
             return self._masked_call(attn, call, ctx, theta)
+        if torch.compiler.is_compiling() and cfg.variant == "exact_sim":
+            return self.adapter.attention_output(attn, self._traced_exact_sim(q, k, v, call, plan), call)
         kw = dict(
-            grid=ctx.grid.as_tuple(), thresholds=self._thresholds(theta, q), window=cfg.window, axes=cfg.axes,
+            grid=ctx.grid, thresholds=self._thresholds(theta, q), window=cfg.window, axes=cfg.axes,
             priority=cfg.priority, text_prefix=call.text_prefix, text_suffix=call.text_suffix, reuse_q=cfg.reuse_q,
             reuse_k=cfg.reuse_k, rope_groups=self.rope_groups,
         )
         if cfg.variant == "tokens":
             out, stats, dec = tokens_timeripple_attention(q, k, v, **kw)
             if self.decision_log is not None and dec is not None:
-                self.decision_log[(ctx.branch, ctx.step_index, self.layer)] = dict(
-                    spread={a: t[:1].detach().cpu() for a, t in dec.spread.items()}, grid=ctx.grid.as_tuple(),
+                self.decision_log[(ctx.branch, ctx.step, self.layer)] = dict(
+                    spread={a: t[:1].detach().cpu() for a, t in dec.spread.items()}, grid=ctx.grid,
                     text_prefix=ctx.text_prefix, text_suffix=ctx.text_suffix, heads=q.shape[2], head_dim=q.shape[3])
         elif cfg.variant == "exact_sim":
             out, stats = timeripple_attention(q, k, v, **kw)
@@ -353,8 +495,26 @@ class TimeRippleProcessor:
             out, stats = structured_timeripple_attention(
                 q, k, v, variant=cfg.variant, row_fraction=cfg.row_fraction, **kw
             )
-        self.stats.record(ctx.branch, ctx.step_index, self.layer, stats)
+        self.stats.record(ctx.branch, ctx.step, self.layer, stats)
         return self.adapter.attention_output(attn, out, call)
+
+    def _traced_exact_sim(self, q, k, v, call, plan: _CallPlan) -> torch.Tensor:
+        """The "exact_sim" call as ``torch.compile`` traces it: the same masks, resolution and SDPA as
+        ``ops.timeripple.timeripple_attention``, against the device-side θ (``plan.theta_t``), with the stats left as
+        integer counts in ``plan.slot`` (no host sync, no graph break). Returns `[B, S, H, D]`."""
+        cfg = self.config
+        kw = dict(window=cfg.window, axes=cfg.axes, text_prefix=call.text_prefix, text_suffix=call.text_suffix)
+        th = self._thresholds(plan.theta_t, q)
+        if isinstance(th, dict):  # per_axis: one [len(axes), D] tensor (a dict of tensors would be read as floats)
+            th = torch.stack([th[a] for a in cfg.axes]).float()[:, None].expand(len(cfg.axes), q.shape[-1])
+        q_masks = reuse_masks(q, plan.grid, th, **kw) if cfg.reuse_q else None
+        k_masks = reuse_masks(k, plan.grid, th, **kw) if cfg.reuse_k else None
+        qt = q if q_masks is None else resolve_reuse(q, q_masks, priority=cfg.priority)
+        kt = k if k_masks is None else resolve_reuse(k, k_masks, priority=cfg.priority)
+        out = F.scaled_dot_product_attention(qt.transpose(1, 2), kt.transpose(1, 2), v.transpose(1, 2))
+        plan.slot.sums = (_mask_sums(q_masks, self.rope_groups), _mask_sums(k_masks, self.rope_groups))
+        plan.slot.shape = tuple(q.shape)
+        return out.transpose(1, 2)
 
     def _masked_call(self, attn, call, ctx, theta: float):
         """A call whose attention carries a mask (HunyuanVideo's text padding): the exact simulation substitutes the
@@ -365,13 +525,13 @@ class TimeRippleProcessor:
             raise UnsupportedModelError(f"variant={cfg.variant!r} is not supported where self-attention carries an "
                                         f"attention mask ({self.adapter.family or type(self.adapter).__name__}): "
                                         "accepted ['exact_sim']")
-        args = (ctx.grid.as_tuple(), self._thresholds(theta, call.q), call.text_prefix, call.text_suffix)
+        args = (ctx.grid, self._thresholds(theta, call.q), call.text_prefix, call.text_suffix)
         q_masks = self._decide(call.q, *args) if cfg.reuse_q else None
         k_masks = self._decide(call.k, *args) if cfg.reuse_k else None
         q = call.q if q_masks is None else resolve_reuse(call.q, q_masks, priority=cfg.priority)
         k = call.k if k_masks is None else resolve_reuse(call.k, k_masks, priority=cfg.priority)
         out = self.adapter.attention(attn, call, q, k, call.v)
-        self.stats.record(ctx.branch, ctx.step_index, self.layer,
+        self.stats.record(ctx.branch, ctx.step, self.layer,
                           _build_stats(q_masks, k_masks, call.q.shape, cfg.axes, self.rope_groups))
         return self.adapter.attention_output(attn, out, call)
 
@@ -409,21 +569,19 @@ class TimeRippleProcessor:
         Returns:
             out: `[B, K, H, D]`; lse: `[B, K, H]` (natural log), as ``ops.attention.row_subset_attention``.
         """
-        ctx = self.context.current
-        if ctx is None:
-            raise ConfigError("TimeRipple needs the root context hook: call the transformer as a whole model")
+        ctx = self._current_plan()
         b, kk, h, d = q_sel.shape if q_sel.dim() == 4 else (None,) * 4
         if b is None or k.dim() != 4 or idx.shape != (b, kk) or k.shape[0] != b or k.shape[2:] != (h, d):
             raise ConfigError(f"q_sel {tuple(q_sel.shape)}, idx {tuple(idx.shape)}, k {tuple(k.shape)} are not "
                               "accepted: expected q_sel [B, K, H, D], idx [B, K], k and v [B, S, H, D]")
         if idx.dtype != torch.long or (kk and (int(idx.min()) < 0 or int(idx.max()) >= k.shape[1])):
             raise ConfigError(f"idx is not accepted: expected long token indices in [0, {k.shape[1]})")
-        theta = self._theta(ctx)
+        theta = ctx.theta
         if theta == 0.0:
             self.stats.dense_calls += 1
             return row_subset_attention(q_sel, k, v, scale=scale, key_mask=key_mask)
         cfg = self.config
-        grid, thresholds = ctx.grid.as_tuple(), self._thresholds(theta, q_sel)
+        grid, thresholds = ctx.grid, self._thresholds(theta, q_sel)
         args = (grid, thresholds, ctx.text_prefix, ctx.text_suffix)
         q_masks = k_masks = None
         if cfg.variant == "tokens":  # keys reuse by whole tokens on the full grid; selected queries keep their values
@@ -435,7 +593,7 @@ class TimeRippleProcessor:
             k = k.gather(1, dec.root[..., None, None].expand(k.shape))
             out, lse = row_subset_attention(q_sel, k, v, scale=scale, key_mask=key_mask)
             r = dec.reused
-            self.stats.record(ctx.branch, ctx.step_index, self.layer, ReuseStats(
+            self.stats.record(ctx.branch, ctx.step, self.layer, ReuseStats(
                 0.0, r, dict.fromkeys(cfg.axes, 0.0), {a: float((dec.spread[a] < theta).float().mean())
                                                         for a in cfg.axes},
                 dict.fromkeys(self.rope_groups, 0.0), dict.fromkeys(self.rope_groups, r), r, [r] * h))
@@ -449,7 +607,7 @@ class TimeRippleProcessor:
             q_masks = self._decide(full, *args)
             q_sel = resolve_reuse(full, q_masks, priority=cfg.priority).gather(1, where)
         out, lse = row_subset_attention(q_sel, k, v, scale=scale, key_mask=key_mask)
-        self.stats.record(ctx.branch, ctx.step_index, self.layer,
+        self.stats.record(ctx.branch, ctx.step, self.layer,
                           _build_stats(q_masks, k_masks, k.shape, cfg.axes, self.rope_groups))
         return out, lse
 
@@ -463,6 +621,8 @@ class TimeRippleHandle:
     adapter: ModelAdapter | None = None
     _restore: list = field(default_factory=list)
     _removed: bool = False
+    _context: ContextHook | None = None
+    _planner_key: str = ""
 
     def record_decisions(self, log: dict | None) -> None:
         """Record the "tokens" variant's per-token spreads of every reuse call into ``log`` (``None`` stops).
@@ -478,6 +638,9 @@ class TimeRippleHandle:
             return
         for module, processor in self._restore:
             self.adapter.restore_processor(module, processor)
+        if self._context is not None:
+            self._context.remove_planner(self._planner_key)
+        self.stats.flush()
         release_context(self.transformer)
         self._removed = True
 
@@ -514,12 +677,16 @@ def apply_timeripple(transformer: torch.nn.Module, config: TimeRippleConfig,
     stats = TimeRippleStats()
     handle = TimeRippleHandle(transformer, stats, adapter)
     groups = adapter.rope_groups(transformer)
+    planner = _Planner(transformer, config, stats)
     for i in layers:
         attn = adapter.self_attention(blocks[i])
-        original = adapter.install_processor(
-            attn, TimeRippleProcessor(i, attn.get_processor(), config, context, groups, stats, adapter))
+        processor = TimeRippleProcessor(i, attn.get_processor(), config, context, groups, stats, adapter)
+        original = adapter.install_processor(attn, processor)
+        planner.processors.append(processor)
         handle._restore.append((attn, original))
         logger.debug("TimeRipple on block %d", i)
+    handle._context, handle._planner_key = context, f"timeripple:{id(handle)}"
+    context.add_planner(handle._planner_key, planner)
     return handle
 
 

@@ -52,6 +52,7 @@ _PROBE_ATOL = {torch.float16: 2e-2, torch.bfloat16: 5e-2}  # other dtypes: 1e-4
 
 _backend_override: str | None = None
 _warned: set[tuple] = set()
+_PROBED: dict[tuple, str] = {}  # (device type, dtype, head dim, override) -> backend, read by traced calls
 
 
 # ------------------------------------------------------------------------------------------- backend selection
@@ -147,6 +148,12 @@ def probe_fast_path(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
         'cpu_flash'
     """
     device = torch.device(device)
+    name = _probe_fast_path(device, dtype, head_dim)
+    _PROBED[(device.type, dtype, head_dim, _backend_override)] = name
+    return name
+
+
+def _probe_fast_path(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     if _backend_override == "reference":
         return "reference"
     if _backend_override is not None:
@@ -214,6 +221,8 @@ def row_subset_attention(
     ``out = softmax(q_sel·kᵀ·scale)·v`` and ``lse = ln Σ_j exp(q_sel·k_jᵀ·scale)`` per (batch, row, head): exactly
     the dense attention's rows and LSE, because no key is dropped. Runs a fused kernel when the cached probe
     (:func:`probe_fast_path`) finds one for the device/dtype/head dim, else :func:`row_subset_attention_reference`.
+    Under ``torch.compile`` the probe is not run (it is host work): the answer of an earlier host-side probe for the
+    same device type, dtype and head dim is used, else the reference (same results, more memory).
 
     Args:
         q_sel (`torch.Tensor` of shape `[B, Sq, H, D]`): queries of the selected rows (``Sq`` may be 0).
@@ -245,7 +254,10 @@ def row_subset_attention(
         return _masked(row_subset_attention, q_sel, k, v, scale, key_mask)
     if q_sel.numel() == 0:  # the CPU kernel raises SIGFPE on empty inputs
         return _empty(q_sel)
-    backend = probe_fast_path(q_sel.device, q_sel.dtype, q_sel.shape[-1])
+    if torch.compiler.is_compiling():  # the probe runs kernels on the host: traced calls read its cached answer
+        backend = _PROBED.get((q_sel.device.type, q_sel.dtype, q_sel.shape[-1], _backend_override), "reference")
+    else:
+        backend = probe_fast_path(q_sel.device, q_sel.dtype, q_sel.shape[-1])
     if backend == "reference":
         return row_subset_attention_reference(q_sel, k, v, scale=scale)
     # The raw aten kernels skip SDPA's input checks: a strided head dim gives silently wrong results on CPU.

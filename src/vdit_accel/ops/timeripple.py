@@ -73,14 +73,18 @@ def _check_priority(priority: str, axes: tuple[str, ...]) -> None:
 
 def _theta_per_axis(thresholds: Thresholds, axes: tuple[str, ...], d: int) -> dict[str, float | torch.Tensor]:
     """Validate ``thresholds`` and return one float, or one ``[D]`` tensor, per axis."""
+    if isinstance(thresholds, torch.Tensor) and thresholds.dim() == 0:  # one θ, kept on the device (compile path)
+        if not torch.compiler.is_compiling() and not bool(thresholds >= 0):  # validated on the host when traced
+            raise ConfigError(f"thresholds={thresholds.item()!r} is out of range: accepted [0.0, inf]")
+        return dict.fromkeys(axes, thresholds)
     if isinstance(thresholds, torch.Tensor):
         if tuple(thresholds.shape) != (len(axes), d):
             raise ConfigError(
                 f"thresholds.shape={tuple(thresholds.shape)} is not accepted: expected [len(axes), D] = "
                 f"[{len(axes)}, {d}]"
             )
-        bad = thresholds[thresholds.isnan() | (thresholds < 0)]
-        if bad.numel():
+        bad = None if torch.compiler.is_compiling() else thresholds[thresholds.isnan() | (thresholds < 0)]
+        if bad is not None and bad.numel():
             raise ConfigError(f"thresholds contains {bad[0].item()!r}, out of range: accepted [0.0, inf]")
         return {a: thresholds[i] for i, a in enumerate(axes)}
     if isinstance(thresholds, dict):
@@ -200,8 +204,10 @@ def reuse_masks(
     Args:
         x (`torch.Tensor`): `[B, S, H, D]` post-RoPE queries or keys.
         grid (`tuple[int, int, int]`): `(T, Hg, Wg)`.
-        thresholds (`float | dict[str, float] | torch.Tensor`): θ >= 0 shared by all axes, one per axis, or a
-            `[len(axes), D]` tensor (per axis and channel). θ = 0 reuses nothing; θ = inf reuses every valid element.
+        thresholds (`float | dict[str, float] | torch.Tensor`): θ >= 0 shared by all axes, one per axis, a 0-d
+            tensor (one θ on the device: no host sync, no recompile per value), or a `[len(axes), D]` tensor (per axis
+            and channel); tensors are validated on the host only (not while ``torch.compile`` traces). θ = 0 reuses
+            nothing; θ = inf reuses every valid element.
         window (`int`, defaults to 2): window size K.
         axes (`tuple[str, ...]`, defaults to `AXES`): axes checked, distinct names from `AXES`.
         text_prefix (`int`, defaults to 0), text_suffix (`int`, defaults to 0): text token counts.
@@ -266,6 +272,13 @@ def resolve_reuse(x: torch.Tensor, masks: ReuseMasks, *, priority: str = "thw") 
     _check_priority(priority, masks.axes)
     chosen = _chosen(masks, priority)
     out = x
+    if torch.compiler.is_compiling():  # no data-dependent exit in a graph: every hop (idempotent at the fixed point)
+        for _ in range(len(chosen) + 1):
+            nxt = x
+            for a, m in chosen.items():
+                nxt = torch.where(m, out.index_select(1, masks.anchor[a]), nxt)
+            out = nxt
+        return out
     for _ in range(len(chosen) + 1):
         nxt = x
         for a, m in chosen.items():
