@@ -26,7 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vdit_accel.errors import ConfigError, WeightsError, check_range
+from vdit_accel.config_io import check_bool, check_float, check_int, check_sequence, check_str
+from vdit_accel.errors import ConfigError, WeightsError
 from vdit_accel.instrument.captions import MAX_CAPTION_TOKENS, VOCAB, tokenize
 
 #: the shipped default (``vdit-accel train --recipe v2``, session 6): every preset and published figure is for it.
@@ -40,6 +41,14 @@ CONFIG_VERSION = 1
 PREDICTIONS = ("velocity", "sample")
 MIN_SIGMA_FOR_SAMPLE = 0.05  # x0 -> velocity divides by the noise level; below this it is held
 NO_OP_MODULES = ("pooled_caption.",)  # start as a no-op: a fine-tune may start from weights without them
+ROPE_MAX_SEQ_LEN = 64  # Wan's rope_max_seq_len for this model: latent positions per axis
+MAX_GUIDANCE = 50.0
+MAX_FLOW_SHIFT = 100.0
+MAX_PATCH = 16
+MAX_VOCAB = 100_000
+#: upper bounds of the integer fields (a config.json asking for more is refused before anything is allocated)
+MAX_SIZES = {"frames": 1024, "height": 4096, "width": 4096, "num_heads": 128, "head_dim": 512, "num_layers": 128,
+             "ffn_dim": 65536, "text_dim": 8192, "freq_dim": 4096, "max_text_len": 4096}
 
 
 @dataclass(frozen=True)
@@ -100,15 +109,30 @@ class EmbeddedConfig:
     pooled_text: bool = False
 
     def __post_init__(self) -> None:
-        if self.prediction not in PREDICTIONS:
+        check_str("model_id", self.model_id)
+        if not isinstance(self.prediction, str) or self.prediction not in PREDICTIONS:
             raise ConfigError(f"prediction={self.prediction!r} is not known: accepted {list(PREDICTIONS)}")
-        for name in ("frames", "height", "width", "num_heads", "head_dim", "num_layers", "ffn_dim", "text_dim"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is out of range: accepted [1, inf)")
-        check_range("guidance", self.guidance, lo=0.0)
-        object.__setattr__(self, "patch_size", tuple(self.patch_size))
-        object.__setattr__(self, "vocab", tuple(self.vocab))
+        for name, hi in MAX_SIZES.items():
+            check_int(name, getattr(self, name), lo=1, hi=hi)
+        patch = check_sequence("patch_size", self.patch_size, max_len=3)
+        if len(patch) != 3:
+            raise ConfigError(f"patch_size={self.patch_size!r} is not accepted: three ints (t, h, w)")
+        object.__setattr__(self, "patch_size", tuple(check_int(f"patch_size[{i}]", p, lo=1, hi=MAX_PATCH)
+                                                     for i, p in enumerate(patch)))
+        vocab = check_sequence("vocab", self.vocab, max_len=MAX_VOCAB)
+        if len(vocab) < 2:
+            raise ConfigError(f"vocab has {len(vocab)} entries: accepted at least 2 (index 0 is padding)")
+        object.__setattr__(self, "vocab", tuple(check_str(f"vocab[{i}]", w) for i, w in enumerate(vocab)))
+        check_float("flow_shift", self.flow_shift, lo=0.0, hi=MAX_FLOW_SHIFT, lo_open=True)
+        check_float("guidance", self.guidance, lo=0.0, hi=MAX_GUIDANCE)
+        for name in ("caption_mixer", "position_channels", "pooled_text"):
+            check_bool(name, getattr(self, name))
         check_geometry(self.frames, self.height, self.width, self.patch_size)
+        for name, size, p in zip(("frames", "height", "width"), (self.frames, self.height, self.width),
+                                 self.patch_size):
+            if size // p > ROPE_MAX_SEQ_LEN:
+                raise ConfigError(f"{name}={size} is out of range: at most {ROPE_MAX_SEQ_LEN} patches of {p} "
+                                  f"(the model's positional range, rope_max_seq_len={ROPE_MAX_SEQ_LEN})")
 
     @classmethod
     def tiny(cls) -> EmbeddedConfig:
@@ -139,7 +163,7 @@ class EmbeddedConfig:
             num_layers=self.num_layers,
             cross_attn_norm=True,
             qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=64,
+            rope_max_seq_len=ROPE_MAX_SEQ_LEN,
         )
 
     def to_dict(self) -> dict:
@@ -150,17 +174,48 @@ class EmbeddedConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> EmbeddedConfig:
+        """The config of a ``config.json`` object; :class:`WeightsError` if it is not one of ours (format, version,
+        unknown keys), :class:`ConfigError` naming the field if a value is out of range or of the wrong type."""
+        if not isinstance(d, dict):
+            raise WeightsError(f"config is {type(d).__name__} {d!r:.60}: a {CONFIG_FORMAT} JSON object is expected")
         d = dict(d)
-        if d.pop("format", None) != CONFIG_FORMAT or d.pop("version", None) != CONFIG_VERSION:
-            raise WeightsError(f"config is not a {CONFIG_FORMAT} v{CONFIG_VERSION} file")
+        fmt, version = d.pop("format", None), d.pop("version", None)
+        if fmt != CONFIG_FORMAT or version != CONFIG_VERSION or isinstance(version, bool):
+            raise WeightsError(f"config is not a {CONFIG_FORMAT} v{CONFIG_VERSION} file (format={fmt!r:.60}, "
+                               f"version={version!r:.20})")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(str(k) for k in set(d) - known)
         if unknown:
             raise WeightsError(f"config has unknown keys {unknown}: accepted {sorted(known)}")
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise WeightsError(f"config is malformed: {e}") from e
+        return cls(**d)
+
+
+def read_model_config(path: str | Path) -> EmbeddedConfig:
+    """Parse a model folder's ``config.json`` (its ``training`` record is ignored) into an :class:`EmbeddedConfig`.
+
+    Raises:
+        WeightsError: the file is unreadable, not JSON, not an object, or not one of ours.
+        ConfigError: a value is out of range, non-finite or of the wrong type (the message names the field).
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise WeightsError(f"{str(path)!r} is not UTF-8 text: {e}") from e
+    except RecursionError as e:
+        raise WeightsError(f"{str(path)!r} is nested too deeply to be a model config") from e
+    except ValueError as e:  # json.JSONDecodeError, and integers too long to parse
+        raise WeightsError(f"{str(path)!r} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise WeightsError(f"{str(path)!r} cannot be read: {e}") from e
+    if isinstance(raw, dict):
+        raw = {k: v for k, v in raw.items() if k != "training"}
+    try:
+        return EmbeddedConfig.from_dict(raw)
+    except WeightsError as e:
+        raise WeightsError(f"{str(path)!r}: {e}") from e
+    except ConfigError as e:
+        raise ConfigError(f"{str(path)!r}: {e}") from e
 
 
 def check_geometry(frames: int, height: int, width: int, patch_size: tuple[int, int, int]) -> None:
@@ -325,12 +380,7 @@ class EmbeddedModel(nn.Module):
         for p in (cfg_path, w_path):
             if not p.is_file():
                 raise WeightsError(f"weight file {str(p)!r} is missing")
-        try:
-            raw = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"{str(cfg_path)!r} is not valid JSON: {e}") from e
-        raw = {k: v for k, v in raw.items() if k != "training"}
-        model = cls(EmbeddedConfig.from_dict(raw))
+        model = cls(read_model_config(cfg_path))
         try:
             state = load_file(str(w_path))
         except (SafetensorError, OSError) as e:
