@@ -36,6 +36,7 @@ Why not pymoo or nevergrad (neither is a dependency)? Both could run this, neith
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -46,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from vdit_accel._faults import fault_point
 from vdit_accel.errors import ConfigError
 
 try:
@@ -523,21 +525,33 @@ def _save(
         "history": history,
         "cache": [[f, np.frombuffer(k, dtype=np.float64).tolist()] for k, f in cache.items()],
     }
+    state["digest"] = _digest(state)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
         json.dump(state, fh)
         fh.flush()
         os.fsync(fh.fileno())
+    fault_point("search_write")
     os.replace(tmp, path)
+
+
+def _digest(state: dict) -> str:
+    """SHA-256 of a checkpoint body without its own ``digest`` (canonical JSON): flipped bytes are detected."""
+    body = {k: v for k, v in state.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _load(path: Path, cfg: EvolutionConfig, identity: dict | None = None):
     try:
-        state = json.loads(path.read_text())
+        state = json.loads(path.read_bytes().decode("utf-8"))
         ok = state["format"] == CHECKPOINT_FORMAT and state["version"] == CHECKPOINT_VERSION
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ConfigError(f"checkpoint {str(path)!r} is not a readable evolution checkpoint: {err!r}") from err
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:  # ValueError: JSONDecodeError
+        raise ConfigError(f"checkpoint {str(path)!r} is not a readable evolution checkpoint: {err!r}; delete it "
+                          "to restart the search") from err
+    if "digest" in state and state["digest"] != _digest(state):
+        raise ConfigError(f"checkpoint {str(path)!r} is corrupt (its SHA-256 does not match its content): delete it "
+                          "to restart the search")
     if not ok:
         raise ConfigError(
             f"checkpoint {str(path)!r} has format/version {state['format']!r}/{state['version']!r}: "
