@@ -112,6 +112,10 @@ def config_from_dict(cls: type, d: Any) -> Any:
     unknown = sorted(str(k) for k in set(d) - known)
     if unknown:
         raise ConfigError(f"{cls.__name__} has no fields {unknown}: accepted {sorted(known)}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{cls.__name__} needs the fields {missing}: they are missing")
     return cls(**d)
 
 

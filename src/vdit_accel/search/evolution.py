@@ -41,7 +41,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -197,9 +197,15 @@ class EvolutionConfig:
             >>> EvolutionConfig.from_dict({"target": 0.5, "num_steps": 10, "grid": [0.0, 0.5, 1.0]}).grid
             (0.0, 0.5, 1.0)
         """
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if not isinstance(data, dict):
+            raise ConfigError(f"an EvolutionConfig must be a JSON object (a dict of its fields), not {data!r:.60}")
+        unknown = sorted(str(k) for k in set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ConfigError(f"keys {unknown} are not accepted: fields are {[f.name for f in fields(cls)]}")
+        missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING
+                   and f.default_factory is MISSING]
+        if missing:
+            raise ConfigError(f"keys {missing} are missing: an EvolutionConfig needs them")
         return cls(**data)
 
 
