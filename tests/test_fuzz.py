@@ -26,7 +26,7 @@ from vdit_accel.methods.timeripple import TimeRippleConfig
 from vdit_accel.search.evolution import EvolutionConfig
 from vdit_accel.search.presets import PRESET_FORMAT, PRESET_VERSION, load_preset
 
-FAST, DEEP = 60, 1500
+FAST, DEEP = 60, 800
 
 
 def _settings(n: int):
