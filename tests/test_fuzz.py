@@ -90,7 +90,8 @@ def _field_dicts(base: dict, plausible: dict[str, st.SearchStrategy]) -> st.Sear
             d[draw(st.text(min_size=1, max_size=6))] = draw(JSON)
         return d
 
-    return st.one_of(build(), JSON)  # and now and then not an object at all
+    # the valid dict itself, edited dicts, and now and then not an object at all
+    return st.one_of(st.just(base).map(dict), build(), build(), JSON)
 
 
 def _valid_or_typed(make, check_valid) -> str:
@@ -247,7 +248,7 @@ MODEL_PLAUSIBLE = {
     "prediction": st.sampled_from(["velocity", "sample", "eps"]),
     "format": st.sampled_from(["vdit-accel/embedded-model", "other"]), "version": st.sampled_from([1, 2, True]),
 }
-RAW = st.one_of(st.none(), st.none(), st.binary(max_size=40),
+RAW = st.one_of(st.none(), st.none(), st.none(), st.binary(max_size=40),
                 st.sampled_from([b"", b"null", b"\xff\xfe", b"[" * 5000, b"1" * 5000, b"NaN", b'{"a": 1']))
 
 
