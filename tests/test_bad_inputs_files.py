@@ -149,19 +149,21 @@ def _model(**over):
 
 
 MODEL_CASES = {
-    "null": (None, WeightsError, "config is NoneType None"),
-    "a_string": ("tiny", WeightsError, "config is str 'tiny'"),
+    "null": (None, WeightsError, "holds a NoneType: expected a JSON object"),
+    "a_string": ("tiny", WeightsError, "holds a str: expected a JSON object"),
     "no_format": ({k: v for k, v in _model().items() if k != "format"}, WeightsError, "format=None"),
     "version_2": (_model(version=2), WeightsError, "version=2"),
     "unknown_key": (_model(foo=1), WeightsError, "unknown keys ['foo']"),
-    "guidance_infinite": (_model(guidance=INF), ConfigError, "guidance=inf"),
+    "guidance_infinite": (_model(guidance=INF), ConfigError, "value Infinity is not accepted"),
     "guidance_huge": (_model(guidance=1e30), ConfigError, "guidance=1e+30"),
     "guidance_negative": (_model(guidance=-1.0), ConfigError, "guidance=-1.0"),
-    "guidance_nan": (_model(guidance=NAN), ConfigError, "guidance=nan"),
+    "guidance_nan": (_model(guidance=NAN), ConfigError, "value NaN is not accepted"),
+    "guidance_1e400": (b'{"format": "vdit-accel/embedded-model", "version": 1, "guidance": 1e400}', ConfigError,
+                       "guidance=inf"),
     "guidance_string": (_model(guidance="2"), ConfigError, "guidance='2'"),
     "flow_shift_zero": (_model(flow_shift=0), ConfigError, "flow_shift=0"),
     "flow_shift_negative": (_model(flow_shift=-1.0), ConfigError, "flow_shift=-1.0"),
-    "flow_shift_infinite": (_model(flow_shift=INF), ConfigError, "flow_shift=inf"),
+    "flow_shift_infinite": (_model(flow_shift=INF), ConfigError, "value Infinity is not accepted"),
     "flow_shift_null": (_model(flow_shift=None), ConfigError, "flow_shift=None"),
     "frames_zero": (_model(frames=0), ConfigError, "frames=0"),
     "frames_string": (_model(frames="16"), ConfigError, "frames='16'"),
@@ -182,6 +184,7 @@ MODEL_CASES = {
     "position_channels_string": (_model(position_channels="yes"), ConfigError, "position_channels='yes'"),
     "model_id_number": (_model(model_id=5), ConfigError, "model_id=5"),
     "not_utf8": (b"\xff{}", WeightsError, "not UTF-8"),
+    "nested_too_deeply": (b"[" * 100_000, WeightsError, "nested too deeply"),
     "truncated": (b'{"format": "vdit-accel/embedded-model", "vers', WeightsError, "not valid JSON"),
     "empty": (b"", WeightsError, "not valid JSON"),
 }
@@ -200,9 +203,9 @@ def test_bad_model_config_json(case, tmp_path):
 def test_a_bad_config_json_is_refused_by_model_load_before_any_weights_are_read(tmp_path):
     from vdit_accel.instrument.model import EmbeddedModel
 
-    (tmp_path / "config.json").write_text(json.dumps(_model(guidance=INF)))
+    (tmp_path / "config.json").write_text(json.dumps(_model(guidance=1e30)))
     (tmp_path / "model.safetensors").write_bytes(b"never read")
-    with pytest.raises(ConfigError, match="guidance=inf"):
+    with pytest.raises(ConfigError, match=r"guidance=1e\+30"):
         EmbeddedModel.load(tmp_path)
 
 

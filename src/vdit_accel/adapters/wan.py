@@ -18,12 +18,12 @@ Example:
 from __future__ import annotations
 
 import torch
-from diffusers import WanTransformer3DModel
+from diffusers import SkyReelsV2Transformer3DModel, WanTransformer3DModel, WanVACETransformer3DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
-from vdit_accel.adapters import ModelAdapter, RowCache, TokenLayout, register_adapter
-from vdit_accel.errors import ConfigError
+from vdit_accel.adapters import AttentionCall, ModelAdapter, RowCache, TokenLayout, register_adapter
+from vdit_accel.errors import ConfigError, UnsupportedModelError
 
 
 def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -31,8 +31,11 @@ def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 class WanAdapter(ModelAdapter):
+    """Wan2.1 / Wan2.2 (incl. per-token timesteps) and WanVACE, whose main ``blocks`` are ``WanTransformerBlock``
+    (VACE's control ``vace_blocks`` run stock and add their hints between the main blocks)."""
+
     family = "wan"
-    model_classes = (WanTransformer3DModel,)
+    model_classes = (WanTransformer3DModel, WanVACETransformer3DModel)
 
     def layout(self, model, args, kwargs) -> TokenLayout:
         x = _hidden_states(args, kwargs)  # [B, C, T, H, W]
@@ -53,6 +56,21 @@ class WanAdapter(ModelAdapter):
         rope = model.rope
         t, h = rope.t_dim, rope.h_dim
         return {"t": slice(0, t), "h": slice(t, t + h), "w": slice(t + h, t + h + rope.w_dim)}
+
+    def qkv(self, attn, args, kwargs) -> AttentionCall | None:
+        """Wan's processor ``(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)``: video-only
+        self-attention when ``encoder_hidden_states`` is ``None`` (cross-attention calls return ``None``)."""
+        names = ("hidden_states", "encoder_hidden_states", "attention_mask", "rotary_emb")
+        values = dict(zip(names, args)) | kwargs
+        if values.get("encoder_hidden_states") is not None:
+            return None
+        q, k, v = wan_qkv(attn, values["hidden_states"], values.get("rotary_emb"))
+        proc = attn.get_processor()
+        return AttentionCall(q, k, v, 0, 0, values.get("attention_mask"), getattr(proc, "_attention_backend", None),
+                             getattr(proc, "_parallel_config", None))
+
+    def attention_output(self, attn, out, call):
+        return wan_attention_output(attn, out, call.q)
 
     def block_rows_forward(self, block, args, kwargs, idx, attention_fn, *, kv="all", cache=None):
         names = ("hidden_states", "encoder_hidden_states", "temb", "rotary_emb")
@@ -98,7 +116,26 @@ def wan_attention_output(attn, out: torch.Tensor, like: torch.Tensor) -> torch.T
     return attn.to_out[1](attn.to_out[0](out))
 
 
+class SkyReelsV2Adapter(WanAdapter):
+    """SkyReels-V2: Wan's self-attention (same projections, norm and RoPE), so TimeRipple fits; its blocks take an
+    ``attention_mask`` (causal diffusion forcing) and a `[B, 6, S, C]` per-token ``temb``, which Wan's row-subset
+    block does not compute: Astraea's sparse path is refused with :class:`UnsupportedModelError`."""
+
+    family = "skyreels_v2"
+    model_classes = (SkyReelsV2Transformer3DModel,)
+
+    _NO_ROWS = ("the skyreels_v2 adapter has no row-subset block (its blocks take a causal attention_mask and a "
+                "[B, 6, S, C] temb): Astraea's sparse steps are not supported on SkyReelsV2Transformer3DModel")
+
+    def block_hidden_states(self, args, kwargs):
+        raise UnsupportedModelError(self._NO_ROWS)
+
+    def block_rows_forward(self, block, args, kwargs, idx, attention_fn, *, kv="all", cache=None):
+        raise UnsupportedModelError(self._NO_ROWS)
+
+
 WAN = register_adapter(WanAdapter())
+SKYREELS_V2 = register_adapter(SkyReelsV2Adapter())
 
 
 def _modulation(block, temb: torch.Tensor, idx: torch.Tensor | None):

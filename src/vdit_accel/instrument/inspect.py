@@ -19,33 +19,37 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from vdit_accel.adapters import resolve_adapter
-from vdit_accel.adapters.wan import wan_attention_output, wan_qkv
+from vdit_accel.adapters import ModelAdapter, resolve_adapter
 from vdit_accel.instrument.sampler import GenerationConfig, Sampler
 
 AXES = ("t", "h", "w")
 
 
 class _TapProcessor:
-    """Stock-equivalent Wan self-attention that records adjacency statistics and core time."""
+    """Stock-equivalent self-attention (any family, through the adapter) recording adjacency statistics and core
+    time; calls the adapter does not split (not video self-attention) go to the stock processor."""
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, layer: int, grid_ref: list, record: dict, groups: dict[str, slice], measure: bool) -> None:
+    def __init__(self, layer: int, grid_ref: list, record: dict, groups: dict[str, slice], measure: bool,
+                 adapter: ModelAdapter, original) -> None:
         self.layer, self.grid_ref, self.record, self.groups, self.measure = layer, grid_ref, record, groups, measure
+        self.adapter, self.original = adapter, original
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        q, k, v = wan_qkv(attn, hidden_states, rotary_emb)
+    def __call__(self, attn, *args, **kwargs):
+        call = self.adapter.qkv(attn, args, kwargs)
+        if call is None:
+            return self.original(attn, *args, **kwargs)
         if self.measure:
-            self._adjacency(q, "q")
-            self._adjacency(k, "k")
+            end = call.q.shape[1] - call.text_suffix
+            self._adjacency(call.q[:, call.text_prefix:end], "q")
+            self._adjacency(call.k[:, call.text_prefix:end], "k")
         t0 = time.perf_counter()
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        out = self.adapter.attention(attn, call)
         self.record["core_s"] += time.perf_counter() - t0
-        return wan_attention_output(attn, out, q)
+        return self.adapter.attention_output(attn, out, call)
 
     def _adjacency(self, x: torch.Tensor, name: str) -> None:
         t, h, w = self.grid_ref[0]
@@ -91,23 +95,23 @@ def inspect_model(sampler: Sampler, prompts: list[str], cfg: GenerationConfig) -
     total = [0.0]
     try:
         # pass 1: timing only (no statistics overhead inside the measured attention time)
-        for i, a in enumerate(attns):
-            a.set_processor(_TapProcessor(i, grid_ref, record, groups, measure=False))
+        for i, (a, orig) in enumerate(zip(attns, originals)):
+            adapter.install_processor(a, _TapProcessor(i, grid_ref, record, groups, False, adapter, orig))
         t0 = time.perf_counter()
         for p in prompts:
             sampler(p, cfg, progress=False)
         total[0] = time.perf_counter() - t0
         timing = {"attn1_s": attn_time[0], "core_s": record["core_s"], "total_s": total[0]}
         # pass 2: adjacency statistics
-        for i, a in enumerate(attns):
-            a.set_processor(_TapProcessor(i, grid_ref, record, groups, measure=True))
+        for i, (a, orig) in enumerate(zip(attns, originals)):
+            adapter.install_processor(a, _TapProcessor(i, grid_ref, record, groups, True, adapter, orig))
         for p in prompts:
             sampler(p, cfg, progress=False)
     finally:
         for h in handles:
             h.remove()
         for a, p in zip(attns, originals):
-            a.set_processor(p)
+            adapter.restore_processor(a, p)
     adjacency = {}
     for (layer, name, g, ax), vals in sorted(record["adj"].items()):
         adjacency.setdefault(f"layer{layer}", {}).setdefault(name, {}).setdefault(g, {})[ax] = round(

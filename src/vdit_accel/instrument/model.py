@@ -26,8 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vdit_accel.config_io import check_bool, check_float, check_int, check_sequence, check_str
-from vdit_accel.errors import ConfigError, WeightsError
+from vdit_accel import validate
+from vdit_accel.config_io import check_bool, check_int, check_sequence, check_str
+from vdit_accel.errors import ChecksumError, ConfigError, VditAccelError, WeightsError
 from vdit_accel.instrument.captions import MAX_CAPTION_TOKENS, VOCAB, tokenize
 
 #: the shipped default (``vdit-accel train --recipe v2``, session 6): every preset and published figure is for it.
@@ -41,9 +42,10 @@ CONFIG_VERSION = 1
 PREDICTIONS = ("velocity", "sample")
 MIN_SIGMA_FOR_SAMPLE = 0.05  # x0 -> velocity divides by the noise level; below this it is held
 NO_OP_MODULES = ("pooled_caption.",)  # start as a no-op: a fine-tune may start from weights without them
-ROPE_MAX_SEQ_LEN = 64  # Wan's rope_max_seq_len for this model: latent positions per axis
-MAX_GUIDANCE = 50.0
-MAX_FLOW_SHIFT = 100.0
+ROPE_MAX_SEQ_LEN = 64  # rotary table length: at most this many patches per axis (frames, height, width)
+WEIGHTS_FILE = "model.safetensors"
+CHECKSUM_KEY = "weights_sha256"  # config.json: {file name: SHA-256 hex}, verified on load
+NOT_CONFIG_KEYS = ("training", CHECKSUM_KEY)  # records in config.json beside the architecture
 MAX_PATCH = 16
 MAX_VOCAB = 100_000
 #: upper bounds of the integer fields (a config.json asking for more is refused before anything is allocated)
@@ -114,25 +116,20 @@ class EmbeddedConfig:
             raise ConfigError(f"prediction={self.prediction!r} is not known: accepted {list(PREDICTIONS)}")
         for name, hi in MAX_SIZES.items():
             check_int(name, getattr(self, name), lo=1, hi=hi)
+        validate.check_guidance(self.guidance)
+        validate.check_flow_shift(self.flow_shift)
         patch = check_sequence("patch_size", self.patch_size, max_len=3)
         if len(patch) != 3:
-            raise ConfigError(f"patch_size={self.patch_size!r} is not accepted: three ints (t, h, w)")
+            raise ConfigError(f"patch_size={self.patch_size!r} is not accepted: three ints (t, h, w) >= 1")
         object.__setattr__(self, "patch_size", tuple(check_int(f"patch_size[{i}]", p, lo=1, hi=MAX_PATCH)
                                                      for i, p in enumerate(patch)))
         vocab = check_sequence("vocab", self.vocab, max_len=MAX_VOCAB)
         if len(vocab) < 2:
             raise ConfigError(f"vocab has {len(vocab)} entries: accepted at least 2 (index 0 is padding)")
         object.__setattr__(self, "vocab", tuple(check_str(f"vocab[{i}]", w) for i, w in enumerate(vocab)))
-        check_float("flow_shift", self.flow_shift, lo=0.0, hi=MAX_FLOW_SHIFT, lo_open=True)
-        check_float("guidance", self.guidance, lo=0.0, hi=MAX_GUIDANCE)
         for name in ("caption_mixer", "position_channels", "pooled_text"):
             check_bool(name, getattr(self, name))
         check_geometry(self.frames, self.height, self.width, self.patch_size)
-        for name, size, p in zip(("frames", "height", "width"), (self.frames, self.height, self.width),
-                                 self.patch_size):
-            if size // p > ROPE_MAX_SEQ_LEN:
-                raise ConfigError(f"{name}={size} is out of range: at most {ROPE_MAX_SEQ_LEN} patches of {p} "
-                                  f"(the model's positional range, rope_max_seq_len={ROPE_MAX_SEQ_LEN})")
 
     @classmethod
     def tiny(cls) -> EmbeddedConfig:
@@ -190,28 +187,38 @@ class EmbeddedConfig:
         return cls(**d)
 
 
+def _read_config_json(path: Path) -> dict:
+    """A ``config.json`` as a dict; NaN/Infinity refused (:class:`ConfigError`), anything not a readable JSON
+    object a :class:`WeightsError`."""
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"), parse_constant=lambda token: _refuse_constant(token, path))
+    except VditAccelError:
+        raise
+    except UnicodeDecodeError as e:
+        raise WeightsError(f"{str(path)!r} is not valid JSON: not UTF-8 text ({e})") from e
+    except RecursionError as e:
+        raise WeightsError(f"{str(path)!r} is not valid JSON: nested too deeply to be a model config") from e
+    except ValueError as e:  # json.JSONDecodeError, and integers too long to parse
+        raise WeightsError(f"{str(path)!r} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise WeightsError(f"{str(path)!r} cannot be read: {e}") from e
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{str(path)!r} holds a {type(raw).__name__}: expected a JSON object")
+    return raw
+
+
 def read_model_config(path: str | Path) -> EmbeddedConfig:
-    """Parse a model folder's ``config.json`` (its ``training`` record is ignored) into an :class:`EmbeddedConfig`.
+    """Parse a model folder's ``config.json`` (its training record and checksums are ignored) into an
+    :class:`EmbeddedConfig`, without reading or verifying the weights (:meth:`EmbeddedModel.load` does).
 
     Raises:
         WeightsError: the file is unreadable, not JSON, not an object, or not one of ours.
         ConfigError: a value is out of range, non-finite or of the wrong type (the message names the field).
     """
     path = Path(path)
+    raw = _read_config_json(path)
     try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise WeightsError(f"{str(path)!r} is not UTF-8 text: {e}") from e
-    except RecursionError as e:
-        raise WeightsError(f"{str(path)!r} is nested too deeply to be a model config") from e
-    except ValueError as e:  # json.JSONDecodeError, and integers too long to parse
-        raise WeightsError(f"{str(path)!r} is not valid JSON: {e}") from e
-    except OSError as e:
-        raise WeightsError(f"{str(path)!r} cannot be read: {e}") from e
-    if isinstance(raw, dict):
-        raw = {k: v for k, v in raw.items() if k != "training"}
-    try:
-        return EmbeddedConfig.from_dict(raw)
+        return EmbeddedConfig.from_dict({k: v for k, v in raw.items() if k not in NOT_CONFIG_KEYS})
     except WeightsError as e:
         raise WeightsError(f"{str(path)!r}: {e}") from e
     except ConfigError as e:
@@ -219,13 +226,9 @@ def read_model_config(path: str | Path) -> EmbeddedConfig:
 
 
 def check_geometry(frames: int, height: int, width: int, patch_size: tuple[int, int, int]) -> None:
-    """Raise :class:`ConfigError` unless each size is a positive multiple of its patch size."""
-    for name, size, p in zip(("frames", "height", "width"), (frames, height, width), patch_size):
-        if size < p or size % p:
-            raise ConfigError(
-                f"{name}={size} is not accepted: it must be a positive multiple of the patch size {p} "
-                f"(patch_size={tuple(patch_size)})"
-            )
+    """Raise :class:`ConfigError` unless each size is an int, a positive multiple of its patch size and within
+    the rotary table (``ROPE_MAX_SEQ_LEN`` patches per axis); see :func:`vdit_accel.validate.check_geometry`."""
+    validate.check_geometry(frames, height, width, patch_size, max_positions=ROPE_MAX_SEQ_LEN)
 
 
 class CaptionEncoder(nn.Module):
@@ -355,8 +358,13 @@ class EmbeddedModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()}
-        save_file(tensors, str(directory / "model.safetensors"), metadata={"model_id": self.config.model_id})
-        (directory / "config.json").write_text(json.dumps({**self.config.to_dict(), **(extra or {})}, indent=1))
+        w_path = directory / WEIGHTS_FILE
+        with validate.atomic_write(w_path) as tmp:
+            save_file(tensors, str(tmp), metadata={"model_id": self.config.model_id})
+            digest = validate.sha256_file(tmp)
+        config = {**self.config.to_dict(), **(extra or {}), CHECKSUM_KEY: {WEIGHTS_FILE: digest}}
+        with validate.atomic_write(directory / "config.json") as tmp:
+            tmp.write_text(json.dumps(config, indent=1))
 
     def start_from(self, directory: str | Path) -> None:
         """Copy the weights of a saved model (a fine-tune's start); modules that begin as a no-op
@@ -372,19 +380,37 @@ class EmbeddedModel(nn.Module):
                                f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
     @classmethod
-    def load(cls, directory: str | Path | None = None) -> EmbeddedModel:
-        """Load a saved model (``None``: the shipped one, ``WEIGHTS_DIR``); raise :class:`WeightsError` on a
-        missing, corrupt or mismatched file."""
+    def load(cls, directory: str | Path | None = None, *, require_checksum: bool = False) -> EmbeddedModel:
+        """Load a saved model (``None``: the shipped one, ``WEIGHTS_DIR``).
+
+        The weights file is verified against the SHA-256 its ``config.json`` records (``weights_sha256``; written
+        by :meth:`save` and present in the shipped models) and every tensor is checked finite.
+
+        Args:
+            directory (`str | Path | None`): the model folder (``config.json`` + ``model.safetensors``).
+            require_checksum (`bool`, defaults False): refuse a folder whose config records no checksum.
+
+        Raises:
+            WeightsError: a missing, corrupt or mismatched file, non-finite weights, or (``require_checksum``) no
+                recorded checksum; :class:`ChecksumError` (a ``WeightsError``) when the SHA-256 differs.
+        """
         directory = Path(WEIGHTS_DIR if directory is None else directory)
-        cfg_path, w_path = directory / "config.json", directory / "model.safetensors"
+        cfg_path, w_path = directory / "config.json", directory / WEIGHTS_FILE
         for p in (cfg_path, w_path):
             if not p.is_file():
                 raise WeightsError(f"weight file {str(p)!r} is missing")
-        model = cls(read_model_config(cfg_path))
+        raw = _read_config_json(cfg_path)
+        _verify_checksum(raw.get(CHECKSUM_KEY), w_path, cfg_path, require_checksum)
+        model = cls(EmbeddedConfig.from_dict({k: v for k, v in raw.items() if k not in NOT_CONFIG_KEYS}))
         try:
             state = load_file(str(w_path))
         except (SafetensorError, OSError) as e:
             raise WeightsError(f"{str(w_path)!r} is not a readable safetensors file: {e}") from e
+        for name, t in state.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise WeightsError(f"{str(w_path)!r}: tensor {name!r} has {bad} non-finite values (NaN or inf) of "
+                                   f"{t.numel()}: weights must be finite")
         missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
         if missing or unexpected:
             raise WeightsError(
@@ -396,3 +422,24 @@ class EmbeddedModel(nn.Module):
         except RuntimeError as e:
             raise WeightsError(f"{str(w_path)!r} does not match its config: {e}") from e
         return model.eval()
+
+
+def _refuse_constant(token: str, path: Path):
+    """``json.loads`` hook: ``NaN``, ``Infinity`` and ``-Infinity`` are not JSON numbers; refuse them."""
+    raise ConfigError(f"{str(path)!r}: value {token} is not accepted: every number must be finite")
+
+
+def _verify_checksum(recorded, w_path: Path, cfg_path: Path, required: bool) -> None:
+    """Compare ``w_path``'s SHA-256 with the one ``config.json`` records (``{"model.safetensors": hex}``)."""
+    if recorded is None:
+        if required:
+            raise WeightsError(f"{str(cfg_path)!r} records no {CHECKSUM_KEY}: save the model with "
+                               "EmbeddedModel.save (or vdit-accel train) to record one")
+        return
+    if not isinstance(recorded, dict) or not isinstance(recorded.get(WEIGHTS_FILE), str):
+        raise WeightsError(f"{str(cfg_path)!r}: {CHECKSUM_KEY}={recorded!r} is not accepted: expected "
+                           f"{{{WEIGHTS_FILE!r}: <64 hex digits>}}")
+    actual = validate.sha256_file(w_path)
+    if actual != recorded[WEIGHTS_FILE].lower():
+        raise ChecksumError(f"{str(w_path)!r} has SHA-256 {actual}, but {str(cfg_path)!r} records "
+                            f"{recorded[WEIGHTS_FILE]!r}: the weights file is corrupt or was replaced")

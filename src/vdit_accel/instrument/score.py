@@ -55,6 +55,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import measure
 from skimage.morphology import convex_hull_image
+from tqdm.auto import tqdm
 
 from vdit_accel.errors import ConfigError
 from vdit_accel.instrument.captions import (
@@ -277,6 +278,8 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
         raise ConfigError(f"frames must be a uint8 np.ndarray [F, H, W, 3], got {got}")
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1 or min(frames.shape[1:3]) < MIN_SIDE_PX:
         raise ConfigError(f"frames must have shape [F >= 1, H >= 8, W >= 8, 3], got {tuple(frames.shape)}")
+    if frames.shape[1] != frames.shape[2]:
+        raise ConfigError(f"frames must be square (H == W): got shape {tuple(frames.shape)}")
     return frames.astype(np.float32) / UINT8_MAX
 
 
@@ -705,7 +708,8 @@ def score_file(path: str | Path, prompt: str, size: int = REFERENCE_SIZE) -> Sco
         `ScoreResult`.
 
     Raises:
-        WeightsError: if the file is missing.
+        VideoError: if the file is missing, empty, truncated, unreadable or not square (checked after the
+            prompt).
         PromptError: if the prompt does not parse.
 
     Example:
@@ -719,12 +723,13 @@ def score_file(path: str | Path, prompt: str, size: int = REFERENCE_SIZE) -> Sco
         ...     score_file(write_video(frames, f"{tmp}/clip.mp4"), prompt).all_correct
         True
     """
+    parse_caption(prompt)  # a bad prompt is reported before the video is decoded
     return score(read_video(path, size=size), prompt)
 
 
 def ground_truth_accuracy(
     n_clips: int = 200, seed: int = 0, through_mp4: bool = False, workdir: str | Path | None = None,
-    size_range: tuple[float, float] = SIZE_FRACTION, layout: str = "uniform",
+    size_range: tuple[float, float] = SIZE_FRACTION, layout: str = "uniform", progress: bool = False,
 ) -> dict[str, float | int]:
     """Attribute accuracy of the scorer on ground-truth clips (the scorer's own acceptance measurement).
 
@@ -739,6 +744,7 @@ def ground_truth_accuracy(
         size_range (`tuple[float, float]`, defaults to ``SIZE_FRACTION``): the clips' object diameters (frame
             widths), as in :func:`sample_spec`.
         layout (`str`, defaults to "uniform"): where objects start (one of ``LAYOUTS``), as in :func:`sample_spec`.
+        progress (`bool`, defaults to False): a tqdm bar over the clips on stderr.
 
     Returns:
         `dict`: ``overall`` (fraction of correct attributes), ``all_correct`` (fraction of clips with every
@@ -759,7 +765,7 @@ def ground_truth_accuracy(
     full = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(workdir) if workdir is not None else Path(tmp)
-        for i in range(n_clips):
+        for i in tqdm(range(n_clips), disable=not progress, desc="score ground truth"):
             spec = sample_spec(rng, two_object_prob=1 / 3, heldout=bool(i % 2), size_range=size_range,
                                layout=layout)
             frames = to_frames(render(spec))

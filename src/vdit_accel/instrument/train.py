@@ -33,7 +33,8 @@ from vdit_accel.config_io import check_bool, check_float, check_int, check_seque
 from vdit_accel.errors import ConfigError, WeightsError
 from vdit_accel.instrument.dataset import SIZE_FRACTION, check_layout, check_size
 from vdit_accel.instrument.dataset import batch as data_batch
-from vdit_accel.instrument.model import MAX_FLOW_SHIFT, MAX_SIZES, EmbeddedConfig, EmbeddedModel, check_geometry
+from vdit_accel.instrument.model import MAX_SIZES, EmbeddedConfig, EmbeddedModel, check_geometry
+from vdit_accel.validate import MAX_FLOW_SHIFT
 
 logger = logging.getLogger(__name__)
 

@@ -433,7 +433,7 @@ class AstraeaBlockHook(ModelHook):
             raise ConfigError(f"Astraea schedule has {self.config.num_steps} steps but the generation has "
                               f"{ctx.num_steps}: use config.resampled({ctx.num_steps}) (normalised time) or make a "
                               f"schedule for {ctx.num_steps} steps")
-        hidden_states = self.adapter.block_hidden_states(args, kwargs)
+        hidden_states = self.adapter.block_stream(args, kwargs)
         settings = self._settings(hidden_states)
         state = self.states.get(ctx.branch)
         if state is None:
@@ -452,11 +452,11 @@ class AstraeaBlockHook(ModelHook):
             state.skips = update_skips(state.skips, hidden_states.new_zeros(b, 0, dtype=torch.long))
             self.stats.record(ctx.branch, step, self.index, 0.0)
             if self.config.cache == "output" and settings["shortcut"] and not self.is_last:
-                return hidden_states  # ignored by the next block, which reuses too
-            return self._reused(state, hidden_states, step, order)
+                return self.adapter.block_output(args, kwargs, hidden_states)  # ignored by the next block
+            return self.adapter.block_output(args, kwargs, self._reused(state, hidden_states, step, order), state.rows)
         idx = self._select(ctx.branch, state, hidden_states, count, b, n)
         kv = "rows" if self.config.kv == "selected" else ("cache" if settings["kv_reuse"] else "all")
-        attention = _attention_through(module, self.adapter, idx)
+        attention = _attention_through(module, self.adapter, idx + ctx.text_prefix)
         rows, lse = self.adapter.block_rows_forward(module, args, kwargs, idx, attention, kv=kv, cache=state.rows)
         if count == n:  # every row computed (idx is arange(n))
             out = rows
@@ -467,7 +467,7 @@ class AstraeaBlockHook(ModelHook):
         self._update(state, hidden_states, idx, rows, lse, step, settings["order"])
         self.stats.record(ctx.branch, step, self.index, count / n)
         self._account()
-        return out
+        return self.adapter.block_output(args, kwargs, out, state.rows)
 
     def _account(self) -> None:
         total = sum(s.nbytes() for h in self.shared["hooks"] for s in h.states.values())
@@ -542,14 +542,15 @@ class AstraeaBlockHook(ModelHook):
             out = original(*args, **kwargs)
             if self.is_last:
                 b, n, _ = x.shape
-                self._record_rows(state, x, torch.arange(n, device=x.device).expand(b, n), out, step,
-                                  settings["order"])
+                self._record_rows(state, x, torch.arange(n, device=x.device).expand(b, n),
+                                  self.adapter.block_output_stream(out), step, settings["order"])
             self.stats.record(ctx.branch, step, self.index, 1.0)
             return out
         self.stats.record(ctx.branch, step, self.index, 0.0)
         if not self.is_last:
-            return x
-        return self._reused(state, x, step, min(self.config.orders[step], settings["order"]))
+            return self.adapter.block_output(args, kwargs, x)
+        return self.adapter.block_output(args, kwargs, self._reused(state, x, step, min(self.config.orders[step],
+                                                                                         settings["order"])))
 
     @torch.compiler.disable
     def _select(self, branch: str, state: BlockState, x: torch.Tensor, count: int, b: int, n: int) -> torch.Tensor:

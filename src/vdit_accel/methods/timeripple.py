@@ -38,7 +38,6 @@ import numpy as np
 import torch
 
 from vdit_accel.adapters import ModelAdapter, resolve_adapter
-from vdit_accel.adapters.wan import wan_attention_output, wan_qkv
 from vdit_accel.config_io import (
     check_bool,
     check_float,
@@ -49,7 +48,7 @@ from vdit_accel.config_io import (
     config_to_dict,
 )
 from vdit_accel.context import ContextHook, acquire_context, release_context
-from vdit_accel.errors import ConfigError
+from vdit_accel.errors import ConfigError, UnsupportedModelError
 from vdit_accel.ops.attention import row_subset_attention
 from vdit_accel.ops.schedule import MAX_STEPS
 from vdit_accel.ops.timeripple import (
@@ -294,19 +293,22 @@ class TimeRippleStats:
 
 
 class TimeRippleProcessor:
-    """Replacement processor for one video self-attention module (Wan family)."""
+    """Replacement processor for one video self-attention module, any family: the model adapter splits the stock
+    call into post-RoPE q/k/v and the output step (``ModelAdapter.qkv`` / ``attention_output``), so the processor
+    takes the stock processor's arguments whatever they are (installed by ``ModelAdapter.install_processor``)."""
 
     _attention_backend = None
     _parallel_config = None
 
     def __init__(self, layer: int, original, config: TimeRippleConfig, context: ContextHook,
-                 rope_groups: dict[str, slice], stats: TimeRippleStats) -> None:
+                 rope_groups: dict[str, slice], stats: TimeRippleStats, adapter: ModelAdapter | None = None) -> None:
         self.layer = layer
         self.original = original
         self.config = config
         self.context = context
         self.rope_groups = rope_groups
         self.stats = stats
+        self.adapter = adapter
         self.decision_log: dict | None = None  # set by TimeRippleHandle.record_decisions ("tokens" variant)
 
     def _theta(self, ctx) -> float:
@@ -330,19 +332,31 @@ class TimeRippleProcessor:
         per_channel = theta * mag / mag.mean().clamp_min(1e-12)
         return per_channel.expand(len(cfg.axes), -1)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+    def __call__(self, attn, *args, **kwargs):
+        """The stock processor's call ``(attn, *args, **kwargs)``: reuse at a step with θ > 0, else the stock call.
+
+        Raises:
+            UnsupportedModelError: the call runs under diffusers context parallelism (the reuse windows need the
+                whole token grid on one device), or carries an attention mask with a variant other than "exact_sim".
+        """
         ctx = self.context.current
         if ctx is None:
             raise ConfigError("TimeRipple needs the root context hook: call the transformer as a whole model")
         theta = self._theta(ctx)
-        if encoder_hidden_states is not None or attention_mask is not None or theta == 0.0:
-            self.stats.dense_calls += encoder_hidden_states is None
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        q, k, v = wan_qkv(attn, hidden_states, rotary_emb)
+        call = self.adapter.qkv(attn, args, kwargs) if theta != 0.0 else None
+        if call is None:  # a dense step, or a call that is not video self-attention
+            self.stats.dense_calls += theta == 0.0
+            return self.original(attn, *args, **kwargs)
+        if call.parallel_config is not None:
+            raise UnsupportedModelError("TimeRipple under diffusers context parallelism is not supported: its reuse "
+                                        "windows need the whole token grid; disable parallelism")
+        q, k, v = call.q, call.k, call.v
         cfg = self.config
+        if call.mask is not None:
+            return self._masked_call(attn, call, ctx, theta)
         kw = dict(
             grid=ctx.grid.as_tuple(), thresholds=self._thresholds(theta, q), window=cfg.window, axes=cfg.axes,
-            priority=cfg.priority, text_prefix=ctx.text_prefix, text_suffix=ctx.text_suffix, reuse_q=cfg.reuse_q,
+            priority=cfg.priority, text_prefix=call.text_prefix, text_suffix=call.text_suffix, reuse_q=cfg.reuse_q,
             reuse_k=cfg.reuse_k, rope_groups=self.rope_groups,
         )
         if cfg.variant == "tokens":
@@ -358,7 +372,26 @@ class TimeRippleProcessor:
                 q, k, v, variant=cfg.variant, row_fraction=cfg.row_fraction, **kw
             )
         self.stats.record(ctx.branch, ctx.step_index, self.layer, stats)
-        return wan_attention_output(attn, out, q)
+        return self.adapter.attention_output(attn, out, call)
+
+    def _masked_call(self, attn, call, ctx, theta: float):
+        """A call whose attention carries a mask (HunyuanVideo's text padding): the exact simulation substitutes the
+        reused q/k elements (Q̃/K̃) and runs the adapter's raw attention op, which honours the mask. Only
+        ``variant="exact_sim"``; the structured variants remove rows and keys and take no mask."""
+        cfg = self.config
+        if cfg.variant != "exact_sim":
+            raise UnsupportedModelError(f"variant={cfg.variant!r} is not supported where self-attention carries an "
+                                        f"attention mask ({self.adapter.family or type(self.adapter).__name__}): "
+                                        "accepted ['exact_sim']")
+        args = (ctx.grid.as_tuple(), self._thresholds(theta, call.q), call.text_prefix, call.text_suffix)
+        q_masks = self._decide(call.q, *args) if cfg.reuse_q else None
+        k_masks = self._decide(call.k, *args) if cfg.reuse_k else None
+        q = call.q if q_masks is None else resolve_reuse(call.q, q_masks, priority=cfg.priority)
+        k = call.k if k_masks is None else resolve_reuse(call.k, k_masks, priority=cfg.priority)
+        out = self.adapter.attention(attn, call, q, k, call.v)
+        self.stats.record(ctx.branch, ctx.step_index, self.layer,
+                          _build_stats(q_masks, k_masks, call.q.shape, cfg.axes, self.rope_groups))
+        return self.adapter.attention_output(attn, out, call)
 
     def _decide(self, x: torch.Tensor, grid, thresholds, text_prefix: int, text_suffix: int):
         cfg = self.config
@@ -441,6 +474,7 @@ class TimeRippleHandle:
 
     transformer: torch.nn.Module
     stats: TimeRippleStats
+    adapter: ModelAdapter | None = None
     _restore: list = field(default_factory=list)
     _removed: bool = False
 
@@ -457,7 +491,7 @@ class TimeRippleHandle:
         if self._removed:
             return
         for module, processor in self._restore:
-            module.set_processor(processor)
+            self.adapter.restore_processor(module, processor)
         release_context(self.transformer)
         self._removed = True
 
@@ -487,12 +521,12 @@ def apply_timeripple(transformer: torch.nn.Module, config: TimeRippleConfig,
                           "handle before applying it again")
     context = acquire_context(transformer, adapter, num_steps=config.num_steps)
     stats = TimeRippleStats()
-    handle = TimeRippleHandle(transformer, stats)
+    handle = TimeRippleHandle(transformer, stats, adapter)
     groups = adapter.rope_groups(transformer)
     for i in layers:
         attn = adapter.self_attention(blocks[i])
-        original = attn.get_processor()
-        attn.set_processor(TimeRippleProcessor(i, original, config, context, groups, stats))
+        original = adapter.install_processor(
+            attn, TimeRippleProcessor(i, attn.get_processor(), config, context, groups, stats, adapter))
         handle._restore.append((attn, original))
         logger.debug("TimeRipple on block %d", i)
     return handle

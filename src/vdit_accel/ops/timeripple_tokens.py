@@ -19,17 +19,27 @@ head), duplicates gather their root's output, and keys sharing a root merge into
 ``+log(count)`` logit bias passed as a ``[1, 1, 1, U]`` additive ``attn_mask`` (measured on CPU: the mask adds ~4%
 to SDPA, an extra head-dim channel carrying the bias makes SDPA 2.6x slower at D = 128 -> 129). Plain SDPA then runs on
 ``[1, H, U, D]`` with no padding. Every op has a plain-PyTorch ``*_reference`` twin.
+
+Backends of `token_dedup_attention` (keyword ``backend``, or `tokens_backend(...)` for a block of calls):
+``"torch"`` is the path above; ``"triton"`` runs the same structured form in one Triton kernel
+(``ops.timeripple_triton.biased_attention_triton``: unique rows over merged keys with the float32 ``log(count)``
+bias per key, no ``attn_mask`` tensor); ``"auto"`` (default) takes Triton on CUDA tensors when triton imports and
+the torch path otherwise (CPU by default: nothing changes there). Forcing ``"triton"`` where it cannot run raises
+``TritonUnavailableError`` (a ``ConfigError``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from vdit_accel.errors import ConfigError
+from vdit_accel.errors import ConfigError, check_choice
 from vdit_accel.ops.timeripple import (
     AXES,
     MIN_DELTA,
@@ -40,8 +50,114 @@ from vdit_accel.ops.timeripple import (
     _check_priority,
     _window_geometry,
 )
+from vdit_accel.ops.timeripple_triton import TritonUnavailableError, biased_attention_triton, triton_usable
 
 _TINY = 1e-30  # guards the RMS denominator of an all-zero window (spread 0: identical tokens)
+
+logger = logging.getLogger(__name__)
+
+TOKENS_BACKENDS = ("auto", "torch", "triton")
+_backend_override: str | None = None
+_warned: set[tuple] = set()
+_failed: set[tuple] = set()  # (device, dtype, D, Dv) where the kernel raised under "auto": SDPA from then on
+
+
+def set_tokens_backend(name: str | None) -> str | None:
+    """Force the backend of `token_dedup_attention` calls that pass ``backend="auto"``; return the previous one.
+
+    Args:
+        name (`str | None`): one of `TOKENS_BACKENDS`; ``"auto"`` or ``None`` restores the automatic choice.
+
+    Example:
+        >>> previous = set_tokens_backend("torch")
+        >>> set_tokens_backend(previous)
+        'torch'
+    """
+    global _backend_override
+    if name is not None:
+        check_choice("backend", name, TOKENS_BACKENDS)
+    previous, _backend_override = _backend_override, (None if name == "auto" else name)
+    return previous
+
+
+@contextlib.contextmanager
+def tokens_backend(name: str | None) -> Iterator[None]:
+    """Context manager form of `set_tokens_backend` (restores the previous choice on exit).
+
+    Example:
+        >>> q = k = v = torch.ones(1, 4, 2, 3)
+        >>> with tokens_backend("torch"):
+        ...     out, st = token_dedup_attention(q, k, v, None, None)
+    """
+    previous = set_tokens_backend(name)
+    try:
+        yield
+    finally:
+        set_tokens_backend(previous)
+
+
+def resolve_tokens_backend(backend: str, device: torch.device | str) -> str:
+    """The backend (``"torch"`` or ``"triton"``) a call with `backend` on `device` runs.
+
+    ``"auto"`` defers to `set_tokens_backend`'s choice when one is set, else takes Triton on CUDA when it can run
+    there (else the torch path, with a one-time warning on CUDA). A forced ``"triton"`` that cannot run raises.
+
+    Raises:
+        ConfigError: `backend` is not one of `TOKENS_BACKENDS`.
+        TritonUnavailableError: ``"triton"`` is forced (here or by `set_tokens_backend`) and cannot run on `device`.
+
+    Example:
+        >>> resolve_tokens_backend("auto", "cpu")
+        'torch'
+    """
+    return _resolve(backend, device)[0]
+
+
+def _resolve(backend: str, device: torch.device | str) -> tuple[str, bool]:
+    """`(backend to run, whether "triton" was forced)`; see `resolve_tokens_backend`."""
+    check_choice("backend", backend, TOKENS_BACKENDS)
+    if backend == "auto" and _backend_override is not None:
+        backend = _backend_override
+    device = torch.device(device)
+    if backend == "torch":
+        return "torch", False
+    ok, why = triton_usable(device)
+    if backend == "triton":
+        if not ok:
+            raise TritonUnavailableError(f"backend='triton' is not accepted here: {why}; use backend='torch' "
+                                         "or 'auto'")
+        return "triton", True
+    if device.type == "cuda":
+        if ok:
+            return "triton", False
+        _warn_once(("auto", device.type), f"tokens variant: {why}")
+    return "torch", False
+
+
+def _warn_once(key: tuple, reason: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning("%s; using the torch SDPA path (same results, slower)", reason)
+
+
+def _attend_unique(qb, kb, vb, bias, scale, use_triton: bool, forced: bool) -> torch.Tensor:
+    """Attention of `qb` `[Uq, H, D]` over `kb` `[Uk, H, D]`, `vb` `[Uk, H, Dv]` with the per-key logit bias
+    `bias` `[Uk]` (or `None`) -> `[Uq, H, Dv]`. On the Triton path a kernel error under ``"auto"`` falls back to
+    SDPA (one-time warning, and that device/dtype/head dim stays on SDPA); a forced ``"triton"`` raises it."""
+    key = ("kernel", str(qb.device), qb.dtype, qb.shape[-1], vb.shape[-1])
+    if use_triton and (forced or key not in _failed):
+        try:  # [1, U, H, *] views in place; the float32 bias goes to the kernel as one value per key
+            kbias = None if bias is None else bias.float()[None]
+            return biased_attention_triton(qb[None], kb[None], vb[None], kbias, scale=scale)[0][0]
+        except Exception as e:
+            if forced:
+                raise
+            _failed.add(key)
+            _warn_once(key, f"tokens variant: the Triton kernel failed on {key[1:]} ({type(e).__name__}: {e})")
+    mask = None if bias is None else bias.to(qb.dtype).view(1, 1, 1, -1)
+    return F.scaled_dot_product_attention(
+        qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None], attn_mask=mask, scale=scale
+    )[0].transpose(0, 1)
 
 
 @dataclass(frozen=True)
@@ -276,6 +392,7 @@ def token_dedup_attention(
     k_root: torch.Tensor | None,
     *,
     scale: float | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, TokenDedupStats]:
     """Attention on unique query tokens against merged keys (all heads at once), gathered back.
 
@@ -289,9 +406,15 @@ def token_dedup_attention(
         q_root, k_root (`torch.Tensor | None`): `[B, S]` long roots (`root[root] == root`, `root[s] <= s`), e.g.
             `TokenDecisions.root`; `None` removes nothing on that side.
         scale (`float | None`, defaults to `None`): score scale, `1/sqrt(D)` when `None`.
+        backend (`str`, defaults to `"auto"`): `"torch"` (SDPA with an additive `attn_mask`), `"triton"` (the
+            biased flash kernel of `ops.timeripple_triton`, float32 bias) or `"auto"` (see `resolve_tokens_backend`).
 
     Returns:
         out: `[B, S, H, Dv]` in `v.dtype`; stats (`TokenDedupStats`).
+
+    Raises:
+        ConfigError: bad shapes or roots, or an unknown `backend`; `TritonUnavailableError` (a `ConfigError`) when
+            `"triton"` is forced where it cannot run.
 
     Example:
         >>> q = k = v = torch.ones(1, 4, 2, 3)
@@ -306,6 +429,7 @@ def token_dedup_attention(
     b, s = q.shape[:2]
     _check_root(q_root, b, s, "q_root")
     _check_root(k_root, b, s, "k_root")
+    chosen, forced = _resolve(backend, q.device)
     ar = torch.arange(s, device=q.device)
     outs, nq_all, nk_all, work = [], 0, 0, 0.0
     for bi in range(b):  # B is 1 or 2 (CFG); unique counts differ per item, so no padding is needed this way
@@ -329,10 +453,8 @@ def token_dedup_attention(
                     0, k_pos, vb.to(acc))
                 vb = (vsum / count.view(-1, 1, 1)).to(v.dtype)
                 kb = kb.index_select(0, u)
-                bias = count.log().to(q.dtype).view(1, 1, 1, -1)
-        out = F.scaled_dot_product_attention(
-            qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None], attn_mask=bias, scale=scale
-        )[0].transpose(0, 1)  # [Uq, H, Dv]
+                bias = count.log()  # [Uk]
+        out = _attend_unique(qb, kb, vb, bias, scale, chosen == "triton", forced)  # [Uq, H, Dv]
         if q_pos is not None:
             out = out.index_select(0, q_pos)
         outs.append(out)
@@ -403,6 +525,7 @@ def tokens_timeripple_attention(
     scale: float | None = None,
     rope_groups: dict[str, slice] | None = None,
     decisions: TokenDecisions | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, ReuseStats, TokenDecisions | None]:
     """The ``"tokens"`` variant end to end: `token_decisions` on the sides that reuse, then `token_dedup_attention`.
 
@@ -415,6 +538,7 @@ def tokens_timeripple_attention(
         scale, rope_groups: see `timeripple_attention`.
         decisions (`TokenDecisions | None`, defaults to `None`): decisions to use instead of computing them (e.g.
             kept from an earlier call); their root must be `[B, S]`.
+        backend (`str`, defaults to `"auto"`): attention backend, see `token_dedup_attention`.
 
     Returns:
         out `[B, S, H, Dv]`, stats (`ReuseStats` with `rows_removed`, `keys_removed`, `attn_work`), and the
@@ -440,5 +564,6 @@ def tokens_timeripple_attention(
     elif dec is None:
         _check_tokens([q], grid, window, axes, priority, text_prefix, text_suffix, thresholds)
     root = None if dec is None else dec.root
-    out, dstats = token_dedup_attention(q, k, v, root if reuse_q else None, root if reuse_k else None, scale=scale)
+    out, dstats = token_dedup_attention(q, k, v, root if reuse_q else None, root if reuse_k else None, scale=scale,
+                                        backend=backend)
     return out, token_stats(dec, q.shape, axes, reuse_q, reuse_k, dstats, rope_groups), dec

@@ -26,11 +26,13 @@ def calibrate_cli(a) -> int:
     prompts = resolve_prompts(a.prompts)[: a.n_prompts]
     gen = GenerationConfig(steps=a.steps)
     if a.method == "magcache":
-        from vdit_accel.methods.magcache_ratios import RATIOS_FILE, calibrate_mag_ratios
+        from vdit_accel.methods.magcache_ratios import USER_RATIOS_FILE, calibrate_mag_ratios
 
+        out = Path(a.out) if a.out else USER_RATIOS_FILE
+        _check_out(out)  # never inside the package
         _, sampler = _model_and_sampler(a.weights)
-        ratios = calibrate_mag_ratios(sampler, prompts[0], gen)
-        print(f"wrote {len(ratios)} MagCache ratios to {RATIOS_FILE}")
+        ratios = calibrate_mag_ratios(sampler, prompts[0], gen, out=out, progress=not getattr(a, "quiet", True))
+        print(f"wrote {len(ratios)} MagCache ratios to {out}")
         return 0
     if a.method != "timeripple":
         raise ConfigError(f"calibrate method {a.method!r} is unknown: choose one of ['timeripple', 'magcache']")
@@ -42,10 +44,10 @@ def calibrate_cli(a) -> int:
         raise ConfigError("calibrate timeripple needs --target (QK savings in (0, 1), e.g. 0.85) or --target-speedup")
     from vdit_accel.search.calibrate import calibrate_timeripple
 
+    out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"timeripple-{round(a.target * 100)}.json"
+    _check_out(out)  # before any compute
     model, sampler = _model_and_sampler(a.weights)
     cfg, record = calibrate_timeripple(sampler, prompts, a.target, gen)
-    out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"timeripple-{round(a.target * 100)}.json"
-    _check_out(out)
     save_preset(out, "timeripple", cfg, model_id=model.config.model_id, geometry=list(sampler.geometry(gen)),
                 steps=gen.steps, seed=gen.seed, record={"calibration": record})
     print(json.dumps({"preset": str(out), **record}, indent=1))
@@ -114,6 +116,8 @@ def _joint_search_cli(a) -> int:
     if a.latency_model is None:
         raise ConfigError("--target-speedup needs --latency-model PATH (a vdit-accel/latency-model JSON from the step "
                           "benchmark at the target geometry and hardware)")
+    if a.allocator == "refine":
+        return _refine_cli(a)
     allocators = list(ALLOCATORS) if a.allocator == "all" else [a.allocator]
     latency = LatencyModel.load(a.latency_model)
     prompts = resolve_prompts(a.prompts)
@@ -139,6 +143,62 @@ def _joint_search_cli(a) -> int:
                                   "transformer_calls": v["calibration_cost"]["transformer_calls"]}
                               for k, v in record["candidates"].items()}}
     print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _refine_cli(a) -> int:
+    """``search astraea --target-speedup S --allocator refine``: final-video local search (search/refine.py), then
+    the winner and the best seed compared on the held-apart selection prompts."""
+    import numpy as np
+
+    from vdit_accel.bench.harness import resolve_prompts
+    from vdit_accel.instrument.sampler import GenerationConfig
+    from vdit_accel.methods.astraea import AstraeaConfig
+    from vdit_accel.search.joint import SELECTION_PROMPTS, config_to_schedule, preset_name, schedule_to_config
+    from vdit_accel.search.latency import LatencyModel
+    from vdit_accel.search.presets import load_preset
+    from vdit_accel.search.refine import FinalVideoObjective, cadence_seeds, refine_schedule, schedule_key
+
+    latency = LatencyModel.load(a.latency_model)
+    prompts = resolve_prompts(a.prompts)
+    name = preset_name(a.target_speedup)
+    out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"{name}.json"
+    _check_out(out)  # before any compute
+    base = AstraeaConfig(num_steps=a.steps, dense_steps=a.dense_steps, kv_reuse=latency.kv_reuse)
+    seeds = cadence_seeds(latency, a.steps, a.target_speedup)
+    for spec in a.seed_preset or []:
+        cfg = load_preset(spec, steps=a.steps)
+        seeds[f"preset:{spec}"] = config_to_schedule(cfg)
+    model, sampler = _model_and_sampler(a.weights)
+    gen = GenerationConfig(steps=a.steps)
+    workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / f"search-refine-{name}"
+    objective = FinalVideoObjective(sampler, prompts, gen, base, min_weight=a.min_weight, workdir=workdir)
+    say = None if a.quiet else (lambda msg: print(msg, flush=True))
+    sched, record = refine_schedule(objective, latency, a.target_speedup, seeds, dense_steps=a.dense_steps,
+                                    max_evals=a.max_evals, seed=a.seed, progress=say)
+    record["evaluations_this_run"] = objective.evaluations
+    record["evaluations_total"] = len(objective.evals)
+    record["seconds_this_run"] = round(objective.seconds, 1)
+    record["calibration_prompts"] = prompts
+    record["min_weight"] = a.min_weight
+    record["calibration_psnr"] = objective.psnr(sched)
+    # held-apart check: the winner against the best seed on prompts the search never saw
+    sel = FinalVideoObjective(sampler, list(SELECTION_PROMPTS), gen, base, min_weight=a.min_weight,
+                              workdir=workdir / "selection")
+    best_seed = max(record["seeds"], key=record["seeds"].get)
+    held = {"refined": sel.psnr(sched), f"seed:{best_seed}": sel.psnr(seeds[best_seed])}
+    record["selection"] = {k: {"psnr": v, "psnr_mean": float(np.mean(v)), "psnr_min": float(np.min(v))}
+                           for k, v in held.items()}
+    record["selection_prompts"] = list(SELECTION_PROMPTS)
+    record["schedule"] = schedule_key(sched)
+    from vdit_accel.search.presets import save_preset
+
+    save_preset(out, "astraea", schedule_to_config(sched, base), model_id=model.config.model_id,
+                geometry=list(sampler.geometry(gen)), steps=a.steps, seed=a.seed,
+                record={"search": record, "latency_geometry": latency.geometry, "latency_hardware": latency.hardware,
+                        "allocator": "refine"})
+    print(json.dumps({"preset": str(out), "schedule": record["schedule"],
+                      "predicted_speedup": record["predicted_speedup"], "selection": record["selection"]}, indent=1))
     return 0
 
 
@@ -185,7 +245,8 @@ def search_cli(a) -> int:
     _check_out(out)
     model, sampler = _model_and_sampler(a.weights)
     workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / f"search-{name}"
-    cfg, record = search_astraea(sampler, prompts, a.target, steps=steps, evolution=evo, workdir=workdir)
+    cfg, record = search_astraea(sampler, prompts, a.target, steps=steps, evolution=evo, workdir=workdir,
+                                 progress=not a.quiet)
     save_preset(out, "astraea", cfg, model_id=model.config.model_id,
                 geometry=list(sampler.geometry(GenerationConfig())), steps=steps, seed=a.seed,
                 record={"search": record})
