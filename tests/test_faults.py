@@ -23,6 +23,7 @@ import torch
 import vdit_accel
 from vdit_accel._faults import FAULT_ENV
 from vdit_accel.errors import ConfigError, WeightsError
+from vdit_accel.methods.astraea import AstraeaConfig
 from vdit_accel.testing import TINY_PROMPT, tiny_model
 
 SRC = str(Path(vdit_accel.__file__).resolve().parent.parent)
@@ -304,3 +305,30 @@ def test_fault_hook_is_inert_without_the_variable_and_counts_only_its_event(monk
     _faults.fault_point("search_eval")
     assert _faults._counts == {"search_eval": 1}
 
+
+
+@pytest.mark.parametrize("damage", ["value_changed", "evals_not_object", "value_not_number"])
+def test_a_damaged_refine_checkpoint_is_refused_with_a_typed_error(tmp_path, damage):
+    from vdit_accel.instrument.sampler import GenerationConfig, Sampler
+    from vdit_accel.search.refine import FinalVideoObjective
+
+    def objective():
+        return FinalVideoObjective(Sampler(tiny_model()), PROMPTS, GenerationConfig(steps=4, guidance=1.0),
+                                   AstraeaConfig(num_steps=4), workdir=tmp_path)
+
+    first = objective()
+    first.evals = {"F F F F": [31.5, 29.0]}
+    first._save()
+    assert objective().evals == first.evals  # an intact checkpoint is read back as written
+    path = tmp_path / "evals.json"
+    data = json.loads(path.read_text())
+    if damage == "value_changed":  # still valid JSON: one PSNR altered
+        data["evals"]["F F F F"][0] = 35.0
+    elif damage == "evals_not_object":
+        data["evals"] = [1, 2]
+    else:
+        data["evals"]["F F F F"] = ["x", 1]
+        data.pop("digest")
+    path.write_text(json.dumps(data))
+    with pytest.raises(WeightsError, match=r"evals\.json is corrupt"):
+        objective()
