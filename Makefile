@@ -15,7 +15,7 @@ $(BIN)/vdit-accel: pyproject.toml constraints.txt
 install: $(BIN)/vdit-accel
 
 demo: install
-	$(BIN)/vdit-accel generate "a red circle moves right on a blue background" --steps 50 --seed 0 --out results/demo/clip.mp4
+	$(BIN)/vdit-accel generate "a red circle moves right on a blue background" --steps 50 --seed 0 --out results/demo/clip.mp4 --overwrite
 	$(BIN)/vdit-accel score results/demo/clip.mp4 --prompt "a red circle moves right on a blue background"
 
 test: install

@@ -25,7 +25,7 @@ from tiny_pipelines import (
 import vdit_accel
 import vdit_accel.adapters as adapters_module
 from vdit_accel.adapters import AttentionCall, ModelAdapter, TokenLayout, register_adapter, resolve_adapter
-from vdit_accel.errors import UnsupportedModelError
+from vdit_accel.errors import ConfigError, UnsupportedModelError
 from vdit_accel.methods.astraea import AstraeaConfig, apply_astraea
 from vdit_accel.methods.timeripple import TimeRippleConfig, TimeRippleProcessor, apply_timeripple
 
@@ -309,6 +309,22 @@ def test_registered_user_adapter_works_through_vdit_accel_apply(monkeypatch):
     assert all(torch.equal(o, r) for o, r in zip(_toy_run(model), ref))
 
 
+def test_unregistered_user_adapter_through_vdit_accel_apply_adapter_argument():
+    """``vdit_accel.apply(model, spec, adapter=...)``: a user's own model without registering anything."""
+    model = ToyVideoDiT()
+    ref = _toy_run(model)
+    with pytest.raises(UnsupportedModelError, match="ToyVideoDiT"):
+        vdit_accel.apply(model, AS_ON)
+    with pytest.raises(ConfigError, match="adapter of type str"):
+        vdit_accel.apply(model, AS_ON, adapter="toy")
+    with vdit_accel.apply(model, [TR_ON, AS_ON], adapter=ToyAdapter()) as handle:
+        out = _toy_run(model)
+        stats = handle.stats
+    assert stats["timeripple"]["active_calls"] > 0 and stats["astraea"]["kept_ratio"] < 1.0
+    assert not torch.equal(out[-1], ref[-1])
+    assert all(torch.equal(o, r) for o, r in zip(_toy_run(model), ref))
+
+
 def test_timeripple_refuses_a_context_parallel_call_and_backend_settings_carry_over():
     """A processor's ``_parallel_config`` (diffusers context parallelism) and ``_attention_backend`` reach the
     installed method processor; TimeRipple refuses a sharded sequence instead of computing windows on a shard."""
@@ -341,3 +357,20 @@ def test_the_latest_registration_for_a_class_wins(monkeypatch):
     assert resolve_adapter(WanTransformer3DModel).family == "wan"
     register_adapter(MyWan())
     assert resolve_adapter(WanTransformer3DModel).family == "my_wan"
+
+
+def test_user_adapter_without_a_row_block_is_refused_at_apply_time():
+    """An adapter that does not implement ``block_rows_forward`` declares no row K/V modes: a sparse Astraea
+    schedule is refused when applied (not at the first sparse call); full and whole-step schedules are accepted."""
+
+    class NoRows(ToyAdapter):
+        block_rows_forward = ModelAdapter.block_rows_forward
+
+    model = ToyVideoDiT()
+    assert NoRows().row_kv_modes(model) == () and ToyAdapter().row_kv_modes(model) == ("all", "rows", "cache")
+    with pytest.raises(UnsupportedModelError, match="no row-subset block"):
+        apply_astraea(model, AS_ON, adapter=NoRows())
+    assert all(getattr(b, "_diffusers_hook", None) is None or not b._diffusers_hook._hook_order
+               for b in model.blocks)
+    for budgets in ((1.0,) * 4, (1.0, 0.0, 1.0, 0.0)):
+        apply_astraea(model, AstraeaConfig(budgets=budgets, num_steps=4), adapter=NoRows()).remove()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tiny_pipelines import COGVIDEOX_CALL, PROMPT, cogvideox_inputs, cogvideox_pipeline, tiny_cogvideox
@@ -9,7 +11,7 @@ from tiny_pipelines import COGVIDEOX_CALL, PROMPT, cogvideox_inputs, cogvideox_p
 import vdit_accel
 from vdit_accel.adapters import RowCache, resolve_adapter
 from vdit_accel.adapters.cogvideox import CogVideoXAdapter
-from vdit_accel.errors import ConfigError, UnsupportedModelError
+from vdit_accel.errors import ConfigError
 from vdit_accel.methods.astraea import AstraeaConfig, apply_astraea
 from vdit_accel.methods.timeripple import TimeRippleConfig, apply_timeripple
 from vdit_accel.ops.attention import row_subset_attention
@@ -102,17 +104,50 @@ def test_astraea_full_budget_is_exact_and_remove_restores():
     assert torch.equal(_run(model, kw), ref)
 
 
-def test_astraea_sparse_step_raises_typed_error_not_a_wrong_structure():
-    """Astraea's block hook reads ``block_hidden_states``; a joint block refuses it (the hook would return one
-    tensor where CogVideoX unpacks ``(video, text)``)."""
+AS_ON = AstraeaConfig(budgets=(1.0, 0.5, 0.5), num_steps=3)
+
+
+def _steps(model, n=3):
+    """A denoising loop without a pipeline: changing latents and timesteps, `[B, F, C, H, W]` inputs."""
+    return [cogvideox_inputs(model, seed=i) | {"timestep": torch.tensor([900 - 300 * i] * 2)} for i in range(n)]
+
+
+@pytest.mark.parametrize(("cfg", "rope"), [
+    (AS_ON, True), (dataclasses.replace(AS_ON, kv_reuse=True), True),
+    (dataclasses.replace(AS_ON, kv="selected"), True),
+    (dataclasses.replace(AS_ON, forecast=1), True), (AS_ON, False),
+    (AstraeaConfig(budgets=(1.0, 0.0, 0.5), num_steps=3), True),  # a budget-0 step (reuse) before a sparse one
+    (AstraeaConfig(budgets=(1.0, 0.0, 0.0), num_steps=3, forecast=1), True),  # whole-step (lean) schedule
+], ids=["kv_all", "kv_reuse", "kv_selected", "forecast1", "sincos_2b", "budget0_then_sparse", "whole_steps"])
+def test_astraea_sparse_steps_act_and_remove_restores(cfg, rope):
+    """Joint blocks: the hook selects video rows, computes every text token and returns ``(video, text)``."""
+    model = tiny_cogvideox(rope=rope)
+    seq = _steps(model)
+    ref = [_run(model, kw) for kw in seq]
+    handle = apply_astraea(model, cfg)
+    outs = [_run(model, kw) for kw in seq]
+    handle.remove()
+    summary = handle.stats.summary()
+    assert summary["kept_ratio_per_step"] == list(cfg.schedule) and summary["block_calls"] == 2 * 3
+    assert torch.equal(outs[0], ref[0])  # the dense first step is the stock forward
+    assert all(not torch.equal(o, r) and torch.isfinite(o).all() for o, r in zip(outs[1:], ref[1:]))
+    assert all(torch.equal(_run(model, kw), r) for kw, r in zip(seq, ref))
+
+
+def test_astraea_composes_with_timeripple():
+    """TimeRipple acts inside Astraea's selected rows (its ``rows_attention``, keys offset by the text prefix)."""
     model = tiny_cogvideox()
-    kw = cogvideox_inputs(model)
-    handle = apply_astraea(model, AstraeaConfig(budgets=(1.0, 0.5, 0.5), num_steps=3))
-    try:
-        with pytest.raises(UnsupportedModelError, match="joint"):  # at the first call that may be sparse
-            _run(model, kw)
-    finally:
-        handle.remove()
+    seq = _steps(model)
+    ref = [_run(model, kw) for kw in seq]
+    with vdit_accel.apply(model, AS_ON):
+        alone = [_run(model, kw) for kw in seq]
+    with vdit_accel.apply(model, [ON, AS_ON]) as handle:
+        both = [_run(model, kw) for kw in seq]
+        stats = handle.stats
+    assert stats["astraea"]["kept_ratio"] < 1.0
+    assert stats["timeripple"]["active_calls"] == 2 * 3 and stats["timeripple"]["qk_savings_active"] > 0.1
+    assert not torch.equal(both[-1], alone[-1])
+    assert all(torch.equal(_run(model, kw), r) for kw, r in zip(seq, ref))
 
 
 def _block_inputs(model, seed=3):
@@ -190,6 +225,27 @@ def test_pipeline_off_exact_on_acts_remove_restores():
     assert torch.equal(run(), ref)
 
 
+def test_pipeline_astraea_sparse_acts_alone_and_with_timeripple():
+    pipe = cogvideox_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe(PROMPT, generator=torch.Generator().manual_seed(0), **COGVIDEOX_CALL).frames
+
+    ref = run()
+    with vdit_accel.apply(pipe, AS_ON) as handle:
+        alone = run()
+        stats = handle.stats["astraea"]
+    assert stats["kept_ratio_per_step"] == [1.0, 0.5, 0.5]  # CFG batched: one branch
+    assert not torch.equal(alone, ref) and torch.isfinite(alone).all()
+    with vdit_accel.apply(pipe, [AS_ON, ON]) as handle:
+        both = run()
+        stats = handle.stats
+    assert stats["astraea"]["kept_ratio"] < 1.0 and stats["timeripple"]["qk_savings_active"] > 0.1
+    assert not torch.equal(both, alone)
+    assert torch.equal(run(), ref)
+
+
 def test_pipeline_2b_sincos_takes_astraea_exactly_and_refuses_timeripple():
     pipe = cogvideox_pipeline(rope=False)
     pipe.set_progress_bar_config(disable=True)
@@ -200,6 +256,10 @@ def test_pipeline_2b_sincos_takes_astraea_exactly_and_refuses_timeripple():
     ref = run()
     with vdit_accel.apply(pipe, AstraeaConfig(budgets=(1.0,) * 3, num_steps=3)):
         assert torch.equal(run(), ref)
+    with vdit_accel.apply(pipe, AS_ON) as handle:
+        on = run()
+        assert handle.stats["astraea"]["kept_ratio"] < 1.0
+    assert not torch.equal(on, ref) and torch.isfinite(on).all()
     with pytest.raises(ConfigError, match="no RoPE"):
         vdit_accel.apply(pipe, ON)
     assert torch.equal(run(), ref)

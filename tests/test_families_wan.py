@@ -136,12 +136,23 @@ def test_wan_vace_fits_the_wan_adapter():
 
 
 def test_skyreels_v2_takes_timeripple_and_refuses_astraea_sparse_steps():
+    """SkyReels-V2 has no row-subset block: a schedule with sparse steps is refused when applied (nothing installed);
+    whole-step schedules (budgets 0 / 1: the stock block or the cached output) act."""
     model = tiny_skyreels_v2()
     assert resolve_adapter(model).family == "skyreels_v2"
     kw = _model_check(model, astraea=False)
-    handle = apply_astraea(model, AS_ON)
-    try:
-        with pytest.raises(UnsupportedModelError, match="skyreels_v2"), torch.no_grad():
-            model(**kw)
-    finally:
+    for cfg in (AS_ON, AstraeaConfig(budgets=(1.0, 0.0, 1.0, 0.0), num_steps=4, cache="residual")):
+        with pytest.raises(UnsupportedModelError, match="skyreels_v2"):
+            apply_astraea(model, cfg)
+        assert getattr(model, "_diffusers_hook", None) is None or not model._diffusers_hook._hook_order
+        assert all(getattr(b, "_diffusers_hook", None) is None or not b._diffusers_hook._hook_order
+                   for b in resolve_adapter(model).blocks(model))
+    seq = [dict(kw, timestep=torch.tensor([900.0 - 200 * i] * 2)) for i in range(4)]
+    with torch.no_grad():
+        ref = [model(**k)[0] for k in seq]
+        handle = apply_astraea(model, AstraeaConfig(budgets=(1.0, 0.0, 1.0, 0.0), num_steps=4))
+        outs = [model(**k)[0] for k in seq]
         handle.remove()
+        assert handle.stats.summary()["kept_ratio_per_step"] == [1.0, 0.0, 1.0, 0.0]
+        assert torch.equal(outs[2], ref[2]) and not torch.equal(outs[1], ref[1])
+        assert all(torch.equal(model(**k)[0], r) for k, r in zip(seq, ref))

@@ -212,3 +212,43 @@ def test_bad_scale_and_dtype_raise():
 def test_docstring_examples():
     result = doctest.testmod(attention_mod, extraglobs={"torch": torch, "math": math})
     assert result.attempted >= 6 and result.failed == 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("same_for_batch", [True, False])
+def test_key_mask_equals_attention_over_the_kept_keys(backend, same_for_batch):
+    """A key-padding mask: out and LSE of every row are those of the dense attention over the kept keys only (the
+    fast path drops masked keys before the kernel, the reference masks scores with -inf)."""
+    q, k, v = _qkv(3, 97, 2, 16, seed=5)
+    rows = _rows(97, 11)
+    mask = torch.ones(3, 97, dtype=torch.bool)
+    mask[:, 90:] = False
+    if not same_for_batch:
+        mask[1, 40:60] = False
+        mask[2, 0] = False
+    with attention_backend(backend):
+        out, lse = row_subset_attention(q[:, rows], k, v, key_mask=mask)
+    for i in range(3):
+        keep = mask[i]
+        scores = _scores(q[i:i + 1, rows], k[i:i + 1, keep], 1 / math.sqrt(16))  # [1, H, Sq, S']
+        ref_lse = torch.logsumexp(scores, dim=-1).transpose(1, 2)
+        ref_out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v[i:i + 1, keep].double())
+        torch.testing.assert_close(lse[i:i + 1].double(), ref_lse, **FP32)
+        torch.testing.assert_close(out[i:i + 1].double(), ref_out, **FP32)
+    unmasked, _ = row_subset_attention(q[:, rows], k, v)
+    assert not torch.allclose(unmasked, out, atol=1e-4)  # the masked keys mattered
+    all_true, _ = row_subset_attention(q[:, rows], k, v, key_mask=torch.ones(3, 97, dtype=torch.bool))
+    assert torch.equal(all_true, unmasked)
+
+
+@pytest.mark.parametrize("fn", [row_subset_attention, row_subset_attention_reference])
+def test_bad_key_mask_raises(fn):
+    q, k, v = _qkv(2, 9, 1, 4)
+    with pytest.raises(ConfigError, match="key_mask"):
+        fn(q, k, v, key_mask=torch.ones(2, 8, dtype=torch.bool))
+    with pytest.raises(ConfigError, match="key_mask"):
+        fn(q, k, v, key_mask=torch.ones(2, 9))
+    empty = torch.ones(2, 9, dtype=torch.bool)
+    empty[1] = False
+    with pytest.raises(ConfigError, match="every key"):
+        fn(q, k, v, key_mask=empty)

@@ -179,10 +179,16 @@ def test_objective_checkpoint_replays_and_checks_identity(sampler, tmp_path):
     try:
         again = _objective(sampler, tmp_path)
         assert again.psnr(s) == ps and again.evaluations == 0 and not calls  # replayed, no forward
+        again.psnr(spread_schedule(6, 4, 1, order=0))  # a new schedule: its own generation only, dense from disk
+        assert len(calls) == 6 * 2  # 6 steps x 2 CFG branches
     finally:
         hook.remove()
     with pytest.raises(ConfigError, match="other settings"):
         _objective(sampler, tmp_path, prompts=CALIBRATION_PROMPTS[1:3])
+    (tmp_path / "dense.safetensors").write_bytes(b"cut short")  # a corrupt reference is regenerated, not used
+    fresh = _objective(sampler, tmp_path)
+    fresh.psnr(spread_schedule(6, 2, 1, order=1))
+    assert fresh.evaluations == 1 and (tmp_path / "dense.safetensors").stat().st_size > 100
     (tmp_path / "evals.json").write_text('{"format": "vdit-acc')
     with pytest.raises(WeightsError, match="corrupt"):
         _objective(sampler, tmp_path)

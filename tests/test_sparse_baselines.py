@@ -283,7 +283,7 @@ def test_match_theta_removes_what_timeripple_merges(baseline):
     _, tr, dec = tokens_timeripple_attention(q, k, v, grid=grid, thresholds=theta, reuse_q=False)
     assert tr.keys_removed > 0.1
     proc = SparseAttentionProcessor(0, None, SparseAttentionConfig(baseline, match_theta=theta), None,
-                                    SparseAttentionStats())
+                                    SparseAttentionStats(), None)
     out, st = proc.attention(q, k, v, grid)
     removed = st.rows_removed if baseline == "static_rows" else st.keys_removed
     assert removed == pytest.approx(tr.keys_removed)

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 
 from vdit_accel.errors import ConfigError
+from vdit_accel.parallel.cp import ParallelError, cp_config_of, lifted_cp_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -208,25 +210,51 @@ class AccelHandle:
         self.remove()
 
 
-def apply(target: Any, spec: Any, *, steps: int | None = None) -> AccelHandle:
+def _check_parallel(target: Any, names: list[str]) -> list[torch.nn.Module]:
+    """The denoisers with diffusers' context parallelism enabled; refuse methods that cannot run on its shards."""
+    parallel = [m for m in denoisers(target).values() if cp_config_of(m) is not None]
+    if parallel and "timeripple" in names:
+        raise ParallelError(
+            "TimeRipple under context parallelism is not supported: its processor sees one rank's sequence shard, "
+            "while its reuse decisions need each token's t/h/w neighbours, which sit on other ranks at shard edges "
+            "(docs/parallel.md). Run TimeRipple on one process, or Astraea under context parallelism")
+    return parallel
+
+
+def apply(target: Any, spec: Any, *, steps: int | None = None, adapter: Any = None) -> AccelHandle:
     """Apply one or several accelerations to a pipeline or transformer; see the module docstring.
 
     Args:
         target: a diffusers pipeline (every denoiser is accelerated) or a transformer module.
         spec: a config, a preset name or path, or a list of them.
         steps (`int`, optional): the generation's step count; schedules are checked or resampled to it.
+        adapter (`ModelAdapter`, optional): the model knowledge for a model no registered adapter covers (a user's
+            own model; ``docs/adapters.md``), used instead of resolving one by class for every denoiser. Handed to
+            the methods that read the model through an adapter (TimeRipple, Astraea); diffusers' caches need none.
 
     Raises:
         ConfigError: an unknown spec, the same method twice, a schedule for another step count without
-            resampling; CompositionError: an order that cannot work (from the method itself).
+            resampling, an ``adapter`` that is not a ``ModelAdapter``; CompositionError: an order that cannot
+            work (from the method itself); ParallelError: a method that cannot run under the model's context
+            parallelism (TimeRipple); UnsupportedModelError: no adapter for the model (pass ``adapter=``).
     """
+    import inspect
+
     import vdit_accel.methods  # noqa: F401  (registers the built-in methods)
+    from vdit_accel.adapters import ModelAdapter
     from vdit_accel.registry import method_for
 
+    if adapter is not None and not isinstance(adapter, ModelAdapter):
+        raise ConfigError(f"adapter of type {type(adapter).__name__} is not accepted: a vdit_accel.ModelAdapter "
+                          "instance (or None: resolved by the model's class)")
     items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     if not items:
         raise ConfigError("spec=[] selects nothing: give at least one config or preset")
     model_id = model_id_of(target)
+    if model_id is None and not isinstance(target, torch.nn.Module):  # a pipeline built in memory: its config hash
+        from vdit_accel.pipelines import pipeline_model_id
+
+        model_id = pipeline_model_id(target)
     configs = [_resolve(item, steps, model_id) for item in items]
     methods = [method_for(c) for c in configs]
     names = [m.name for m in methods]
@@ -234,14 +262,20 @@ def apply(target: Any, spec: Any, *, steps: int | None = None) -> AccelHandle:
     if dupes:
         raise ConfigError(f"methods {dupes} appear more than once in spec: each method at most once")
     order = sorted(range(len(configs)), key=lambda i: _ORDER.get(names[i], len(_ORDER)))
+    parallel = _check_parallel(target, names)
     modules = denoisers(target)
     handle = AccelHandle(modules=list(modules.values()))
     before = _capture(handle.modules)
     try:
-        for denoiser, module in modules.items():
-            for i in order:
-                handle.applied.append((names[i], denoiser, methods[i].apply(module, configs[i])))
-                logger.debug("applied %s to %s", names[i], denoiser)
+        with contextlib.ExitStack() as stack:  # methods go inside diffusers' context-parallel hooks, whatever order
+            for module in parallel:
+                stack.enter_context(lifted_cp_hooks(module))
+            for denoiser, module in modules.items():
+                for i in order:
+                    kw = {"adapter": adapter} if adapter is not None and "adapter" in inspect.signature(
+                        methods[i].apply).parameters else {}
+                    handle.applied.append((names[i], denoiser, methods[i].apply(module, configs[i], **kw)))
+                    logger.debug("applied %s to %s", names[i], denoiser)
         for _, _, h in handle.applied:  # a method that computes something itself checks what was added after it
             if hasattr(h, "check"):
                 h.check()

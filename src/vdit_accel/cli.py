@@ -99,6 +99,37 @@ def _method_config(name: str | None, preset: str | None, steps: int, model_id: s
     return method_config_from_cli(name, preset, steps, model_id)
 
 
+def _method_specs(names: str | None, presets: str | None) -> list[tuple[str, str | None]]:
+    """``--method a,b`` with ``--preset p,q`` as ``[(method, preset or None), ...]`` (one preset per method, in
+    order; none: each method's default preset); ``[]`` for dense. Checked before any model is loaded."""
+    methods = [m.strip() for m in (names or "dense").split(",")]
+    if len(methods) > 1 and "dense" in methods:
+        raise ConfigError(f"--method={names!r} is not accepted: 'dense' cannot be composed with other methods")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"--method={names!r} names a method twice: each method at most once")
+    if methods == ["dense"]:
+        _method_config("dense", presets, 1)  # refuses a --preset without a method
+        return []
+    given = [None] * len(methods) if presets is None else [p.strip() for p in presets.split(",")]
+    if len(given) != len(methods):
+        raise ConfigError(f"--preset={presets!r} gives {len(given)} presets for {len(methods)} methods {methods}: "
+                          "accepted one per method, in the same order (or none: each method's default)")
+    return list(zip(methods, given))
+
+
+def _method_configs(specs: list[tuple[str, str | None]], steps: int, model_id: str | None) -> list:
+    """The configs of :func:`_method_specs` for ``steps`` (a preset made for another model warns with both ids)."""
+    return [_method_config(m, p, steps, model_id) for m, p in specs]
+
+
+class _MethodChoices(list):
+    """``--method`` choices that also accept a comma-separated composition of them (``astraea,timeripple``)."""
+
+    def __contains__(self, value) -> bool:
+        parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else [value]
+        return bool(parts) and all(list.__contains__(self, p) for p in parts)
+
+
 def generate_outputs(a) -> list[Path]:
     """The files ``generate`` writes, validated before any compute: ``--out`` (.mp4 or .gif); with .mp4 a GIF
     preview beside it unless ``--no-gif``; ``--save-tensor`` (.safetensors). None may exist without
@@ -119,25 +150,53 @@ def generate_outputs(a) -> list[Path]:
 
 
 def cmd_generate(a) -> int:
-    from vdit_accel.bench.harness import stats_summary
+    if a.nproc != 1:  # context parallelism: the same command on N ranks (vdit_accel.parallel.generate)
+        if a.model is not None:
+            raise ConfigError(f"--nproc={a.nproc} runs the embedded model only; with --model, enable diffusers' "
+                              "context parallelism on the pipeline's transformer and call vdit_accel.apply from Python "
+                              "(docs/parallel.md)")
+        from vdit_accel.parallel.generate import launch_generate
+
+        return launch_generate(a)
     from vdit_accel.instrument.sampler import GenerationConfig, Sampler
     from vdit_accel.instrument.video import to_frames, write_video
-    from vdit_accel.registry import apply
 
+    if a.model is not None:
+        return _generate_pipeline(a)
+    if a.dtype != "float32" or a.device != "cpu":
+        raise ConfigError(f"--dtype={a.dtype} --device={a.device} apply to --model (a diffusers pipeline) only: the "
+                          "embedded model runs in float32 on the CPU")
     cfg = GenerationConfig(steps=a.steps, guidance=a.guidance, seed=a.seed, flow_shift=a.flow_shift,
-                           check_finite=not a.no_check_finite)
+                           frames=a.frames, height=a.height, width=a.width, check_finite=not a.no_check_finite)
     paths = generate_outputs(a)  # before any compute
+    specs = _method_specs(a.method, a.preset)
     model = _load_model(a.weights)
     model.encode_prompts([a.prompt])  # validate before any compute
-    method_cfg = _method_config(a.method, a.preset, a.steps, model.config.model_id)
-    handle = apply(model.transformer, method_cfg) if method_cfg is not None else None
+    sampler = Sampler(model)
+    sampler.geometry(cfg)
+    configs = _method_configs(specs, a.steps, model.config.model_id)
+    video = _run_with(model.transformer, configs, lambda: sampler(a.prompt, cfg, progress=not a.quiet), a)
+    _write_outputs(paths, video, to_frames(video), write_video)
+    return 0
+
+
+def _run_with(target, configs: list, run: Callable, a):
+    """``run()`` with ``configs`` applied to ``target`` (every denoiser), removed afterwards; prints the stats."""
+    import vdit_accel
+
+    handle = vdit_accel.apply(target, configs, steps=a.steps) if configs else None
     try:
-        video = Sampler(model)(a.prompt, cfg, progress=not a.quiet)
+        out = run()
     finally:
-        stats = stats_summary(handle) if handle is not None else None
+        stats = handle.stats if handle is not None else None
         if handle is not None:
             handle.remove()
-    frames = to_frames(video)
+    if stats:
+        print(json.dumps(stats, indent=1))
+    return out
+
+
+def _write_outputs(paths: list[Path], video, frames, write_video) -> None:
     for path in paths:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import save_file
@@ -147,8 +206,42 @@ def cmd_generate(a) -> int:
         else:
             write_video(frames, path)
     print(f"wrote {' and '.join(map(str, paths))}")
-    if stats:
-        print(json.dumps(stats, indent=1))
+
+
+def _generate_pipeline(a) -> int:
+    """``generate --model DIR``: a saved diffusers pipeline (``DiffusionPipeline.from_pretrained``, local files
+    only) with any method, preset or composition, in ``--dtype`` on ``--device``."""
+    import numpy as np
+    import torch
+
+    from vdit_accel.instrument.video import write_video
+    from vdit_accel.pipelines import check_device, load_pipeline, pipeline_model_id
+
+    if a.weights is not None:
+        raise ConfigError("--weights (the embedded model) and --model (a diffusers pipeline) are two models: give one")
+    if a.flow_shift is not None:
+        raise ConfigError("--flow-shift applies to the embedded model only: a pipeline's shift is its scheduler's")
+    if not a.prompt.strip():
+        raise ConfigError("prompt='' is not accepted: a non-empty prompt")
+    check_device(a.device)
+    paths = generate_outputs(a)  # before any compute
+    specs = _method_specs(a.method, a.preset)
+    pipe = load_pipeline(a.model, dtype=a.dtype, device=a.device)
+    configs = _method_configs(specs, a.steps, pipeline_model_id(pipe))
+    pipe.set_progress_bar_config(disable=a.quiet)
+    kw = {k: v for k, v in (("height", a.height), ("width", a.width), ("num_frames", a.frames),
+                            ("guidance_scale", a.guidance)) if v is not None}
+
+    def run():
+        return pipe(prompt=a.prompt, num_inference_steps=a.steps, generator=torch.Generator().manual_seed(a.seed),
+                    output_type="np", **kw).frames[0]
+
+    frames = np.asarray(_run_with(pipe, configs, run, a), dtype=np.float32)  # [F, H, W, 3] in [0, 1]
+    if not a.no_check_finite:
+        validate.check_finite("the generated video", torch.from_numpy(frames))
+    video = torch.from_numpy(frames).permute(3, 0, 1, 2).mul(2).sub(1)  # [3, F, H, W] in [-1, 1]
+    uint8 = np.clip(frames * 255 + 0.5, 0, 255).astype(np.uint8)
+    _write_outputs(paths, video, uint8, write_video)
     return 0
 
 
@@ -307,6 +400,22 @@ def _method_choices() -> list[str]:
     return ["dense", *(n for n in method_names() if n != "dense")]
 
 
+def _add_model_flags(s: argparse.ArgumentParser, what: str) -> None:
+    """``--model`` (a saved diffusers pipeline) and its geometry, dtype and device flags."""
+    from vdit_accel.pipelines import DTYPES
+
+    s.add_argument("--model", default=None, help=f"a saved diffusers pipeline folder (pipe.save_pretrained; loaded "
+                   f"from local files only) {what} (default: the embedded model)")
+    s.add_argument("--height", type=int_arg("height", lo=1, hi=MAX_SIZE * 16), default=None,
+                   help="video height in pixels (default: the model's / the pipeline's)")
+    s.add_argument("--width", type=int_arg("width", lo=1, hi=MAX_SIZE * 16), default=None,
+                   help="video width in pixels (default: the model's / the pipeline's)")
+    s.add_argument("--frames", type=int_arg("frames", lo=1, hi=MAX_SIZE), default=None,
+                   help="video frames (default: the model's / the pipeline's)")
+    s.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="--model's dtype")
+    s.add_argument("--device", default="cpu", help="--model's device (cpu, cuda, cuda:N)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vdit_accel import __version__
 
@@ -319,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     def add_parser(name: str, **kw) -> argparse.ArgumentParser:
         return sub.add_parser(name, formatter_class=_Formatter, **kw)
 
-    s = add_parser("generate", help="generate a clip with the embedded model (MP4 + GIF)")
+    s = add_parser("generate", help="generate a clip with the embedded model or a saved diffusers pipeline "
+                   "(MP4 + GIF)")
     s.add_argument("prompt", help="a prompt in the caption grammar, e.g. 'a red circle grows on a gray background'")
     s.add_argument("--steps", type=STEPS, default=g.steps, help=f"denoising steps, 1..{validate.MAX_STEPS}")
     s.add_argument("--seed", type=SEED, default=g.seed, help="noise seed, 0..2**63-1")
@@ -331,15 +441,20 @@ def build_parser() -> argparse.ArgumentParser:
                    f"written beside it (default {DEFAULT_OUT})")
     s.add_argument("--no-gif", action="store_true", help="with an .mp4 --out: no GIF preview (default off)")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files (default off: refuse)")
-    s.add_argument("--method", default=None, choices=_method_choices(),
-                   help="acceleration method; peers need --preset (default dense)")
-    s.add_argument("--preset", default=None, help="preset name or JSON file for --method (default: the method's)")
+    s.add_argument("--method", default=None, choices=_MethodChoices(_method_choices()),
+                   help="acceleration method, or several comma-separated to compose them (astraea,timeripple); "
+                   "peers need --preset (default dense)")
+    s.add_argument("--preset", default=None, help="preset name or JSON file for --method; with several methods one "
+                   "per method, comma-separated, same order (default: each method's)")
     s.add_argument("--weights", default=None, help="model folder (default: the embedded model)")
+    _add_model_flags(s, "to run instead of the embedded model")
     s.add_argument("--save-tensor", default=None,
                    help="also save the raw video tensor here (.safetensors; default: none)")
     s.add_argument("--no-check-finite", action="store_true", help="skip the per-step NaN/inf check of the model "
                    "output (default off: checked, one host sync per step)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--nproc", type=int, default=1, help="context-parallel ranks: > 1 relaunches through torchrun "
+                   "(docs/parallel.md; default 1)")
     s.set_defaults(fn=cmd_generate)
 
     from vdit_accel.instrument.dataset import LAYOUTS
@@ -469,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="file to write (default runs/presets/NAME.json; magcache: "
                    "runs/magcache_ratios.json)")
     s.add_argument("--weights", default=None, help="model folder (default: the embedded model)")
+    _add_model_flags(s, "to calibrate on (timeripple; the preset records it as its model_id)")
     s.add_argument("--quiet", action="store_true", help="no progress bar (magcache)")
     s.set_defaults(fn=cmd_calibrate)
 
@@ -504,6 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="preset file to write (default runs/presets/NAME.json)")
     s.add_argument("--checkpoint", default=None, help="checkpoint folder (default runs/search-NAME)")
     s.add_argument("--weights", default=None, help="model folder (default: the embedded model)")
+    _add_model_flags(s, "to search on (--target only: the budget search at the pipeline's geometry, no proxy; the "
+                     "preset records it as its model_id)")
     s.add_argument("--seed", type=SEED, default=0, help="search seed, 0..2**63-1")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     from vdit_accel.search.evolution import EvolutionConfig

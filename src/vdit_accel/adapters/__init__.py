@@ -40,8 +40,12 @@ import torch
 
 from vdit_accel.errors import UnsupportedModelError
 
+ROW_KV_MODES = ("all", "rows", "cache")
+"""The ``kv`` modes of :meth:`ModelAdapter.block_rows_forward`."""
+
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""``(q_sel [B,k,H,D], k [B,S,H,D], v [B,S,H,D]) -> (out [B,k,H,D], lse [B,k,H])``."""
+"""``(q_sel [B,k,H,D], k [B,S,H,D], v [B,S,H,D]) -> (out [B,k,H,D], lse [B,k,H])``; an adapter whose blocks mask
+keys calls it with ``key_mask=`` `[B, S]` bool (``True`` = attended) when some key is masked."""
 
 
 @dataclass
@@ -223,6 +227,21 @@ class ModelAdapter(ABC):
         rows `[B, k, C]` and the attention LSE `[B, k, H]`.
         """
         raise UnsupportedModelError(f"the {self._name()} adapter has no row-subset block")
+
+    def row_kv_modes(self, model: torch.nn.Module) -> tuple[str, ...]:
+        """The ``kv`` modes :meth:`block_rows_forward` supports on ``model`` (``()``: no row-subset block), so a
+        method can refuse an unsupported setting when it is applied rather than at the first sparse call.
+
+        Default: every mode when the adapter overrides :meth:`block_rows_forward`, none otherwise.
+        """
+        if type(self).block_rows_forward is ModelAdapter.block_rows_forward:
+            return ()
+        return ROW_KV_MODES
+
+    def masks_self_attention(self, model: torch.nn.Module) -> bool:
+        """Whether every video self-attention call of ``model`` carries an attention mask (HunyuanVideo's text
+        padding), known when a method is applied (default ``False``: a mask is then found at call time)."""
+        return False
 
     def block_hidden_states(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The ``hidden_states`` `[B, S, C]` argument of a single-stream block (see :meth:`block_stream`).

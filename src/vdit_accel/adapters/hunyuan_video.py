@@ -8,9 +8,9 @@ padding keys. RoPE (axes ``rope_axes_dim``, e.g. 16/56/56) is applied to the vid
 interleaved pairs over contiguous (t, h, w) channel groups. Video tokens are frame-major raster over
 ``(F / patch_size_t, H / p, W / p)``.
 
-The row-subset block (Astraea) needs every text key visible: with text padding in the mask (the pipeline pads
-the prompt to ``max_sequence_length``) it raises :class:`UnsupportedModelError` rather than attend to padding,
-because the row attention op takes no mask.
+The row-subset block (Astraea) honours the text padding (the pipeline always pads the prompt to
+``max_sequence_length``): the block's key-padding mask goes to the row attention op as ``key_mask`` `[B, S]` (the
+masked keys are dropped, so the rows are exactly the stock block's), and text queries take the stock masked op.
 
 Example:
     >>> from diffusers import HunyuanVideoTransformer3DModel
@@ -91,7 +91,14 @@ class HunyuanVideoAdapter(ModelAdapter):
         """``(video [B, N, C], text [B, L, C])`` as the stock processor returns them."""
         return _output(attn, out.flatten(2, 3).to(call.q.dtype), call.extra["n_text"])
 
+    def masks_self_attention(self, model) -> bool:
+        """Always: the model builds a key-padding mask for every call (all ``True`` when nothing is padded)."""
+        return True
+
     # ------------------------------------------------------------------------------------------ block calls
+    def row_kv_modes(self, model) -> tuple[str, ...]:
+        return ("all",)
+
     def block_output(self, args, kwargs, hidden_states, cache=None):
         text = cache.stream if cache is not None and cache.stream is not None else None
         return hidden_states, (_bind(_BLOCK_ARGS, args, kwargs)["encoder_hidden_states"] if text is None else text)
@@ -105,8 +112,13 @@ class HunyuanVideoAdapter(ModelAdapter):
         the joint keys (video position ``i`` is key ``i``, text after the video). Returns (rows `[B, k, C]`,
         lse `[B, k, H]`).
 
+        A key-padding ``attention_mask`` (the model's `[B, 1, 1, N + L]` bool mask of text padding) is honoured: the
+        video rows' ``attention_fn`` is called with ``key_mask=`` `[B, N + L]` when some key is masked, text queries
+        take the stock op with the mask.
+
         Raises:
-            UnsupportedModelError: ``kv`` other than ``"all"``, a token-replace block, or text padding in the mask.
+            UnsupportedModelError: ``kv`` other than ``"all"``, a token-replace block, or a mask that is not a
+                bool key-padding mask (one value per key, broadcast over queries and heads).
         """
         if kv != "all":
             raise UnsupportedModelError(f"kv={kv!r} is not supported on HunyuanVideo's row-subset block: accepted "
@@ -117,18 +129,37 @@ class HunyuanVideoAdapter(ModelAdapter):
         values = _bind(_BLOCK_ARGS, args, kwargs)
         x, text, temb = values["hidden_states"], values["encoder_hidden_states"], values["temb"]
         mask, rope = values.get("attention_mask"), values.get("image_rotary_emb")
-        if mask is not None and not bool(mask.all()):
-            raise UnsupportedModelError("HunyuanVideo's row-subset block needs every text key visible: this call "
-                                        "masks text padding, which the row attention op cannot honour")
+        key_mask = _key_mask(mask, x.shape[0], x.shape[1] + text.shape[1])
+        if key_mask is not None:
+            fn = attention_fn
+
+            def attention_fn(q, k, v):
+                return fn(q, k, v, key_mask=key_mask)
         rope_rows = None if rope is None else tuple(_rows(r.unsqueeze(0), idx)[:, :, None, :] for r in rope)
         x_rows = _rows(x, idx)
         if isinstance(block, HunyuanVideoTransformerBlock):
-            rows, text_out, lse = _dual_rows(block, x, x_rows, text, temb, rope, rope_rows, attention_fn)
+            rows, text_out, lse = _dual_rows(block, x, x_rows, text, temb, rope, rope_rows, attention_fn, mask)
         else:
-            rows, text_out, lse = _single_rows(block, x, x_rows, idx, text, temb, rope, rope_rows, attention_fn)
+            rows, text_out, lse = _single_rows(block, x, x_rows, idx, text, temb, rope, rope_rows, attention_fn,
+                                               mask)
         if cache is not None:
             cache.stream = text_out
         return rows, lse
+
+
+def _key_mask(mask: torch.Tensor | None, b: int, s: int) -> torch.Tensor | None:
+    """The block's attention mask as a key-padding mask `[B, S]` bool, ``None`` when no key is masked.
+
+    Raises:
+        UnsupportedModelError: the mask is not bool with one value per key (`[B, 1, 1, S]` or `[B, S]`).
+    """
+    if mask is None or bool(mask.all()):
+        return None
+    if mask.dtype != torch.bool or mask.numel() != b * s or mask.shape[0] != b or mask.shape[-1] != s:
+        raise UnsupportedModelError(f"attention_mask of shape {tuple(mask.shape)} and dtype {mask.dtype} is not "
+                                    f"supported on HunyuanVideo's row-subset block: accepted a bool key-padding mask "
+                                    f"[B, 1, 1, S] = [{b}, 1, 1, {s}]")
+    return mask.reshape(b, s)
 
 
 def _split(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -185,16 +216,17 @@ def _rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
 
 
-def _attend(attn, q_rows, q_text, k, v, attention_fn):
-    """Video rows through ``attention_fn`` (with LSE), text queries through the stock attention op."""
+def _attend(attn, q_rows, q_text, k, v, attention_fn, mask):
+    """Video rows through ``attention_fn`` (with LSE), text queries through the stock attention op (with the
+    block's ``mask``, as the stock processor)."""
     out_rows, lse = attention_fn(q_rows, k, v)
     proc = attn.get_processor()
-    out_text = dispatch_attention_fn(q_text, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
+    out_text = dispatch_attention_fn(q_text, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
                                      backend=getattr(proc, "_attention_backend", None), parallel_config=None)
     return torch.cat([out_rows.to(out_text.dtype), out_text], dim=1), lse
 
 
-def _dual_rows(block, x, x_rows, text, temb, rope, rope_rows, attention_fn):
+def _dual_rows(block, x, x_rows, text, temb, rope, rope_rows, attention_fn, mask):
     attn = block.attn
     norm_x, _, _, _, _ = block.norm1(x, emb=temb)
     norm_rows, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(x_rows, emb=temb)
@@ -202,7 +234,7 @@ def _dual_rows(block, x, x_rows, text, temb, rope, rope_rows, attention_fn):
     _, k, v = _project(attn, norm_x, norm_text, rope)
     q, _, _ = _project(attn, norm_rows, norm_text, None, rope_video=rope_rows)
     n = x_rows.shape[1]
-    out, lse = _attend(attn, q[:, :n], q[:, n:], k, v, attention_fn)
+    out, lse = _attend(attn, q[:, :n], q[:, n:], k, v, attention_fn, mask)
     attn_rows, attn_text = _output(attn, out.flatten(2, 3).to(q.dtype), text.shape[1])
     h = x_rows + attn_rows * gate_msa.unsqueeze(1)
     e = text + attn_text * c_gate_msa.unsqueeze(1)
@@ -213,7 +245,7 @@ def _dual_rows(block, x, x_rows, text, temb, rope, rope_rows, attention_fn):
     return h, e, lse
 
 
-def _single_rows(block, x, x_rows, idx, text, temb, rope, rope_rows, attention_fn):
+def _single_rows(block, x, x_rows, idx, text, temb, rope, rope_rows, attention_fn, mask):
     attn = block.attn
     n_text = text.shape[1]
     tokens = torch.cat([x, text], dim=1)
@@ -223,7 +255,7 @@ def _single_rows(block, x, x_rows, idx, text, temb, rope, rope_rows, attention_f
     _, k, v = _project(attn, norm_x, norm_text, rope)
     q, _, _ = _project(attn, norm_rows, norm_text, None, rope_video=rope_rows)
     n = x_rows.shape[1]
-    out, lse = _attend(attn, q[:, :n], q[:, n:], k, v, attention_fn)
+    out, lse = _attend(attn, q[:, :n], q[:, n:], k, v, attention_fn, mask)
     attn_rows, attn_text = _output(attn, out.flatten(2, 3).to(q.dtype), n_text)
     norm_sel = torch.cat([norm_rows, norm_text], dim=1)
     mlp = block.act_mlp(block.proj_mlp(norm_sel))

@@ -133,6 +133,9 @@ class SkyReelsV2Adapter(WanAdapter):
     def block_rows_forward(self, block, args, kwargs, idx, attention_fn, *, kv="all", cache=None):
         raise UnsupportedModelError(self._NO_ROWS)
 
+    def row_kv_modes(self, model) -> tuple[str, ...]:
+        return ()
+
 
 WAN = register_adapter(WanAdapter())
 SKYREELS_V2 = register_adapter(SkyReelsV2Adapter())

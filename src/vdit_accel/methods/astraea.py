@@ -64,7 +64,7 @@ from vdit_accel.config_io import (
     config_to_dict,
 )
 from vdit_accel.context import CONTEXT_HOOK, ContextHook, acquire_context, release_context
-from vdit_accel.errors import CompositionError, ConfigError
+from vdit_accel.errors import CompositionError, ConfigError, UnsupportedModelError
 from vdit_accel.ops.astraea import (
     LSE_REDUCTIONS,
     NORMS,
@@ -78,6 +78,7 @@ from vdit_accel.ops.astraea import (
 )
 from vdit_accel.ops.attention import row_subset_attention
 from vdit_accel.ops.schedule import MAX_STEPS, resample_mean, resample_nearest
+from vdit_accel.parallel.cp import cp_rows_attention, is_cp_hook, processor_cp_config
 from vdit_accel.registry import Method, register_method
 from vdit_accel.search.presets import preset_operating_point
 
@@ -328,19 +329,25 @@ def cache_bytes(tokens: int, dim: int, heads: int, blocks: int, *, branches: int
 def _attention_through(block, adapter: ModelAdapter, idx: torch.Tensor):
     """The row-subset attention ``(q_sel, k, v) -> (out, lse)`` for the rows ``idx`` `[B, k]`: through the
     self-attention processor's ``rows_attention(q_sel, idx, k, v)`` when it has one (another method, e.g.
-    TimeRipple, then acts inside Astraea's rows), else plain :func:`row_subset_attention`."""
+    TimeRipple, then acts inside Astraea's rows), else plain :func:`row_subset_attention`. Keyword arguments (an
+    adapter's ``key_mask`` `[B, S]` for masked keys, e.g. HunyuanVideo's text padding) are passed on."""
     processor = getattr(adapter.self_attention(block), "processor", None)
     rows_attention = getattr(processor, "rows_attention", None)
+    parallel = processor_cp_config(processor)
+    if parallel is not None:  # context parallelism: the rows meet every rank's K/V through diffusers' engine
+        return lambda q, k, v: cp_rows_attention(q, k, v, parallel)
     if rows_attention is None:
         return row_subset_attention
-    return lambda q, k, v: rows_attention(q, idx, k, v)
+    return lambda q, k, v, **kw: rows_attention(q, idx, k, v, **kw)
 
 
-def _foreign_hooks(module: torch.nn.Module) -> list[str]:
+def _foreign_hooks(module: torch.nn.Module, *, skip_cp: bool = False) -> list[str]:
+    """Hooks on ``module`` other than ours; ``skip_cp``: also not diffusers' context-parallel split/gather hooks
+    (they reshape the sequence around Astraea and never consume its outputs)."""
     registry = getattr(module, "_diffusers_hook", None)
     if registry is None:
         return []
-    return [n for n in registry._hook_order if n not in (BLOCK_HOOK, CONTEXT_HOOK)]
+    return [n for n in registry._hook_order if n not in (BLOCK_HOOK, CONTEXT_HOOK) and not (skip_cp and is_cp_hook(n))]
 
 
 def _check_composition(adapter: ModelAdapter, transformer: torch.nn.Module, blocks: list) -> None:
@@ -358,6 +365,11 @@ def _check_composition(adapter: ModelAdapter, transformer: torch.nn.Module, bloc
             inner = _foreign_hooks(block)
         else:
             inner = [n for n in registry._hook_order[:registry._hook_order.index(BLOCK_HOOK)] if n != CONTEXT_HOOK]
+        if inner and any(is_cp_hook(n) for n in inner):
+            raise CompositionError(
+                f"block {i} carries diffusers' context-parallel hooks {inner} registered before Astraea: its rows "
+                "would not be split across ranks. Orders that work: vdit_accel.apply(...) (either order: it puts "
+                "the context-parallel hooks back outside), or apply_astraea before enable_parallelism")
         if inner:
             raise CompositionError(
                 f"block {i} carries hooks {inner} registered before Astraea: Astraea's row path would bypass them. "
@@ -384,6 +396,7 @@ class AstraeaBlockHook(ModelHook):
         sparse = [i for i, b in enumerate(self.schedule) if b < 1.0]
         self.last_sparse = sparse[-1] if sparse else -1
         self.states: dict[str, BlockState] = {}
+        self.selection_groups = 1  # > 1: top-k within each of that many contiguous shards (one CP rank's selection)
 
     def reset_state(self, module):
         self.states.clear()
@@ -412,7 +425,8 @@ class AstraeaBlockHook(ModelHook):
                 order, kv_reuse = (order - 1, kv_reuse) if order > 0 else (order, False)
                 self.stats.degraded.append(what)
                 logger.warning("Astraea memory cap %.1f MB: %s", cfg.memory_cap_mb, what)
-        wrapped = any(_foreign_hooks(h.block) for h in hooks) or bool(_foreign_hooks(self.context_module()))
+        wrapped = any(_foreign_hooks(h.block, skip_cp=True) for h in hooks) or bool(
+            _foreign_hooks(self.context_module(), skip_cp=True))
         whole_steps = all(b in (0.0, 1.0) for b in self.schedule)
         self.shared["settings"] = {"order": order, "kv_reuse": kv_reuse, "shortcut": not wrapped,
                                    "lean": whole_steps and not wrapped and cfg.cache == "output"}
@@ -447,7 +461,8 @@ class AstraeaBlockHook(ModelHook):
         step = ctx.step_index
         budget = self.schedule[step] if state.out is not None else 1.0
         order = min(self.config.orders[step], settings["order"])
-        count = budget_to_count(budget, n)
+        groups = self.selection_groups
+        count = budget_to_count(budget, n) if groups == 1 else groups * budget_to_count(budget, n // groups)
         if count == 0:
             state.skips = update_skips(state.skips, hidden_states.new_zeros(b, 0, dtype=torch.long))
             self.stats.record(ctx.branch, step, self.index, 0.0)
@@ -566,7 +581,16 @@ class AstraeaBlockHook(ModelHook):
 
     def _scores_topk(self, state: BlockState, x: torch.Tensor, count: int) -> torch.Tensor:
         delta = input_delta(x, state.inp.to(x.dtype), self.config.delta_norm)
-        scores = token_scores(state.lse, delta, state.skips, w_alpha=self.config.w_alpha, w_beta=self.config.w_beta,
+        groups, n = self.selection_groups, x.shape[1]
+        if groups > 1:  # what each of `groups` context-parallel ranks selects from its own shard, side by side
+            size, per = n // groups, count // groups
+            return torch.cat([self._topk(state.lse[:, g * size:(g + 1) * size], delta[:, g * size:(g + 1) * size],
+                                         state.skips[:, g * size:(g + 1) * size], per) + g * size
+                              for g in range(groups)], dim=1)
+        return self._topk(state.lse, delta, state.skips, count)
+
+    def _topk(self, lse: torch.Tensor, delta: torch.Tensor, skips: torch.Tensor, count: int) -> torch.Tensor:
+        scores = token_scores(lse, delta, skips, w_alpha=self.config.w_alpha, w_beta=self.config.w_beta,
                               normalize=self.config.normalize)
         return select_topk(scores, count)
 
@@ -596,6 +620,26 @@ class AstraeaHandle:
         self._removed = True
 
 
+def _check_row_path(adapter: ModelAdapter, transformer: torch.nn.Module, config: AstraeaConfig) -> None:
+    """Refuse, before anything is installed, a schedule whose sparse steps the adapter cannot compute."""
+    schedule = config.schedule
+    needs_rows = any(0.0 < b < 1.0 for b in schedule) or (config.cache != "output" and min(schedule) < 1.0)
+    if not needs_rows:  # full budgets run the stock block; whole-step schedules reuse whole block outputs
+        return
+    modes = adapter.row_kv_modes(transformer)
+    name = adapter.family or type(adapter).__name__
+    if not modes:
+        raise UnsupportedModelError(
+            f"the {name} adapter has no row-subset block for {type(transformer).__name__}: Astraea's sparse steps "
+            f"(budgets strictly between 0 and 1, or cache='residual') are not supported; accepted here: budgets of "
+            f"0.0 or 1.0 only (whole-step reuse, cache='output')")
+    kv = "rows" if config.kv == "selected" else ("cache" if config.kv_reuse else "all")
+    if kv not in modes:
+        setting = "kv='selected'" if kv == "rows" else "kv_reuse=True"
+        raise UnsupportedModelError(f"{setting} (row K/V mode {kv!r}) is not supported by the {name} adapter's "
+                                    f"row-subset block: accepted modes {list(modes)}")
+
+
 def apply_astraea(transformer: torch.nn.Module, config: AstraeaConfig,
                   adapter: ModelAdapter | None = None) -> AstraeaHandle:
     """Install Astraea on every transformer block of ``transformer``.
@@ -603,10 +647,15 @@ def apply_astraea(transformer: torch.nn.Module, config: AstraeaConfig,
     Raises:
         ConfigError: ``config`` is not an :class:`AstraeaConfig`, or Astraea is already applied to this model.
         CompositionError: a hook Astraea would bypass is installed (see the module docstring).
+        UnsupportedModelError: the schedule needs the row-subset block (a budget strictly between 0 and 1, or
+            ``cache="residual"`` with a budget below 1) and the adapter has none for this model, or the K/V mode
+            (``kv="selected"``, ``kv_reuse=True``) is not one the adapter's row-subset block supports. Nothing is
+            installed.
     """
     if not isinstance(config, AstraeaConfig):
         raise ConfigError(f"config of type {type(config).__name__} is not accepted: an AstraeaConfig")
     adapter = adapter or resolve_adapter(transformer)
+    _check_row_path(adapter, transformer, config)
     blocks = adapter.blocks(transformer)
     if any(getattr(b, "_diffusers_hook", None) is not None and b._diffusers_hook.get_hook(BLOCK_HOOK) is not None
            for b in blocks):

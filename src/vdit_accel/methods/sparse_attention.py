@@ -18,7 +18,8 @@ How many keys or rows the first three drop is either a fixed share of the video 
 with ``match_theta = θ``, on every call exactly as many as TimeRipple's ``"tokens"`` variant with keys only
 (``reuse_q=False``) merges at θ on the same call (the keys whose smallest relative spread is < θ): the same amount
 of attention removed, decided the way TimeRipple decides it. The processor recomputes projections, QK-norm and RoPE
-exactly as the stock processor (``adapters.wan``); cross-attention and masked calls keep the original processor.
+exactly as the stock processor (through the model adapter, ``ModelAdapter.qkv``); calls that are not video
+self-attention keep the original processor, masked calls raise.
 
 Example:
     >>> from vdit_accel.testing import tiny_model, TINY_PROMPT
@@ -42,10 +43,9 @@ import numpy as np
 import torch
 
 from vdit_accel.adapters import ModelAdapter, resolve_adapter
-from vdit_accel.adapters.wan import wan_attention_output, wan_qkv
 from vdit_accel.config_io import config_from_dict, config_to_dict
 from vdit_accel.context import ContextHook, acquire_context, release_context
-from vdit_accel.errors import ConfigError, check_choice
+from vdit_accel.errors import ConfigError, UnsupportedModelError, check_choice
 from vdit_accel.ops.sparse_baselines import (
     TILE_BACKENDS,
     SparseStats,
@@ -179,7 +179,8 @@ class SparseAttentionProcessor:
     _parallel_config = None
 
     def __init__(self, layer: int, original, config: SparseAttentionConfig, context: ContextHook,
-                 stats: SparseAttentionStats) -> None:
+                 stats: SparseAttentionStats, adapter: ModelAdapter) -> None:
+        self.adapter = adapter
         self.layer = layer
         self.original = original
         self.config = config
@@ -238,17 +239,27 @@ class SparseAttentionProcessor:
         removed = float(np.mean(rows))
         return torch.cat(outs), SparseStats(removed, 0.0, 1.0 - removed)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+    def __call__(self, attn, *args, **kwargs):
+        """The stock processor's call ``(attn, *args, **kwargs)``, split by the model adapter into post-RoPE q/k/v
+        and the output step; calls that are not video self-attention run the stock processor.
+
+        Raises:
+            UnsupportedModelError: the call carries an attention mask or runs under context parallelism (the
+                baselines take neither).
+        """
         ctx = self.context.current
         if ctx is None:
             raise ConfigError("sparse attention needs the root context hook: call the transformer as a whole model")
-        if encoder_hidden_states is not None or attention_mask is not None:
-            self.stats.passthrough_calls += encoder_hidden_states is None
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        q, k, v = wan_qkv(attn, hidden_states, rotary_emb)
-        out, stats = self.attention(q, k, v, ctx.grid.as_tuple(), ctx.text_prefix, ctx.text_suffix)
+        call = self.adapter.qkv(attn, args, kwargs)
+        if call is None:
+            self.stats.passthrough_calls += 1
+            return self.original(attn, *args, **kwargs)
+        if call.mask is not None or call.parallel_config is not None:
+            raise UnsupportedModelError("the sparse-attention baselines take no attention mask and no context "
+                                        f"parallelism ({self.adapter.family or type(self.adapter).__name__})")
+        out, stats = self.attention(call.q, call.k, call.v, ctx.grid.as_tuple(), call.text_prefix, call.text_suffix)
         self.stats.record(ctx.branch, ctx.step_index, self.layer, stats)
-        return wan_attention_output(attn, out, q)
+        return self.adapter.attention_output(attn, out, call)
 
 
 @dataclass
@@ -257,6 +268,7 @@ class SparseAttentionHandle:
 
     transformer: torch.nn.Module
     stats: SparseAttentionStats
+    adapter: ModelAdapter | None = None
     _restore: list = field(default_factory=list)
     _removed: bool = False
 
@@ -264,7 +276,7 @@ class SparseAttentionHandle:
         if self._removed:
             return
         for module, processor in self._restore:
-            module.set_processor(processor)
+            self.adapter.restore_processor(module, processor)
         release_context(self.transformer)
         self._removed = True
 
@@ -291,11 +303,11 @@ def apply_sparse_attention(transformer: torch.nn.Module, config: SparseAttention
                           "first handle before applying it again")
     context = acquire_context(transformer, adapter)
     stats = SparseAttentionStats()
-    handle = SparseAttentionHandle(transformer, stats)
+    handle = SparseAttentionHandle(transformer, stats, adapter)
     for i in layers:
         attn = adapter.self_attention(blocks[i])
-        original = attn.get_processor()
-        attn.set_processor(SparseAttentionProcessor(i, original, config, context, stats))
+        original = adapter.install_processor(
+            attn, SparseAttentionProcessor(i, attn.get_processor(), config, context, stats, adapter))
         handle._restore.append((attn, original))
         logger.debug("sparse attention (%s) on block %d", config.baseline, i)
     return handle

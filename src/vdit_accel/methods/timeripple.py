@@ -402,7 +402,8 @@ class TimeRippleProcessor:
         return masks
 
     def rows_attention(self, q_sel: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                       scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       scale: float | None = None,
+                       key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """TimeRipple's reuse applied to a row-subset attention (the composition hook for row-selecting methods).
 
         Keys: every key reuses as in a normal call (masks on the full grid of the published context). Queries:
@@ -419,6 +420,9 @@ class TimeRippleProcessor:
             k (`torch.Tensor`): `[B, S, H, D]` post-RoPE keys of all tokens.
             v (`torch.Tensor`): `[B, S, H, D]` values of all tokens.
             scale (`float | None`, defaults to `None`): softmax scale, `1/sqrt(D)` when `None`.
+            key_mask (`torch.Tensor | None`, defaults to `None`): `[B, S]` bool key-padding mask (``True`` =
+                attended), handed to the row attention op after the reuse (masked keys are text padding, never
+                reused nor a reuse source).
 
         Returns:
             out: `[B, K, H, D]`; lse: `[B, K, H]` (natural log), as ``ops.attention.row_subset_attention``.
@@ -435,7 +439,7 @@ class TimeRippleProcessor:
         theta = self._theta(ctx)
         if theta == 0.0:
             self.stats.dense_calls += 1
-            return row_subset_attention(q_sel, k, v, scale=scale)
+            return row_subset_attention(q_sel, k, v, scale=scale, key_mask=key_mask)
         cfg = self.config
         grid, thresholds = ctx.grid.as_tuple(), self._thresholds(theta, q_sel)
         args = (grid, thresholds, ctx.text_prefix, ctx.text_suffix)
@@ -443,11 +447,11 @@ class TimeRippleProcessor:
         if cfg.variant == "tokens":  # keys reuse by whole tokens on the full grid; selected queries keep their values
             if not cfg.reuse_k:
                 self.stats.dense_calls += 1
-                return row_subset_attention(q_sel, k, v, scale=scale)
+                return row_subset_attention(q_sel, k, v, scale=scale, key_mask=key_mask)
             dec = token_decisions([k], grid, theta, window=cfg.window, axes=cfg.axes, priority=cfg.priority,
                                   text_prefix=ctx.text_prefix, text_suffix=ctx.text_suffix)
             k = k.gather(1, dec.root[..., None, None].expand(k.shape))
-            out, lse = row_subset_attention(q_sel, k, v, scale=scale)
+            out, lse = row_subset_attention(q_sel, k, v, scale=scale, key_mask=key_mask)
             r = dec.reused
             self.stats.record(ctx.branch, ctx.step_index, self.layer, ReuseStats(
                 0.0, r, dict.fromkeys(cfg.axes, 0.0), {a: float((dec.spread[a] < theta).float().mean())
@@ -462,7 +466,7 @@ class TimeRippleProcessor:
             full = q_sel.new_full((b, k.shape[1], h, d), float("nan")).scatter(1, where, q_sel)
             q_masks = self._decide(full, *args)
             q_sel = resolve_reuse(full, q_masks, priority=cfg.priority).gather(1, where)
-        out, lse = row_subset_attention(q_sel, k, v, scale=scale)
+        out, lse = row_subset_attention(q_sel, k, v, scale=scale, key_mask=key_mask)
         self.stats.record(ctx.branch, ctx.step_index, self.layer,
                           _build_stats(q_masks, k_masks, k.shape, cfg.axes, self.rope_groups))
         return out, lse
@@ -503,12 +507,17 @@ def apply_timeripple(transformer: torch.nn.Module, config: TimeRippleConfig,
     Raises:
         ConfigError: the model has no RoPE, ``layers`` names blocks the model does not have, or TimeRipple is
             already installed on this model (remove the first handle before applying again); nothing is installed.
-        UnsupportedModelError: no adapter for the model class (pass ``adapter=``).
+        UnsupportedModelError: no adapter for the model class (pass ``adapter=``), or a variant other than
+            ``"exact_sim"`` on a model whose self-attention always carries a mask (HunyuanVideo); nothing installed.
     """
     adapter = adapter or resolve_adapter(transformer)
     if not adapter.has_rope(transformer):
         raise ConfigError(f"{type(transformer).__name__} applies no RoPE in self-attention: TimeRipple needs RoPE "
                           "channel groups (post-RoPE Q/K)")
+    if config.variant != "exact_sim" and adapter.masks_self_attention(transformer):
+        raise UnsupportedModelError(f"variant={config.variant!r} is not supported on {type(transformer).__name__}: "
+                                    "its self-attention always carries an attention mask (text padding), which only "
+                                    "the exact simulation honours; accepted ['exact_sim']")
     blocks = adapter.blocks(transformer)
     layers = range(len(blocks)) if config.layers is None else config.layers
     bad = [i for i in layers if i >= len(blocks)]

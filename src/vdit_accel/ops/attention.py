@@ -206,7 +206,8 @@ def _empty(q_sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ----------------------------------------------------------------------------------------------------- ops
 def row_subset_attention(
-    q_sel: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
+    q_sel: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the selected query rows against all keys, with each row's log-sum-exp.
 
@@ -219,6 +220,10 @@ def row_subset_attention(
         k (`torch.Tensor` of shape `[B, S, H, D]`): keys of all tokens, same dtype and device, ``S >= 1``.
         v (`torch.Tensor` of shape `[B, S, H, D]`): values of all tokens.
         scale (`float`, *optional*, defaults to `1/sqrt(D)`): softmax scale, any finite float.
+        key_mask (`torch.Tensor`, *optional*): `[B, S]` bool, ``True`` = the key is attended (a key-padding mask,
+            e.g. HunyuanVideo's text padding). Masked keys are dropped before the kernel (one call when every batch
+            element keeps the same keys, else one call per element), so out and LSE are exactly those of the kept
+            keys; ``None`` or all ``True``: every key.
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: ``out`` `[B, Sq, H, D]` contiguous, in the input dtype, and ``lse``
@@ -226,7 +231,8 @@ def row_subset_attention(
         no autograd history; use the reference to differentiate through it.
 
     Raises:
-        ConfigError: ranks, shapes, dtypes or devices disagree, ``S`` or ``D`` is 0, or ``scale`` is not finite.
+        ConfigError: ranks, shapes, dtypes or devices disagree, ``S`` or ``D`` is 0, ``scale`` is not finite, or
+            ``key_mask`` is not a `[B, S]` bool tensor keeping at least one key per batch element.
 
     Example:
         >>> q, k, v = torch.randn(2, 5, 3, 8), torch.randn(2, 9, 3, 8), torch.randn(2, 9, 3, 8)
@@ -235,6 +241,8 @@ def row_subset_attention(
         (torch.Size([2, 2, 3, 8]), torch.Size([2, 2, 3]), torch.float32)
     """
     scale = _check_inputs(q_sel, k, v, scale)
+    if key_mask is not None:
+        return _masked(row_subset_attention, q_sel, k, v, scale, key_mask)
     if q_sel.numel() == 0:  # the CPU kernel raises SIGFPE on empty inputs
         return _empty(q_sel)
     backend = probe_fast_path(q_sel.device, q_sel.dtype, q_sel.shape[-1])
@@ -254,7 +262,8 @@ def row_subset_attention(
 
 
 def row_subset_attention_reference(
-    q_sel: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
+    q_sel: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch twin of :func:`row_subset_attention`: explicit scores, ``logsumexp`` and ``softmax``.
 
@@ -266,6 +275,7 @@ def row_subset_attention_reference(
         k (`torch.Tensor` of shape `[B, S, H, D]`): keys of all tokens.
         v (`torch.Tensor` of shape `[B, S, H, D]`): values of all tokens.
         scale (`float`, *optional*, defaults to `1/sqrt(D)`): softmax scale.
+        key_mask (`torch.Tensor`, *optional*): `[B, S]` bool, ``True`` = attended; masked keys get score ``-inf``.
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: ``out`` `[B, Sq, H, D]` and ``lse`` `[B, Sq, H]`, as in
@@ -281,9 +291,34 @@ def row_subset_attention_reference(
     compute = _lse_dtype(q_sel.dtype)
     q, kk, vv = (t.transpose(1, 2).to(compute) for t in (q_sel, k, v))  # [B, H, *, D]
     scores = torch.matmul(q, kk.transpose(-1, -2)) * scale  # [B, H, Sq, S]
+    if key_mask is not None:
+        _check_key_mask(key_mask, k)
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, H, Sq]
     out = torch.matmul(torch.softmax(scores, dim=-1), vv)  # [B, H, Sq, D]
     return out.to(q_sel.dtype).transpose(1, 2).contiguous(), lse.transpose(1, 2).contiguous()
+
+
+def _check_key_mask(key_mask: torch.Tensor, k: torch.Tensor) -> None:
+    b, s = k.shape[:2]
+    if key_mask.dtype != torch.bool or tuple(key_mask.shape) != (b, s) or key_mask.device != k.device:
+        raise ConfigError(f"key_mask of shape {tuple(key_mask.shape)} and dtype {key_mask.dtype} is not accepted: "
+                          f"expected a bool [B, S] = [{b}, {s}] tensor on {k.device}")
+    if not bool(key_mask.any(dim=1).all()):
+        raise ConfigError("key_mask masks every key of a batch element: accepted at least one attended key per row")
+
+
+def _masked(fn, q_sel: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_mask: torch.Tensor):
+    """``fn`` on the kept keys only (key-padding mask `[B, S]`): exact, and the fused kernels need no mask."""
+    _check_key_mask(key_mask, k)
+    if bool(key_mask.all()):
+        return fn(q_sel, k, v, scale=scale)
+    if bool((key_mask == key_mask[:1]).all()):  # the same keys kept for the whole batch: one call
+        keep = key_mask[0].nonzero().squeeze(1)
+        return fn(q_sel, k.index_select(1, keep), v.index_select(1, keep), scale=scale)
+    outs, lses = zip(*(fn(q_sel[i:i + 1], k[i:i + 1, m], v[i:i + 1, m], scale=scale)
+                       for i, m in enumerate(key_mask)))
+    return torch.cat(outs).contiguous(), torch.cat(lses).contiguous()
 
 
 def dense_attention_with_lse(

@@ -11,12 +11,42 @@ from vdit_accel.search.presets import save_preset
 RUNS_DIR = Path("runs")  # default home of everything a command writes (the package is read-only at run time)
 
 
-def _model_and_sampler(weights):
+def _model_and_sampler(a):
+    """The embedded model (``--weights``) and its ``Sampler``, or with ``--model`` a saved diffusers pipeline and a
+    :class:`~vdit_accel.pipelines.PipelineSampler` over it (geometry from ``--frames/--height/--width``)."""
+    if getattr(a, "model", None) is not None:
+        from vdit_accel.pipelines import PipelineSampler, load_pipeline
+
+        sampler = PipelineSampler(load_pipeline(a.model, dtype=a.dtype, device=a.device), frames=a.frames,
+                                  height=a.height, width=a.width)
+        return sampler.model, sampler
     from vdit_accel.instrument.model import EmbeddedModel
     from vdit_accel.instrument.sampler import Sampler
 
-    model = EmbeddedModel.load(weights)
+    model = EmbeddedModel.load(a.weights)
     return model, Sampler(model)
+
+
+def _check_model_flags(a, what: str, supported: bool = True) -> None:
+    """Before any compute: ``--model`` excludes ``--weights``; its dtype/device/geometry flags need it (the embedded
+    model's calibration and search use its own geometry); ``what`` (a mode) may not support a pipeline at all."""
+    from vdit_accel.pipelines import check_device
+
+    if getattr(a, "model", None) is None:
+        given = [f for f, v, d in (("--dtype", getattr(a, "dtype", "float32"), "float32"),
+                                   ("--device", getattr(a, "device", "cpu"), "cpu"),
+                                   ("--frames", getattr(a, "frames", None), None),
+                                   ("--height", getattr(a, "height", None), None),
+                                   ("--width", getattr(a, "width", None), None)) if v != d]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} apply to --model (a diffusers pipeline) only")
+        return
+    if not supported:
+        raise ConfigError(f"{what} with --model is not supported: it runs on the embedded model only (accepted with "
+                          "--model: calibrate timeripple, search astraea --target)")
+    if a.weights is not None:
+        raise ConfigError("--weights (the embedded model) and --model (a diffusers pipeline) are two models: give one")
+    check_device(a.device)
 
 
 def calibrate_cli(a) -> int:
@@ -28,14 +58,16 @@ def calibrate_cli(a) -> int:
     if a.method == "magcache":
         from vdit_accel.methods.magcache_ratios import USER_RATIOS_FILE, calibrate_mag_ratios
 
+        _check_model_flags(a, "calibrate magcache", supported=False)
         out = Path(a.out) if a.out else USER_RATIOS_FILE
         _check_out(out)  # never inside the package
-        _, sampler = _model_and_sampler(a.weights)
+        _, sampler = _model_and_sampler(a)
         ratios = calibrate_mag_ratios(sampler, prompts[0], gen, out=out, progress=not getattr(a, "quiet", True))
         print(f"wrote {len(ratios)} MagCache ratios to {out}")
         return 0
     if a.method != "timeripple":
         raise ConfigError(f"calibrate method {a.method!r} is unknown: choose one of ['timeripple', 'magcache']")
+    _check_model_flags(a, "calibrate timeripple")
     if getattr(a, "target_speedup", None) is not None:
         return _calibrate_speed_cli(a, prompts, gen)
     if getattr(a, "keys_only", False):
@@ -46,7 +78,7 @@ def calibrate_cli(a) -> int:
 
     out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"timeripple-{round(a.target * 100)}.json"
     _check_out(out)  # before any compute
-    model, sampler = _model_and_sampler(a.weights)
+    model, sampler = _model_and_sampler(a)
     cfg, record = calibrate_timeripple(sampler, prompts, a.target, gen)
     save_preset(out, "timeripple", cfg, model_id=model.config.model_id, geometry=list(sampler.geometry(gen)),
                 steps=gen.steps, seed=gen.seed, record={"calibration": record})
@@ -68,7 +100,7 @@ def _calibrate_speed_cli(a, prompts, gen) -> int:
             f"{g.grid[0]}x{g.grid[1]}x{g.grid[2]}")
     out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"{name}.json"
     _check_out(out)  # before any compute
-    model, sampler = _model_and_sampler(a.weights)
+    model, sampler = _model_and_sampler(a)
     base = TimeRippleConfig(variant="tokens", reuse_q=not a.keys_only)
     cfg, record = calibrate_timeripple_speed(sampler, prompts, a.target_speedup, gen, geometry=geometry, base=base)
     save_preset(out, "timeripple", cfg, model_id=model.config.model_id, geometry=list(sampler.geometry(gen)),
@@ -125,7 +157,7 @@ def _joint_search_cli(a) -> int:
     geometry = _parse_geometry(a.proxy_geometry)
     out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"{name}.json"
     _check_out(out)  # before any compute
-    model, sampler = _model_and_sampler(a.weights)
+    model, sampler = _model_and_sampler(a)
     workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / "search-astraea-joint"  # table shared by targets
     from vdit_accel.methods.astraea import AstraeaConfig
 
@@ -169,9 +201,9 @@ def _refine_cli(a) -> int:
     for spec in a.seed_preset or []:
         cfg = load_preset(spec, steps=a.steps)
         seeds[f"preset:{spec}"] = config_to_schedule(cfg)
-    model, sampler = _model_and_sampler(a.weights)
+    model, sampler = _model_and_sampler(a)
     gen = GenerationConfig(steps=a.steps)
-    workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / f"search-refine-{name}"
+    workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / "search-refine"  # shared by every target
     objective = FinalVideoObjective(sampler, prompts, gen, base, min_weight=a.min_weight, workdir=workdir)
     say = None if a.quiet else (lambda msg: print(msg, flush=True))
     sched, record = refine_schedule(objective, latency, a.target_speedup, seeds, dense_steps=a.dense_steps,
@@ -231,6 +263,7 @@ def search_cli(a) -> int:
     if (a.target is None) == (a.target_speedup is None):
         raise ConfigError("search astraea needs exactly one of --target (mean token budget, e.g. 0.5) or "
                           "--target-speedup (with --latency-model, e.g. 3)")
+    _check_model_flags(a, "search astraea --target-speedup (the joint search)", supported=a.target_speedup is None)
     if a.target_speedup is not None:
         return _joint_search_cli(a)
     if getattr(a, "dense_steps", 1) != 1:
@@ -243,10 +276,11 @@ def search_cli(a) -> int:
     name = f"astraea-{round(a.target * 100)}"
     out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"{name}.json"
     _check_out(out)
-    model, sampler = _model_and_sampler(a.weights)
+    model, sampler = _model_and_sampler(a)
     workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / f"search-{name}"
+    proxy = {} if getattr(a, "model", None) is None else {"proxy": None}  # a pipeline: its own geometry, no re-rank
     cfg, record = search_astraea(sampler, prompts, a.target, steps=steps, evolution=evo, workdir=workdir,
-                                 progress=not a.quiet)
+                                 progress=not a.quiet, **proxy)
     save_preset(out, "astraea", cfg, model_id=model.config.model_id,
                 geometry=list(sampler.geometry(GenerationConfig())), steps=steps, seed=a.seed,
                 record={"search": record})

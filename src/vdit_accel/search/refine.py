@@ -283,6 +283,38 @@ class FinalVideoObjective:
 
         return _generate(self.sampler, self.prompts, self.gen, config)
 
+    def dense(self) -> torch.Tensor:
+        """The dense videos `[P, C, F, H, W]` of the prompts: generated once, kept in ``workdir/dense.safetensors``
+        (beside the evaluations, so under the same identity); a file that does not load or does not match the
+        prompts' shape is regenerated."""
+        if self._dense is not None:
+            return self._dense
+        path = None if self.path is None else self.path.with_name("dense.safetensors")
+        if path is not None and path.exists():
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                video = load_file(path)["video"]
+            except (SafetensorError, OSError, KeyError):
+                video = None  # corrupt or cut short: regenerate below
+            if video is not None and video.shape[0] == len(self.prompts) and torch.isfinite(video).all():
+                self._dense = video
+                return video
+        video = self._generate(None)
+        if not torch.isfinite(video).all():
+            raise ConfigError("the dense reference videos hold non-finite values: refusing to score against them")
+        if path is not None:
+            from safetensors.torch import save_file
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            save_file({"video": video.contiguous()}, tmp)
+            tmp.replace(path)
+            self._save()  # the identity, written with the reference it guards
+        self._dense = video
+        return video
+
     def psnr(self, schedule: Sequence[StepChoice]) -> list[float]:
         """Per-prompt PSNR (dB) of the schedule's videos against dense; computed once, then replayed."""
         from vdit_accel.search.joint import _psnr, schedule_to_config
@@ -290,9 +322,7 @@ class FinalVideoObjective:
         key = schedule_key(schedule)
         if key not in self.evals:
             t0 = time.perf_counter()
-            if self._dense is None:
-                self._dense = self._generate(None)
-            ps = _psnr(self._dense, self._generate(schedule_to_config(schedule, self.base)))
+            ps = _psnr(self.dense(), self._generate(schedule_to_config(schedule, self.base)))
             if not all(math.isfinite(p) for p in ps):
                 raise ConfigError(f"schedule {key} gave a non-finite PSNR {ps}: refusing to record it")
             self.evals[key] = ps
