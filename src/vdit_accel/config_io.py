@@ -1,5 +1,9 @@
 """Config dataclasses <-> JSON-able dicts, one rule for all: unknown keys raise, values are re-validated.
 
+Also the typed checks every config's ``__post_init__`` uses on values that may come from JSON (a preset, a model's
+``config.json``) or from Python: each raises :class:`~vdit_accel.errors.ConfigError` naming the field, the bad value
+and what is accepted, never a ``TypeError`` from a comparison deep inside.
+
 Example:
     >>> from dataclasses import dataclass
     >>> @dataclass(frozen=True)
@@ -7,22 +11,111 @@ Example:
     ...     a: int = 1
     >>> config_from_dict(C, {"a": 2})
     C(a=2)
+    >>> check_int("num_steps", 2.5, lo=1)
+    Traceback (most recent call last):
+    ...
+    vdit_accel.errors.ConfigError: num_steps=2.5 is not accepted: expected an int in [1, inf)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Iterable
 from typing import Any
 
 from vdit_accel.errors import ConfigError
 
 
-def config_from_dict(cls: type, d: dict) -> Any:
-    """``cls(**d)`` after checking that every key is a field of ``cls`` (:class:`ConfigError` naming the rest)."""
+def _interval(lo, hi, lo_open: bool = False) -> str:
+    lb = "(" if lo is None or lo_open else "["
+    rb = ")" if hi is None else "]"
+    return f"{lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}"
+
+
+def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
+    """``value`` must be an ``int`` (not a bool, not a float such as 2.0 or 0.9) in ``[lo, hi]``; returned."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}={value!r} is not accepted: expected an int in {_interval(lo, hi)}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{name}={value!r} is out of range: accepted an int in {_interval(lo, hi)}")
+    return value
+
+
+def check_float(name: str, value: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                allow_inf: bool = False) -> float:
+    """``value`` must be a real number (int or float, not a bool), not NaN, finite unless ``allow_inf``, in
+    ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``); returned as a float."""
+    what = f"a finite number in {_interval(lo, hi, lo_open)}" if not allow_inf else \
+        f"a number in {_interval(lo, hi, lo_open)}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}={value!r} is not accepted: expected {what}")
+    v = float(value) if not isinstance(value, int) or abs(value) < 2**1023 else math.inf
+    if math.isnan(v) or (math.isinf(v) and not allow_inf):
+        raise ConfigError(f"{name}={value!r} is out of range: accepted {what}")
+    if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
+        raise ConfigError(f"{name}={value!r} is out of range: accepted {what}")
+    return v
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` must be ``True`` or ``False`` (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} is not accepted: expected true or false")
+    return value
+
+
+def check_str(name: str, value: Any, choices: Iterable[str] | None = None) -> str:
+    """``value`` must be a string (one of ``choices`` when given)."""
+    if not isinstance(value, str):
+        extra = f" (one of {list(choices)})" if choices is not None else ""
+        raise ConfigError(f"{name}={value!r} is not accepted: expected a string{extra}")
+    if choices is not None:
+        choices = list(choices)
+        if value not in choices:
+            raise ConfigError(f"{name}={value!r} is not accepted: choose one of {choices}")
+    return value
+
+
+def check_sequence(name: str, value: Any, *, max_len: int | None = None) -> tuple:
+    """``value`` must be a list or tuple (not a string, a dict or a number); returned as a tuple."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{name}={value!r} is not accepted: expected a list")
+    if max_len is not None and len(value) > max_len:
+        raise ConfigError(f"{name} has {len(value)} entries: accepted at most {max_len}")
+    return tuple(value)
+
+
+def find_non_finite(data: Any, path: str = "") -> str | None:
+    """The path (``config.w_alpha``, ``budgets[3]``) of the first NaN or infinite float in nested JSON data."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return path or "<value>"
+    if isinstance(data, dict):
+        for k, v in data.items():
+            found = find_non_finite(v, f"{path}.{k}" if path else str(k))
+            if found is not None:
+                return found
+    if isinstance(data, (list, tuple)):
+        for i, v in enumerate(data):
+            found = find_non_finite(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def config_from_dict(cls: type, d: Any) -> Any:
+    """``cls(**d)`` after checking that ``d`` is a dict whose every key is a field of ``cls`` (:class:`ConfigError`
+    naming the rest); the values are then validated by ``cls`` itself."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a {cls.__name__} must be a JSON object (a dict of its fields), not {d!r}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
+    unknown = sorted(str(k) for k in set(d) - known)
     if unknown:
         raise ConfigError(f"{cls.__name__} has no fields {unknown}: accepted {sorted(known)}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{cls.__name__} needs the fields {missing}: they are missing")
     return cls(**d)
 
 

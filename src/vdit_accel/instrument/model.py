@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vdit_accel import validate
-from vdit_accel.errors import ChecksumError, ConfigError, WeightsError
+from vdit_accel.config_io import check_bool, check_int, check_sequence, check_str
+from vdit_accel.errors import ChecksumError, ConfigError, VditAccelError, WeightsError
 from vdit_accel.instrument.captions import MAX_CAPTION_TOKENS, VOCAB, tokenize
 
 #: the shipped default (``vdit-accel train --recipe v2``, session 6): every preset and published figure is for it.
@@ -45,6 +46,11 @@ ROPE_MAX_SEQ_LEN = 64  # rotary table length: at most this many patches per axis
 WEIGHTS_FILE = "model.safetensors"
 CHECKSUM_KEY = "weights_sha256"  # config.json: {file name: SHA-256 hex}, verified on load
 NOT_CONFIG_KEYS = ("training", CHECKSUM_KEY)  # records in config.json beside the architecture
+MAX_PATCH = 16
+MAX_VOCAB = 100_000
+#: upper bounds of the integer fields (a config.json asking for more is refused before anything is allocated)
+MAX_SIZES = {"frames": 1024, "height": 4096, "width": 4096, "num_heads": 128, "head_dim": 512, "num_layers": 128,
+             "ffn_dim": 65536, "text_dim": 8192, "freq_dim": 4096, "max_text_len": 4096}
 
 
 @dataclass(frozen=True)
@@ -105,18 +111,24 @@ class EmbeddedConfig:
     pooled_text: bool = False
 
     def __post_init__(self) -> None:
-        if self.prediction not in PREDICTIONS:
+        check_str("model_id", self.model_id)
+        if not isinstance(self.prediction, str) or self.prediction not in PREDICTIONS:
             raise ConfigError(f"prediction={self.prediction!r} is not known: accepted {list(PREDICTIONS)}")
-        for name in ("frames", "height", "width", "num_heads", "head_dim", "num_layers", "ffn_dim", "text_dim",
-                     "freq_dim", "max_text_len"):
-            validate.check_int(name, getattr(self, name), lo=1)
+        for name, hi in MAX_SIZES.items():
+            check_int(name, getattr(self, name), lo=1, hi=hi)
         validate.check_guidance(self.guidance)
         validate.check_flow_shift(self.flow_shift)
-        if not isinstance(self.patch_size, (tuple, list)) or len(self.patch_size) != 3:
+        patch = check_sequence("patch_size", self.patch_size, max_len=3)
+        if len(patch) != 3:
             raise ConfigError(f"patch_size={self.patch_size!r} is not accepted: three ints (t, h, w) >= 1")
-        object.__setattr__(self, "patch_size", tuple(validate.check_int(f"patch_size[{i}]", p, lo=1)
-                                                     for i, p in enumerate(self.patch_size)))
-        object.__setattr__(self, "vocab", tuple(self.vocab))
+        object.__setattr__(self, "patch_size", tuple(check_int(f"patch_size[{i}]", p, lo=1, hi=MAX_PATCH)
+                                                     for i, p in enumerate(patch)))
+        vocab = check_sequence("vocab", self.vocab, max_len=MAX_VOCAB)
+        if len(vocab) < 2:
+            raise ConfigError(f"vocab has {len(vocab)} entries: accepted at least 2 (index 0 is padding)")
+        object.__setattr__(self, "vocab", tuple(check_str(f"vocab[{i}]", w) for i, w in enumerate(vocab)))
+        for name in ("caption_mixer", "position_channels", "pooled_text"):
+            check_bool(name, getattr(self, name))
         check_geometry(self.frames, self.height, self.width, self.patch_size)
 
     @classmethod
@@ -159,17 +171,58 @@ class EmbeddedConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> EmbeddedConfig:
+        """The config of a ``config.json`` object; :class:`WeightsError` if it is not one of ours (format, version,
+        unknown keys), :class:`ConfigError` naming the field if a value is out of range or of the wrong type."""
+        if not isinstance(d, dict):
+            raise WeightsError(f"config is {type(d).__name__} {d!r:.60}: a {CONFIG_FORMAT} JSON object is expected")
         d = dict(d)
-        if d.pop("format", None) != CONFIG_FORMAT or d.pop("version", None) != CONFIG_VERSION:
-            raise WeightsError(f"config is not a {CONFIG_FORMAT} v{CONFIG_VERSION} file")
+        fmt, version = d.pop("format", None), d.pop("version", None)
+        if fmt != CONFIG_FORMAT or version != CONFIG_VERSION or isinstance(version, bool):
+            raise WeightsError(f"config is not a {CONFIG_FORMAT} v{CONFIG_VERSION} file (format={fmt!r:.60}, "
+                               f"version={version!r:.20})")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(str(k) for k in set(d) - known)
         if unknown:
             raise WeightsError(f"config has unknown keys {unknown}: accepted {sorted(known)}")
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise WeightsError(f"config is malformed: {e}") from e
+        return cls(**d)
+
+
+def _read_config_json(path: Path) -> dict:
+    """A ``config.json`` as a dict; NaN/Infinity refused (:class:`ConfigError`), anything not a readable JSON
+    object a :class:`WeightsError`."""
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"), parse_constant=lambda token: _refuse_constant(token, path))
+    except VditAccelError:
+        raise
+    except UnicodeDecodeError as e:
+        raise WeightsError(f"{str(path)!r} is not valid JSON: not UTF-8 text ({e})") from e
+    except RecursionError as e:
+        raise WeightsError(f"{str(path)!r} is not valid JSON: nested too deeply to be a model config") from e
+    except ValueError as e:  # json.JSONDecodeError, and integers too long to parse
+        raise WeightsError(f"{str(path)!r} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise WeightsError(f"{str(path)!r} cannot be read: {e}") from e
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{str(path)!r} holds a {type(raw).__name__}: expected a JSON object")
+    return raw
+
+
+def read_model_config(path: str | Path) -> EmbeddedConfig:
+    """Parse a model folder's ``config.json`` (its training record and checksums are ignored) into an
+    :class:`EmbeddedConfig`, without reading or verifying the weights (:meth:`EmbeddedModel.load` does).
+
+    Raises:
+        WeightsError: the file is unreadable, not JSON, not an object, or not one of ours.
+        ConfigError: a value is out of range, non-finite or of the wrong type (the message names the field).
+    """
+    path = Path(path)
+    raw = _read_config_json(path)
+    try:
+        return EmbeddedConfig.from_dict({k: v for k, v in raw.items() if k not in NOT_CONFIG_KEYS})
+    except WeightsError as e:
+        raise WeightsError(f"{str(path)!r}: {e}") from e
+    except ConfigError as e:
+        raise ConfigError(f"{str(path)!r}: {e}") from e
 
 
 def check_geometry(frames: int, height: int, width: int, patch_size: tuple[int, int, int]) -> None:
@@ -346,15 +399,9 @@ class EmbeddedModel(nn.Module):
         for p in (cfg_path, w_path):
             if not p.is_file():
                 raise WeightsError(f"weight file {str(p)!r} is missing")
-        try:
-            raw = json.loads(cfg_path.read_text(), parse_constant=lambda token: _refuse_constant(token, cfg_path))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise WeightsError(f"{str(cfg_path)!r} is not valid JSON: {e}") from e
-        if not isinstance(raw, dict):
-            raise WeightsError(f"{str(cfg_path)!r} holds a {type(raw).__name__}: expected a JSON object")
+        raw = _read_config_json(cfg_path)
         _verify_checksum(raw.get(CHECKSUM_KEY), w_path, cfg_path, require_checksum)
-        raw = {k: v for k, v in raw.items() if k not in NOT_CONFIG_KEYS}
-        model = cls(EmbeddedConfig.from_dict(raw))
+        model = cls(EmbeddedConfig.from_dict({k: v for k, v in raw.items() if k not in NOT_CONFIG_KEYS}))
         try:
             state = load_file(str(w_path))
         except (SafetensorError, OSError) as e:

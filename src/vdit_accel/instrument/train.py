@@ -13,6 +13,7 @@ Example (a few seconds; the real recipe is ``TrainConfig()``):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -23,15 +24,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from vdit_accel.errors import ConfigError
+from vdit_accel._faults import fault_point
+from vdit_accel.config_io import check_bool, check_float, check_int, check_sequence, check_str, config_from_dict
+from vdit_accel.errors import ConfigError, WeightsError
 from vdit_accel.instrument.dataset import SIZE_FRACTION, check_layout, check_size
 from vdit_accel.instrument.dataset import batch as data_batch
-from vdit_accel.instrument.model import EmbeddedConfig, EmbeddedModel, check_geometry
+from vdit_accel.instrument.model import MAX_SIZES, EmbeddedConfig, EmbeddedModel, check_geometry
+from vdit_accel.validate import MAX_FLOW_SHIFT
 
 logger = logging.getLogger(__name__)
+
+MAX_SEED = 2**63 - 1
+MAX_TRAIN_STEPS = 10_000_000
+MAX_BATCH = 4096
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,12 @@ class Stage:
     width: int
     steps: int
     batch: int
+
+    def __post_init__(self) -> None:
+        for name in ("frames", "height", "width"):
+            check_int(f"stage {name}", getattr(self, name), lo=1, hi=MAX_SIZES[name])
+        check_int("stage steps", self.steps, lo=1, hi=MAX_TRAIN_STEPS)
+        check_int("stage batch", self.batch, lo=1, hi=MAX_BATCH)
 
 
 @dataclass(frozen=True)
@@ -87,22 +102,41 @@ class TrainConfig:
     object_size: tuple[float, float] = SIZE_FRACTION
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stages", tuple(s if isinstance(s, Stage) else Stage(**s) for s in self.stages))
-        if not self.stages:
+        check_int("seed", self.seed, lo=0, hi=MAX_SEED)
+        stages = check_sequence("stages", self.stages)
+        if not stages:
             raise ConfigError("stages=() is not accepted: give at least one stage")
-        for s in self.stages:
-            if s.steps < 1 or s.batch < 1:
-                raise ConfigError(f"stage {s} is not accepted: steps and batch must be >= 1")
-        if not 0 <= self.caption_dropout < 1:
+        fields = {f.name for f in dataclasses.fields(Stage)}
+        for i, st in enumerate(stages):
+            if not isinstance(st, (Stage, dict)):
+                raise ConfigError(f"stages[{i}]={st!r} is not accepted: a Stage or a dict of {sorted(fields)}")
+        object.__setattr__(self, "stages", tuple(s if isinstance(s, Stage) else config_from_dict(Stage, s)
+                                                 for s in stages))
+        check_float("lr", self.lr, lo=0.0, hi=1.0, lo_open=True)
+        check_int("warmup", self.warmup, lo=0, hi=MAX_TRAIN_STEPS)
+        check_float("weight_decay", self.weight_decay, lo=0.0, hi=1.0)
+        check_float("ema_decay", self.ema_decay, lo=0.0, hi=1.0)
+        check_float("caption_dropout", self.caption_dropout, lo=0.0, hi=1.0)
+        if not self.caption_dropout < 1:
             raise ConfigError(f"caption_dropout={self.caption_dropout} is out of range: accepted [0, 1)")
+        check_bool("bf16", self.bf16)
+        check_int("checkpoint_every", self.checkpoint_every, lo=1, hi=MAX_TRAIN_STEPS)
+        check_str("layout", self.layout)
         check_layout(self.layout)
-        object.__setattr__(self, "object_size", check_size(self.object_size))
-        if isinstance(self.timestep_shift, (list, tuple)):
-            object.__setattr__(self, "timestep_shift", tuple(float(v) for v in self.timestep_shift))
-        shifts = self.timestep_shift if isinstance(self.timestep_shift, tuple) else (self.timestep_shift,)
-        if self.timestep_shift is not None and not (shifts and all(v > 0 for v in shifts)):
-            raise ConfigError(f"timestep_shift={self.timestep_shift} is out of range: accepted a value or a "
-                              "non-empty tuple of values in (0, inf), or None")
+        size = check_sequence("object_size", self.object_size)
+        if len(size) != 2:
+            raise ConfigError(f"object_size={self.object_size!r} is not accepted: a (lo, hi) pair")
+        size = tuple(check_float(f"object_size[{i}]", v, lo=0.0) for i, v in enumerate(size))
+        object.__setattr__(self, "object_size", check_size(size))
+        if self.timestep_shift is not None:
+            shifts = self.timestep_shift if isinstance(self.timestep_shift, (list, tuple)) else (self.timestep_shift,)
+            ok = bool(shifts) and all(not isinstance(v, bool) and isinstance(v, (int, float)) and
+                                      0 < v <= MAX_FLOW_SHIFT for v in shifts)
+            if not ok:
+                raise ConfigError(f"timestep_shift={self.timestep_shift!r} is out of range: accepted a value or a "
+                                  f"non-empty tuple of values in (0, {MAX_FLOW_SHIFT}], or None")
+            if isinstance(self.timestep_shift, (list, tuple)):
+                object.__setattr__(self, "timestep_shift", tuple(float(v) for v in shifts))
 
     @property
     def total_steps(self) -> int:
@@ -245,16 +279,36 @@ def flow_matching_loss(model: EmbeddedModel, videos: torch.Tensor, texts: list[s
     return torch.nn.functional.mse_loss(pred.float(), eps - videos)
 
 
-def _save_checkpoint(ckpt: Path, model, ema, opt, step: int, record: dict) -> None:
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optim.safetensors")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _state_digest(state: dict) -> str:
+    """SHA-256 of a ``state.json`` body without its own ``digest`` (canonical JSON)."""
+    body = {k: v for k, v in state.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _save_checkpoint(ckpt: Path, model, ema, opt, step: int, record: dict, settings: dict | None = None) -> None:
     """Write the resumable state as ``ckpt/step-NNNNNNN/`` (weights, EMA, optimiser tensors), then ``state.json``
-    naming that folder. ``state.json`` is replaced atomically and last, so a kill at any point leaves it naming a
-    complete folder: the new one, or the previous one (still there until the new ``state.json`` is in place)."""
+    naming that folder, with the SHA-256 of each file and of itself (a damaged checkpoint is detected on resume).
+    ``state.json`` is replaced atomically and last, so a kill at any point leaves it naming a complete folder: the
+    new one, or the previous one (still there until the new ``state.json`` is in place)."""
     ckpt.mkdir(parents=True, exist_ok=True)
     folder = ckpt / f"step-{step:07d}"
     shutil.rmtree(folder, ignore_errors=True)  # a partial folder of a killed save of this same step
     folder.mkdir()
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    fault_point("train_write")
     save_file({k: v.detach().contiguous() for k, v in ema.items()}, str(folder / "ema.safetensors"))
+    fault_point("train_write")
     opt_tensors, opt_scalars = {}, {}
     for pid, st in opt.state_dict()["state"].items():
         for name, value in st.items():
@@ -264,22 +318,60 @@ def _save_checkpoint(ckpt: Path, model, ema, opt, step: int, record: dict) -> No
             else:
                 opt_scalars[key] = value
     save_file(opt_tensors, str(folder / "optim.safetensors"))
+    fault_point("train_write")
+    state = {"step": step, "files": folder.name, "opt_scalars": opt_scalars, "record": record,
+             "sha256": {name: _sha256(folder / name) for name in CHECKPOINT_FILES}}
+    if settings is not None:
+        state["settings"] = settings
+    state["digest"] = _state_digest(state)
     tmp = ckpt / "state.json.tmp"
-    tmp.write_text(json.dumps({"step": step, "files": folder.name, "opt_scalars": opt_scalars, "record": record}))
+    tmp.write_text(json.dumps(state))
+    fault_point("train_write")
     tmp.replace(ckpt / "state.json")
     for old in ckpt.iterdir():  # earlier folders; the loose files and tmp/ of checkpoints made before step folders
         if old.is_dir() and old.name != folder.name and (old.name.startswith("step-") or old.name == "tmp"):
             shutil.rmtree(old)
-        elif old.name in ("model.safetensors", "ema.safetensors", "optim.safetensors"):
+        elif old.name in CHECKPOINT_FILES:
             old.unlink()
 
 
-def _load_checkpoint(ckpt: Path, model, ema, opt) -> tuple[int, dict]:
-    state = json.loads((ckpt / "state.json").read_text())
+def _read_state(ckpt: Path) -> dict:
+    """``ckpt/state.json``, checked against its digest; :class:`WeightsError` if it is damaged."""
+    path = ckpt / "state.json"
+    remedy = f"remove {str(ckpt)!r} to train from the start"
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise WeightsError(f"training checkpoint {str(path)!r} is corrupt ({e}): {remedy}") from e
+    if not isinstance(state, dict) or not {"step", "record", "opt_scalars"} <= set(state):
+        raise WeightsError(f"training checkpoint {str(path)!r} is not a training state: {remedy}")
+    if "digest" in state and state["digest"] != _state_digest(state):
+        raise WeightsError(f"training checkpoint {str(path)!r} is corrupt (its SHA-256 does not match): {remedy}")
+    return state
+
+
+def _load_checkpoint(ckpt: Path, model, ema, opt, state: dict) -> tuple[int, dict]:
     files = ckpt / state.get("files", "")  # checkpoints written before step folders keep their files in ckpt
-    model.load_state_dict(load_file(str(files / "model.safetensors")))
-    ema.update(load_file(str(files / "ema.safetensors")))
-    tensors = load_file(str(files / "optim.safetensors"))
+    remedy = f"remove {str(ckpt)!r} to train from the start"
+    tensors_of = {}
+    for name in CHECKPOINT_FILES:
+        path = files / name
+        if not path.is_file():
+            raise WeightsError(f"training checkpoint file {str(path)!r} is missing: {remedy}")
+        want = state.get("sha256", {}).get(name)
+        if want is not None and _sha256(path) != want:
+            raise WeightsError(f"training checkpoint file {str(path)!r} is corrupt (its SHA-256 does not match the "
+                               f"one recorded in state.json): {remedy}")
+        try:
+            tensors_of[name] = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise WeightsError(f"training checkpoint file {str(path)!r} is not readable ({e}): {remedy}") from e
+    try:
+        model.load_state_dict(tensors_of["model.safetensors"])
+    except RuntimeError as e:
+        raise WeightsError(f"training checkpoint {str(files)!r} does not fit this model ({e}): {remedy}") from e
+    ema.update(tensors_of["ema.safetensors"])
+    tensors = tensors_of["optim.safetensors"]
     sd = opt.state_dict()
     per: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(state["opt_scalars"].items()):
@@ -288,6 +380,48 @@ def _load_checkpoint(ckpt: Path, model, ema, opt) -> tuple[int, dict]:
     sd["state"] = per
     opt.load_state_dict(sd)
     return state["step"], state["record"]
+
+
+def run_settings(cfg: TrainConfig, model_cfg: EmbeddedConfig, init_from: str | Path | None) -> dict:
+    """What a training run depends on (recipe, model config, starting weights); a run folder made with other
+    settings is not resumed (:func:`check_resume`)."""
+    init = None
+    if init_from is not None:
+        weights = Path(init_from) / "model.safetensors"
+        init = {"path": str(Path(init_from).resolve()),
+                "model_sha256": _sha256(weights) if weights.is_file() else None}
+    return json.loads(json.dumps({"recipe": dataclasses.asdict(cfg), "model": model_cfg.to_dict(),
+                                  "init_from": init}))
+
+
+def _differences(have, want, prefix: str = "") -> list[str]:
+    if isinstance(have, dict) and isinstance(want, dict):
+        out = []
+        for k in sorted(set(have) | set(want), key=str):
+            out += _differences(have.get(k), want.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if have == want else [f"{prefix}: {have!r:.80} in the checkpoint, {want!r:.80} now"]
+
+
+def check_resume(ckpt: Path, state: dict, settings: dict) -> None:
+    """Raise :class:`ConfigError` naming every difference unless the checkpoint was made with ``settings``.
+
+    A checkpoint written before settings were recorded is compared on what its record holds (seed, init_from)."""
+    have = state.get("settings")
+    if have is None:
+        rec = state.get("record", {})
+        old_init = rec.get("init_from")
+        have = {"recipe": {"seed": rec.get("seed")},
+                "init_from": None if old_init is None else {"path": str(Path(old_init).resolve())}}
+        want = {"recipe": {"seed": settings["recipe"]["seed"]},
+                "init_from": None if settings["init_from"] is None else {"path": settings["init_from"]["path"]}}
+    else:
+        want = settings
+    diff = _differences(have, want)
+    if diff:
+        raise ConfigError(f"run folder {str(ckpt.parent)!r} holds a training run with other settings "
+                          f"({'; '.join(diff)}): resume with the same --recipe/--seed/--init-from/--model-id, or "
+                          "give another --out")
 
 
 def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: EmbeddedConfig = EmbeddedConfig(),
@@ -304,8 +438,14 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: Embe
     """
     for s in cfg.stages:
         check_geometry(s.frames, s.height, s.width, model_cfg.patch_size)
+    if max_steps is not None:
+        check_int("max_steps", max_steps, lo=1)
     out_dir = Path(out_dir)
     ckpt = out_dir / "checkpoint"
+    settings = run_settings(cfg, model_cfg, init_from)
+    state = _read_state(ckpt) if (ckpt / "state.json").is_file() else None
+    if state is not None:  # before any compute: a run folder of other settings is refused, not resumed
+        check_resume(ckpt, state, settings)
     torch.manual_seed(cfg.seed)
     model = EmbeddedModel(model_cfg)
     if init_from is not None:
@@ -321,8 +461,8 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: Embe
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     step, record = 0, {"loss": [], "wall_s": 0.0, "seed": cfg.seed,
                        "init_from": None if init_from is None else str(init_from)}
-    if (ckpt / "state.json").is_file():
-        step, record = _load_checkpoint(ckpt, model, ema, opt)
+    if state is not None:
+        step, record = _load_checkpoint(ckpt, model, ema, opt, state)
         logger.info("resumed from step %d", step)
     record.setdefault("threads", torch.get_num_threads())  # the training's, not the release writer's
     shift = model_cfg.flow_shift if cfg.timestep_shift is None else cfg.timestep_shift
@@ -333,7 +473,7 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: Embe
         stage = cfg.stage_at(step)
         videos, texts = data_batch(cfg.seed, step, stage.batch, stage.frames, stage.height, stage.width,
                                    cfg.caption_dropout, cfg.layout, cfg.object_size)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) % 2**64)
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -348,13 +488,14 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), model_cfg: Embe
                 ema[k].mul_(d).add_(v.float(), alpha=1 - d)
         step += 1
         record["loss"].append(float(loss.detach()))
+        fault_point("train_step")
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(record['loss'][-50:]):.4f}", res=f"{stage.frames}x{stage.height}")
         if step % cfg.checkpoint_every == 0 or step == end:
             now = time.perf_counter()
             record["wall_s"] += now - t_last
             t_last = now
-            _save_checkpoint(ckpt, model, ema, opt, step, record)
+            _save_checkpoint(ckpt, model, ema, opt, step, record, settings)
     bar.close()
     final = EmbeddedModel(model_cfg)
     final.load_state_dict({k: v.to(final.state_dict()[k].dtype) for k, v in ema.items()})

@@ -55,9 +55,17 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from vdit_accel.adapters import ModelAdapter, RowCache, resolve_adapter
-from vdit_accel.config_io import config_from_dict, config_to_dict
+from vdit_accel.config_io import (
+    check_bool,
+    check_float,
+    check_int,
+    check_sequence,
+    check_str,
+    config_from_dict,
+    config_to_dict,
+)
 from vdit_accel.context import CONTEXT_HOOK, ContextHook, acquire_context, release_context
-from vdit_accel.errors import CompositionError, ConfigError, UnsupportedModelError, check_choice, check_range
+from vdit_accel.errors import CompositionError, ConfigError, UnsupportedModelError
 from vdit_accel.ops.astraea import (
     LSE_REDUCTIONS,
     NORMS,
@@ -70,11 +78,10 @@ from vdit_accel.ops.astraea import (
     update_skips,
 )
 from vdit_accel.ops.attention import probe_fast_path, row_subset_attention
-from vdit_accel.ops.schedule import resample_mean, resample_nearest
+from vdit_accel.ops.schedule import MAX_STEPS, resample_mean, resample_nearest
 from vdit_accel.parallel.cp import cp_rows_attention, is_cp_hook, processor_cp_config
 from vdit_accel.registry import Method, register_method
 from vdit_accel.search.presets import preset_operating_point
-from vdit_accel.validate import MAX_STEPS, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -143,33 +150,32 @@ class AstraeaConfig:
         check_int("num_steps", self.num_steps, lo=1, hi=MAX_STEPS)
         check_int("dense_steps", self.dense_steps, lo=0, hi=self.num_steps)
         for name in ("w_alpha", "w_beta"):
-            check_range(name, getattr(self, name), lo=0.0)
-        check_choice("delta_norm", self.delta_norm, NORMS)
-        check_choice("lse_reduction", self.lse_reduction, LSE_REDUCTIONS)
-        check_choice("normalize", self.normalize, SIGNAL_NORMALISATIONS)
-        check_choice("cache", self.cache, CACHE_MODES)
-        check_choice("selection", self.selection, SELECTIONS)
-        check_choice("kv", self.kv, KV_SOURCES)
+            check_float(name, getattr(self, name), lo=0.0)
+        check_str("delta_norm", self.delta_norm, NORMS)
+        check_str("lse_reduction", self.lse_reduction, LSE_REDUCTIONS)
+        check_str("normalize", self.normalize, SIGNAL_NORMALISATIONS)
+        check_str("cache", self.cache, CACHE_MODES)
+        check_str("selection", self.selection, SELECTIONS)
+        check_str("kv", self.kv, KV_SOURCES)
         self._check_forecast()
-        if not isinstance(self.kv_reuse, bool):
-            raise ConfigError(f"kv_reuse={self.kv_reuse!r} is not accepted: a bool")
+        check_bool("kv_reuse", self.kv_reuse)
         if self.kv_reuse and self.kv != "all":
             raise ConfigError(f"kv_reuse=True with kv={self.kv!r} is not accepted: K/V reuse needs kv='all'")
         if self.cache_dtype is not None:
-            check_choice("cache_dtype", self.cache_dtype, CACHE_DTYPES)
+            check_str("cache_dtype", self.cache_dtype, CACHE_DTYPES)
         if self.memory_cap_mb is not None:
-            check_range("memory_cap_mb", self.memory_cap_mb, lo=0.0, hi=float(2**40))
+            check_float("memory_cap_mb", self.memory_cap_mb, lo=0.0, hi=float(2**40))
         if self.budgets is None and self.target is None:
             object.__setattr__(self, "target", 1.0)
         if self.budgets is not None:
-            object.__setattr__(self, "budgets", tuple(float(b) for b in self.budgets))
-            if len(self.budgets) != self.num_steps:
-                raise ConfigError(f"budgets has {len(self.budgets)} entries: accepted exactly num_steps="
+            budgets = check_sequence("budgets", self.budgets)
+            if len(budgets) != self.num_steps:
+                raise ConfigError(f"budgets has {len(budgets)} entries: accepted exactly num_steps="
                                   f"{self.num_steps}")
-            for i, b in enumerate(self.budgets):
-                check_range(f"budgets[{i}]", b, lo=0.0, hi=1.0)
+            budgets = tuple(check_float(f"budgets[{i}]", b, lo=0.0, hi=1.0) for i, b in enumerate(budgets))
+            object.__setattr__(self, "budgets", budgets)
         else:
-            check_range("target", self.target, lo=1e-9, hi=1.0)
+            check_float("target", self.target, lo=0.0, hi=1.0, lo_open=True)
             lo = self.dense_steps / self.num_steps
             if self.target < lo:
                 raise ConfigError(f"target={self.target} has no feasible schedule: with dense_steps="

@@ -44,10 +44,19 @@ import torch
 import torch.nn.functional as F
 
 from vdit_accel.adapters import ModelAdapter, resolve_adapter
-from vdit_accel.config_io import config_from_dict, config_to_dict
+from vdit_accel.config_io import (
+    check_bool,
+    check_float,
+    check_int,
+    check_sequence,
+    check_str,
+    config_from_dict,
+    config_to_dict,
+)
 from vdit_accel.context import ContextHook, acquire_context, release_context
-from vdit_accel.errors import ConfigError, UnsupportedModelError, check_choice
+from vdit_accel.errors import ConfigError, UnsupportedModelError
 from vdit_accel.ops.attention import row_subset_attention
+from vdit_accel.ops.schedule import MAX_STEPS
 from vdit_accel.ops.timeripple import (
     AXES,
     MIN_DELTA,
@@ -69,7 +78,6 @@ from vdit_accel.ops.timeripple_structured import (
 from vdit_accel.ops.timeripple_tokens import token_decisions, tokens_timeripple_attention
 from vdit_accel.registry import Method, register_method
 from vdit_accel.search.presets import preset_operating_point
-from vdit_accel.validate import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +87,8 @@ COMPILED_VARIANTS = 2
 """Graphs a compiled block compiles for "exact_sim" (per block shape): a dense step and a reuse step. θ reaches the
 graph as a device tensor and the step, CFG branch and layer not at all, so neither the ramp nor the branch
 recompiles (``docs/compile.md``)."""
+MAX_WINDOW = 64  # window size K along an axis; larger than any latent axis of a supported model
+MAX_LAYER = 1023  # block indices (the largest supported models have tens of blocks)
 
 
 @dataclass(frozen=True)
@@ -130,32 +140,40 @@ class TimeRippleConfig:
     row_fraction: float | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "axes", tuple(self.axes))
-        object.__setattr__(self, "axis_scale", tuple(float(x) for x in self.axis_scale))
-        if self.layers is not None and not isinstance(self.layers, (list, tuple)):
-            raise ConfigError(f"layers={self.layers!r} is not accepted: a list of block indices (ints >= 0) or None")
+        for name in ("theta_min", "theta_max"):
+            check_float(name, getattr(self, name), lo=0.0)
+        check_int("num_steps", self.num_steps, lo=1, hi=MAX_STEPS)
+        check_int("i_min", self.i_min, lo=0, hi=self.num_steps - 1)
+        check_int("i_max", self.i_max, lo=0, hi=self.num_steps - 1)
+        for name in ("literal_schedule", "reuse_q", "reuse_k"):
+            check_bool(name, getattr(self, name))
+        if isinstance(self.axes, str):  # "thw" is read as ("t", "h", "w")
+            object.__setattr__(self, "axes", tuple(self.axes))
+        object.__setattr__(self, "axes", check_sequence("axes", self.axes, max_len=len(AXES)))
+        for a in self.axes:
+            check_str("axis", a, AXES)
+        scale = check_sequence("axis_scale", self.axis_scale)
+        if len(scale) != 3:
+            raise ConfigError(f"axis_scale={self.axis_scale!r} is not accepted: three values >= 0 (t, h, w)")
+        object.__setattr__(self, "axis_scale", tuple(check_float(f"axis_scale[{i}]", x, lo=0.0)
+                                                     for i, x in enumerate(scale)))
         if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(check_int(f"layers[{k}]", i, lo=0)
-                                                     for k, i in enumerate(self.layers)))
-        _ = self.schedule  # validates thresholds and ramp steps
-        if self.fixed_threshold is not None and not self.fixed_threshold >= 0:
-            raise ConfigError(f"fixed_threshold={self.fixed_threshold!r} is out of range: accepted [0, inf)")
-        if self.window < 2:
-            raise ConfigError(f"window={self.window!r} is out of range: accepted [2, inf)")
+            layers = check_sequence("layers", self.layers)
+            object.__setattr__(self, "layers", tuple(check_int(f"layers[{i}]", x, lo=0, hi=MAX_LAYER)
+                                                     for i, x in enumerate(layers)))
+        _ = self.schedule  # validates the ramp (theta_min <= theta_max, i_min <= i_max)
+        if self.fixed_threshold is not None:  # inf is accepted: every candidate reuses (the 7/8 oracle)
+            check_float("fixed_threshold", self.fixed_threshold, lo=0.0, allow_inf=True)
+        check_int("window", self.window, lo=2, hi=MAX_WINDOW)
         if not self.axes or len(set(self.axes)) != len(self.axes):
             raise ConfigError(f"axes={self.axes!r} is not accepted: a non-empty subset of {list(AXES)}")
-        for a in self.axes:
-            check_choice("axis", a, AXES)
+        check_str("priority", self.priority)
         if self.priority != MIN_DELTA and sorted(self.priority) != sorted("".join(AXES)):
             raise ConfigError(f"priority={self.priority!r} is not accepted: a permutation of 'thw' or 'min_delta'")
-        check_choice("threshold_mode", self.threshold_mode, THRESHOLD_MODES)
-        if len(self.axis_scale) != 3 or any(not s >= 0 for s in self.axis_scale):
-            raise ConfigError(f"axis_scale={self.axis_scale!r} is not accepted: three values >= 0 (t, h, w)")
-        if self.layers is not None and any(i < 0 for i in self.layers):
-            raise ConfigError(f"layers={self.layers!r} is not accepted: block indices >= 0")
+        check_str("threshold_mode", self.threshold_mode, THRESHOLD_MODES)
         if not (self.reuse_q or self.reuse_k):
             raise ConfigError("reuse_q=False and reuse_k=False reuse nothing: enable at least one")
-        check_choice("variant", self.variant, VARIANTS)
+        check_str("variant", self.variant, VARIANTS)
         if self.row_fraction is not None:
             if self.variant != "token_rows":
                 raise ConfigError(f"row_fraction={self.row_fraction!r} is not accepted with variant={self.variant!r}: "

@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,13 +30,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from vdit_accel._faults import fault_point
 from vdit_accel.errors import ConfigError
 from vdit_accel.instrument.sampler import GenerationConfig, Sampler
 from vdit_accel.methods.astraea import AstraeaConfig, apply_astraea
 from vdit_accel.search.evolution import EvolutionConfig, evolve, greedy_schedule, uniform_schedule
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,18 +75,60 @@ def claim_workdir(workdir: Path, sampler: Sampler, prompts: list[str]) -> None:
              "prompts": list(prompts)}
     path = workdir / WORKDIR_IDENTITY
     if path.is_file():
-        have = json.loads(path.read_text())
+        try:
+            have = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ConfigError(f"checkpoint folder {str(workdir)!r} has a corrupt {WORKDIR_IDENTITY} ({e}): remove the "
+                              "folder or give another (--checkpoint)") from e
+        if not isinstance(have, dict):
+            raise ConfigError(f"checkpoint folder {str(workdir)!r} has a corrupt {WORKDIR_IDENTITY}: remove the "
+                              "folder or give another (--checkpoint)")
         diff = [k for k in ident if have.get(k) != ident[k]]
         if diff:
             raise ConfigError(f"checkpoint folder {str(workdir)!r} belongs to another search (its {', '.join(diff)} "
                               f"differ; model {have.get('model_id')!r}): give another folder (--checkpoint) or "
                               "remove it")
         return
-    if workdir.is_dir() and any(workdir.iterdir()):
+    if workdir.is_dir() and any(p.name != path.name + ".tmp" for p in workdir.iterdir()):
         raise ConfigError(f"checkpoint folder {str(workdir)!r} holds files but no {WORKDIR_IDENTITY} (written before "
                           "searches recorded their model): give another folder (--checkpoint) or remove it")
     workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ident, indent=1))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(ident, indent=1))
+    os.replace(tmp, path)
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def write_reference(path: Path, latents: torch.Tensor) -> None:
+    """Write a dense reference (safetensors, with the SHA-256 of its payload in the header) under a temporary name,
+    then move it into place: a kill never leaves a half-written reference under the real name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"latents": latents.contiguous()}, str(tmp), metadata={"sha256": _tensor_digest(latents)})
+    fault_point("search_write")
+    os.replace(tmp, path)
+
+
+def read_reference(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A dense reference written by :func:`write_reference`, or ``None`` when it is missing or damaged (unreadable,
+    truncated, bytes flipped: its SHA-256 does not match, wrong shape, non-finite values), so it is rebuilt."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            latents = fh.get_tensor("latents")
+    except (SafetensorError, OSError, KeyError) as e:
+        logger.warning("dense reference %s is unreadable (%s): rebuilding it", path, e)
+        return None
+    if tuple(latents.shape) != shape or meta.get("sha256") != _tensor_digest(latents) or \
+            not bool(torch.isfinite(latents).all()):
+        logger.warning("dense reference %s is damaged (shape, checksum or values): rebuilding it", path)
+        return None
+    return latents
 
 
 class ScheduleFitness:
@@ -112,13 +160,11 @@ class ScheduleFitness:
         if cache_dir is not None:
             claim_workdir(Path(cache_dir), sampler, prompts)
         ref_file = None if cache_dir is None else cache_dir / f"dense-{f}x{h}x{w}-g{fidelity.guidance}.safetensors"
-        if ref_file is not None and ref_file.is_file():
-            self.reference = load_file(str(ref_file))["latents"]
-        else:
+        self.reference = None if ref_file is None else read_reference(ref_file, tuple(self.noise.shape))
+        if self.reference is None:
             self.reference = self._generate(None)
             if ref_file is not None:
-                ref_file.parent.mkdir(parents=True, exist_ok=True)
-                save_file({"latents": self.reference.contiguous()}, str(ref_file))
+                write_reference(ref_file, self.reference)
 
     def _generate(self, budgets: np.ndarray | None) -> torch.Tensor:
         handle = None
@@ -135,6 +181,7 @@ class ScheduleFitness:
         out = self._generate(genome)
         self.seconds += time.perf_counter() - t0
         self.evaluations += 1
+        fault_point("search_eval")
         return float(((out - self.reference) ** 2).mean())
 
     def __call__(self, genomes: np.ndarray) -> np.ndarray:
@@ -195,7 +242,7 @@ def search_astraea(sampler: Sampler, prompts: list[str], target: float, *, steps
     search_s = time.perf_counter() - t0
     record: dict = {"target": target, "prompts": list(prompts), "evolution": result.to_dict(),
                     "search_fitness": dataclasses.asdict(proxy or full), "search_seconds": round(search_s, 1),
-                    "search_evaluations": search_fit.evaluations}
+                    "search_evaluations": result.evaluations}  # distinct genomes, a resumed run's included
     best = np.asarray(result.best_genome)
     if proxy is not None:
         full_fit = ScheduleFitness(sampler, prompts, full, base, workdir)

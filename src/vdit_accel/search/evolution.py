@@ -36,16 +36,18 @@ Why not pymoo or nevergrad (neither is a dependency)? Both could run this, neith
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vdit_accel._faults import fault_point
 from vdit_accel.errors import ConfigError
 
 try:
@@ -195,9 +197,15 @@ class EvolutionConfig:
             >>> EvolutionConfig.from_dict({"target": 0.5, "num_steps": 10, "grid": [0.0, 0.5, 1.0]}).grid
             (0.0, 0.5, 1.0)
         """
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if not isinstance(data, dict):
+            raise ConfigError(f"an EvolutionConfig must be a JSON object (a dict of its fields), not {data!r:.60}")
+        unknown = sorted(str(k) for k in set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ConfigError(f"keys {unknown} are not accepted: fields are {[f.name for f in fields(cls)]}")
+        missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING
+                   and f.default_factory is MISSING]
+        if missing:
+            raise ConfigError(f"keys {missing} are missing: an EvolutionConfig needs them")
         return cls(**data)
 
 
@@ -523,21 +531,33 @@ def _save(
         "history": history,
         "cache": [[f, np.frombuffer(k, dtype=np.float64).tolist()] for k, f in cache.items()],
     }
+    state["digest"] = _digest(state)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
         json.dump(state, fh)
         fh.flush()
         os.fsync(fh.fileno())
+    fault_point("search_write")
     os.replace(tmp, path)
+
+
+def _digest(state: dict) -> str:
+    """SHA-256 of a checkpoint body without its own ``digest`` (canonical JSON): flipped bytes are detected."""
+    body = {k: v for k, v in state.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _load(path: Path, cfg: EvolutionConfig, identity: dict | None = None):
     try:
-        state = json.loads(path.read_text())
+        state = json.loads(path.read_bytes().decode("utf-8"))
         ok = state["format"] == CHECKPOINT_FORMAT and state["version"] == CHECKPOINT_VERSION
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ConfigError(f"checkpoint {str(path)!r} is not a readable evolution checkpoint: {err!r}") from err
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:  # ValueError: JSONDecodeError
+        raise ConfigError(f"checkpoint {str(path)!r} is not a readable evolution checkpoint: {err!r}; delete it "
+                          "to restart the search") from err
+    if "digest" in state and state["digest"] != _digest(state):
+        raise ConfigError(f"checkpoint {str(path)!r} is corrupt (its SHA-256 does not match its content): delete it "
+                          "to restart the search")
     if not ok:
         raise ConfigError(
             f"checkpoint {str(path)!r} has format/version {state['format']!r}/{state['version']!r}: "

@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -51,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vdit_accel._faults import fault_point
 from vdit_accel.errors import ConfigError
 from vdit_accel.search.latency import LatencyModel, StepChoice
 
@@ -202,12 +204,21 @@ class ErrorTable:
         return total if math.isfinite(total) else math.inf
 
 
+def _json_digest(data: dict) -> str:
+    """SHA-256 of a JSON checkpoint body without its own ``digest`` (canonical JSON)."""
+    body = {k: v for k, v in data.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _atomic_json(path: Path, data: dict) -> None:
+    """Write ``data`` with its digest under a temporary name, then move it into place (a kill leaves the old file)."""
+    data = {**data, "digest": _json_digest(data)}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
         json.dump(data, fh)
         fh.flush()
         os.fsync(fh.fileno())
+    fault_point("search_write")
     os.replace(tmp, path)
 
 
@@ -268,9 +279,12 @@ class SegmentErrorMeter:
         if path is None or not path.is_file():
             return {}
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:  # ValueError: JSONDecodeError
             raise ConfigError(f"error-table checkpoint {str(path)!r} is not valid JSON ({e}): remove it") from e
+        if not isinstance(data, dict) or ("digest" in data and data["digest"] != _json_digest(data)):
+            raise ConfigError(f"error-table checkpoint {str(path)!r} is corrupt (its SHA-256 does not match its "
+                              "content): remove it")
         if data.get("format") != TABLE_FORMAT or data.get("version") != TABLE_VERSION:
             raise ConfigError(f"{str(path)!r} is not a {TABLE_FORMAT} v{TABLE_VERSION} file: remove it")
         if data.get("spec") != json.loads(json.dumps(self.spec())):

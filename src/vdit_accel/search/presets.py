@@ -21,13 +21,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from vdit_accel.config_io import check_int, check_sequence, check_str, find_non_finite
 from vdit_accel.errors import ConfigError, WeightsError
+from vdit_accel.ops.schedule import MAX_STEPS
 
 logger = logging.getLogger(__name__)
 
 PRESET_FORMAT = "vdit-accel/preset"
 PRESET_VERSION = 1
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+MAX_SEED = 2**63 - 1
+MAX_GEOMETRY = 4096  # frames, height or width recorded in a preset
 _REQUIRED = ("format", "version", "method", "model_id", "geometry", "steps", "seed", "config")
 
 
@@ -53,6 +57,8 @@ def save_preset(path: str | Path, method: str, config: Any, *, model_id: str, ge
 
 def preset_path(name_or_path: str | Path) -> Path:
     """A shipped preset name (``timeripple-85``) or a file path."""
+    if not isinstance(name_or_path, (str, Path)) or not str(name_or_path):
+        raise ConfigError(f"preset={name_or_path!r} is not accepted: a shipped preset name or a JSON file path")
     p = Path(name_or_path)
     if p.suffix == ".json" and p.is_file():
         return p
@@ -64,18 +70,53 @@ def preset_path(name_or_path: str | Path) -> Path:
 
 
 def read_preset(name_or_path: str | Path) -> dict:
-    """Read and validate a preset file's envelope."""
+    """Read and validate a preset file's envelope: a JSON object with every field of ``_REQUIRED`` of the right
+    type, no NaN or infinite number anywhere (:class:`WeightsError` naming the file and the field)."""
     path = preset_path(name_or_path)
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise WeightsError(f"preset {str(path)!r} is not UTF-8 text: {e}") from e
+    except RecursionError as e:
+        raise WeightsError(f"preset {str(path)!r} is nested too deeply to be a preset") from e
+    except ValueError as e:  # json.JSONDecodeError, and integers too long to parse
         raise WeightsError(f"preset {str(path)!r} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise WeightsError(f"preset {str(path)!r} cannot be read: {e}") from e
+    if not isinstance(data, dict):
+        raise WeightsError(f"preset {str(path)!r} holds {type(data).__name__} {_short(data)}: a preset is a JSON "
+                           f"object with the fields {list(_REQUIRED)}")
     missing = [k for k in _REQUIRED if k not in data]
     if missing or data.get("format") != PRESET_FORMAT:
-        raise WeightsError(f"preset {str(path)!r} is not a {PRESET_FORMAT} file (missing {missing})")
-    if data["version"] != PRESET_VERSION:
-        raise WeightsError(f"preset {str(path)!r} has version {data['version']}: accepted {PRESET_VERSION}")
+        raise WeightsError(f"preset {str(path)!r} is not a {PRESET_FORMAT} file (format={_short(data.get('format'))}, "
+                           f"missing {missing})")
+    if data["version"] != PRESET_VERSION or isinstance(data["version"], bool):
+        raise WeightsError(f"preset {str(path)!r} has version={_short(data['version'])}: accepted {PRESET_VERSION}")
+    bad = find_non_finite(data)
+    if bad is not None:
+        raise WeightsError(f"preset {str(path)!r} has a non-finite number at {bad}: accepted finite numbers only")
+    try:
+        check_str("method", data["method"])
+        check_str("model_id", data["model_id"])
+        geometry = check_sequence("geometry", data["geometry"], max_len=3)
+        if len(geometry) != 3:
+            raise ConfigError(f"geometry={data['geometry']!r} is not accepted: [frames, height, width]")
+        for i, g in enumerate(geometry):
+            check_int(f"geometry[{i}]", g, lo=1, hi=MAX_GEOMETRY)
+        check_int("steps", data["steps"], lo=1, hi=MAX_STEPS)
+        check_int("seed", data["seed"], lo=0, hi=MAX_SEED)
+        if not isinstance(data["config"], dict):
+            raise ConfigError(f"config={_short(data['config'])} is not accepted: a JSON object of the method's fields")
+        if not isinstance(data.get("record", {}), dict):
+            raise ConfigError(f"record={_short(data['record'])} is not accepted: a JSON object")
+    except ConfigError as e:
+        raise WeightsError(f"preset {str(path)!r}: {e}") from e
     return data
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_preset(name_or_path: str | Path, *, method: str | None = None, steps: int | None = None,
@@ -84,7 +125,8 @@ def load_preset(name_or_path: str | Path, *, method: str | None = None, steps: i
 
     Raises:
         ConfigError: the preset is for another method, or for another step count than ``steps`` and its method
-            has no normalised-time resampling (``config.resampled(steps)``; Astraea has it).
+            has no normalised-time resampling (``config.resampled(steps)``; Astraea has it), or a field of its
+            config is out of range or of the wrong type (the message names it).
         WeightsError: the file is missing or malformed.
     """
     from vdit_accel.registry import get_method
@@ -96,7 +138,10 @@ def load_preset(name_or_path: str | Path, *, method: str | None = None, steps: i
         logger.warning("preset %s was made for model %s, applied to %s", name_or_path, data["model_id"], model_id)
     import vdit_accel.methods  # noqa: F401  (registers the methods)
 
-    config = get_method(data["method"]).config_cls.from_dict(data["config"])
+    try:
+        config = get_method(data["method"]).config_cls.from_dict(data["config"])
+    except ConfigError as e:
+        raise ConfigError(f"preset {str(name_or_path)!r}: {e}") from e
     if steps is not None and data["steps"] != steps:
         if not hasattr(config, "resampled"):
             raise ConfigError(

@@ -45,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -54,6 +55,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vdit_accel._faults import fault_point
 from vdit_accel.errors import ConfigError, WeightsError
 from vdit_accel.search.latency import MAX_ORDER, LatencyModel, StepChoice
 
@@ -64,6 +66,12 @@ FULL = StepChoice(1.0, 0)
 
 
 # ------------------------------------------------------------------------------------------ schedules and keys
+def _evals_digest(data: dict) -> str:
+    """SHA-256 of an ``evals.json`` body without its own ``digest`` (canonical JSON): flipped bytes are detected."""
+    body = {k: v for k, v in data.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def schedule_key(schedule: Sequence[StepChoice]) -> str:
     """A compact, exact text key: ``F`` computed step, ``0``-``2`` whole-step reuse of that forecast order,
     ``[b:o]`` a partial token budget ``b`` with order ``o``."""
@@ -251,14 +259,23 @@ class FinalVideoObjective:
         if data.get("identity") != json.loads(json.dumps(self.identity)):
             raise ConfigError(f"refine checkpoint {self.path} was made with other settings (prompts, generation or "
                               "base config): use another --checkpoint folder")
-        return {k: [float(x) for x in v] for k, v in data["evals"].items()}
+        evals = data.get("evals")
+        if not isinstance(evals, dict) or ("digest" in data and data["digest"] != _evals_digest(data)):
+            raise WeightsError(f"refine checkpoint {self.path} is corrupt (its SHA-256 does not match its content): "
+                               "delete it to start over")
+        try:
+            return {k: [float(x) for x in v] for k, v in evals.items()}
+        except (TypeError, ValueError) as e:
+            raise WeightsError(f"refine checkpoint {self.path} is corrupt ({e}): delete it to start over") from e
 
     def _save(self) -> None:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"format": EVALS_FORMAT, "identity": self.identity, "evals": self.evals}))
+        data = {"format": EVALS_FORMAT, "identity": self.identity, "evals": self.evals}
+        tmp.write_text(json.dumps({**data, "digest": _evals_digest(data)}))
+        fault_point("search_write")
         tmp.replace(self.path)
 
     def _generate(self, config) -> torch.Tensor:
