@@ -219,6 +219,10 @@ def test_cli_refine_smoke(tmp_path, capsys):
     assert rec["evaluations_this_run"] >= 1 and rec["evaluations_total"] == rec["evaluations_this_run"]
     cfg = load_preset(out)
     assert _n_full([StepChoice(b) for b in cfg.budgets]) == _n_full(parse_key(rec["schedule"]))
+    before = out.read_bytes()
+    assert main(args) == 2 and out.read_bytes() == before  # an existing --out is never replaced silently
+    assert "already exists" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
     # rerun: every evaluation replayed from the checkpoint, same schedule
     assert main(args[:-3] + ["--out", str(tmp_path / "again.json"), "--quiet"]) == 0
     rec2 = read_preset(tmp_path / "again.json")["record"]["search"]

@@ -583,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=STEPS, default=g.steps, help=f"denoising steps, 1..{validate.MAX_STEPS}")
     s.add_argument("--out", default=None, help="file to write (default runs/presets/NAME.json; magcache: "
                    "runs/magcache_ratios.json)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out (default off: refuse)")
     s.add_argument("--weights", default=None, help="model folder (default: the embedded model)")
     _add_model_flags(s, "to calibrate on (timeripple; the preset records it as its model_id)")
     s.add_argument("--quiet", action="store_true", help="no progress bar (magcache)")
@@ -618,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=STEPS, default=g.steps, help=f"denoising steps, 1..{validate.MAX_STEPS}")
     s.add_argument("--prompts", default="calib", help="prompt set (quick, bench, heldout, calib) or file")
     s.add_argument("--out", default=None, help="preset file to write (default runs/presets/NAME.json)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out (default off: refuse)")
     s.add_argument("--checkpoint", default=None, help="checkpoint folder (default runs/search-NAME)")
     s.add_argument("--weights", default=None, help="model folder (default: the embedded model)")
     _add_model_flags(s, "to search on (--target only: the budget search at the pipeline's geometry, no proxy; the "

@@ -60,7 +60,7 @@ def calibrate_cli(a) -> int:
 
         _check_model_flags(a, "calibrate magcache", supported=False)
         out = Path(a.out) if a.out else USER_RATIOS_FILE
-        _check_out(out)  # never inside the package
+        _check_out(out, a)  # never inside the package
         _, sampler = _model_and_sampler(a)
         ratios = calibrate_mag_ratios(sampler, prompts[0], gen, out=out, progress=not getattr(a, "quiet", True))
         print(f"wrote {len(ratios)} MagCache ratios to {out}")
@@ -77,7 +77,7 @@ def calibrate_cli(a) -> int:
     from vdit_accel.search.calibrate import calibrate_timeripple
 
     out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"timeripple-{round(a.target * 100)}.json"
-    _check_out(out)  # before any compute
+    _check_out(out, a)  # before any compute
     model, sampler = _model_and_sampler(a)
     cfg, record = calibrate_timeripple(sampler, prompts, a.target, gen)
     save_preset(out, "timeripple", cfg, model_id=model.config.model_id, geometry=list(sampler.geometry(gen)),
@@ -99,7 +99,7 @@ def _calibrate_speed_cli(a, prompts, gen) -> int:
     name = (f"timeripple-tokens{'-k' if a.keys_only else ''}-op{a.target_speedup:g}x-{g.heads}x{g.head_dim}-"
             f"{g.grid[0]}x{g.grid[1]}x{g.grid[2]}")
     out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"{name}.json"
-    _check_out(out)  # before any compute
+    _check_out(out, a)  # before any compute
     model, sampler = _model_and_sampler(a)
     base = TimeRippleConfig(variant="tokens", reuse_q=not a.keys_only)
     cfg, record = calibrate_timeripple_speed(sampler, prompts, a.target_speedup, gen, geometry=geometry, base=base)
@@ -156,7 +156,7 @@ def _joint_search_cli(a) -> int:
     name = preset_name(a.target_speedup)
     geometry = _parse_geometry(a.proxy_geometry)
     out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"{name}.json"
-    _check_out(out)  # before any compute
+    _check_out(out, a)  # before any compute
     model, sampler = _model_and_sampler(a)
     workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / "search-astraea-joint"  # table shared by targets
     from vdit_accel.methods.astraea import AstraeaConfig
@@ -196,7 +196,7 @@ def _refine_cli(a) -> int:
     prompts = resolve_prompts(a.prompts)
     name = preset_name(a.target_speedup)
     out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"{name}.json"
-    _check_out(out)  # before any compute
+    _check_out(out, a)  # before any compute
     base = AstraeaConfig(num_steps=a.steps, dense_steps=a.dense_steps, kv_reuse=latency.kv_reuse)
     seeds = cadence_seeds(latency, a.steps, a.target_speedup)
     for spec in a.seed_preset or []:
@@ -257,12 +257,19 @@ def _parse_geometry(spec: str | None):
     return f, h, w
 
 
-def _check_out(out: Path) -> None:
-    """The package is read-only at run time: refuse to write a preset into the installed package."""
+def _check_out(out: Path, a=None) -> None:
+    """Before any compute: never write into the installed package (read-only at run time), and never replace an
+    existing file unless ``--overwrite`` was given (a killed run resumes from ``--checkpoint``, not ``--out``)."""
+    from vdit_accel.errors import OutputPathError
+
     pkg = Path(__file__).resolve().parent.parent
     if pkg in out.resolve().parents:
         raise ConfigError(f"--out={str(out)!r} is inside the installed package ({pkg}): write presets under ./runs/ "
                           "or another folder you name")
+    if out.is_dir():
+        raise OutputPathError(f"--out={str(out)!r} is a directory: name a file")
+    if out.exists() and not getattr(a, "overwrite", False):
+        raise OutputPathError(f"--out={str(out)!r} already exists: pass --overwrite to replace it")
 
 
 def search_cli(a) -> int:
@@ -288,7 +295,7 @@ def search_cli(a) -> int:
                           children=a.children, **kw)  # validates before any compute
     name = f"astraea-{round(a.target * 100)}"
     out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"{name}.json"
-    _check_out(out)
+    _check_out(out, a)
     model, sampler = _model_and_sampler(a)
     workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / f"search-{name}"
     proxy = {} if getattr(a, "model", None) is None else {"proxy": None}  # a pipeline: its own geometry, no re-rank
