@@ -127,4 +127,16 @@ $VA bench --methods dense,timeripple,astraea,pab,fbc,taylorseer,fastercache,magc
 # ---- Session 9: final-video refinement of Astraea schedules, the bench against TaylorSeer's cadences (docs/speed.md)
 # 1. refine (local search scored on final videos at full size with CFG, 4 calibration prompts; held-apart check on the
 #    4 selection prompts); presets copied to src/vdit_accel/presets/astraea-{3.5,4,4.5,5.5}x.json
-for t in 3.5:30 4:30 4.51:10 5.5:10; do $VA search astraea --target-speedup ${t%%:*} --allocator refine --latency-model docs/results/bench-step/latency-kv/latency.json --max-evals ${t##*:} --checkpoint runs/refine/ck-${t%%:*}x --out runs/refine/astraea-${t%%:*}x.json; done
+# (the shipped runs were stopped and resumed from their checkpoints at these call budgets; the final choice needs the
+#  selection prompts' dense videos, generated once per checkpoint folder)
+for t in 3.5:20 4:23 4.51:10 5.5:10; do $VA search astraea --target-speedup ${t%%:*} --allocator refine --latency-model docs/results/bench-step/latency-kv/latency.json --max-evals ${t##*:} --checkpoint runs/refine/ck-${t%%:*}x --out runs/refine/astraea-${t%%:*}x.json; done
+$PY benchmarks/taylorseer_cadence.py --threads 1 --out docs/results/astraea/refine/taylorseer-cadence.json
+cp runs/refine/astraea-4x.json src/vdit_accel/presets/astraea-4x.json
+# 2. the bench with TaylorSeer's cadences as anchors (alone on the machine, ~12 min)
+$VA bench --methods dense,astraea,taylorseer-i4-o1,taylorseer-i5-o1,taylorseer-i6-o1,taylorseer-i8-o1 --prompts bench --seeds 2 --steps 50 --step-costs docs/results/bench-step/latency-kv/bench-step.json --latency-model docs/results/bench-step/latency-kv/latency.json --out docs/results/bench-v4
+# 3. TimeRipple vs masking / skipping / static windows at equal measured attention-op speed (docs/timeripple.md)
+$PY benchmarks/timeripple_masking.py --parts op e2e --e2e-prompts 1 --threads 2 --out docs/results/timeripple/masking
+# 4. context parallelism, 2 ranks at W2 width, and the scaling model (docs/parallel.md)
+OMP_NUM_THREADS=1 $PY benchmarks/parallel_scaling.py measure --nproc 2 --out docs/results/parallel/measured.json
+$PY benchmarks/parallel_scaling.py model --measured docs/results/parallel/measured.json --out docs/results/parallel/scaling-model.json
+# GPU only (prepared, not run: no GPU was lent): benchmarks/timeripple_gpu.py, benchmarks/compile_gpu.py
