@@ -357,10 +357,7 @@ def refine_schedule(objective: Callable[[Sequence[StepChoice]], float], latency:
     """
     if max_evals < 1:
         raise ConfigError(f"max_evals={max_evals!r} is out of range: accepted [1, inf)")
-    calls = [0]
-
-    def count() -> int:
-        return calls[0]
+    calls = [0]  # objective calls so far, replays included
 
     def score(s):
         calls[0] += 1
@@ -382,18 +379,18 @@ def refine_schedule(objective: Callable[[Sequence[StepChoice]], float], latency:
     rng = np.random.default_rng(seed)
     accepted = []
     improved = True
-    while improved and count() < max_evals:
+    while improved and calls[0] < max_evals:
         improved = False
         moves = [m for m in neighbours(best, dense_steps, orders) if latency.speedup(m[1]) >= target_speedup]
         for k in rng.permutation(len(moves)):
-            if count() >= max_evals:
+            if calls[0] >= max_evals:
                 break
             what, cand = moves[k]
             s = score(cand)
             if s > best_score + 1e-9:
-                accepted.append({"move": what, "score": s, "evaluations": count()})
+                accepted.append({"move": what, "score": s, "evaluations": calls[0]})
                 if progress:
-                    progress(f"accept {what}: {best_score:.3f} -> {s:.3f} ({count()} evaluations)")
+                    progress(f"accept {what}: {best_score:.3f} -> {s:.3f} ({calls[0]} evaluations)")
                 best, best_score, improved = cand, s, True
                 break
     record = {"seeds": seed_scores, "seeds_below_target": dropped, "start": start, "accepted": accepted,
