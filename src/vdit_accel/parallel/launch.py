@@ -17,6 +17,7 @@ ParallelError` naming every rank's outcome; a run past ``timeout`` is terminated
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import socket
@@ -68,6 +69,53 @@ def degrees_for(world: int, heads: int) -> tuple[int, int]:
     return ulysses, world // ulysses
 
 
+def _encode(obj, tensors: dict):
+    """``obj`` (tensors, numbers, strings, None, and lists / tuples / str-keyed dicts of them) as JSON-ready data; the
+    tensors go to ``tensors`` under generated names."""
+    if isinstance(obj, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = obj.detach().cpu().contiguous()
+        return {"__tensor__": name}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        items = [_encode(x, tensors) for x in obj]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
+        return {"__dict__": {k: _encode(v, tensors) for k, v in obj.items()}}
+    raise ParallelError(f"a rank returned a {type(obj).__name__}: results must be tensors, numbers, strings, None, "
+                        "or lists / tuples / str-keyed dicts of them")
+
+
+def _decode(data, tensors: dict):
+    if isinstance(data, list):
+        return [_decode(x, tensors) for x in data]
+    if isinstance(data, dict):
+        if "__tensor__" in data:
+            return tensors[data["__tensor__"]]
+        if "__tuple__" in data:
+            return tuple(_decode(x, tensors) for x in data["__tuple__"])
+        return {k: _decode(v, tensors) for k, v in data["__dict__"].items()}
+    return data
+
+
+def _save_result(result, out_dir: str, rank: int) -> None:
+    """A rank's result as safetensors (its tensors) + JSON (the rest): no pickle crosses the process boundary."""
+    from safetensors.torch import save_file
+
+    tensors: dict = {}
+    data = _encode(result, tensors)
+    save_file(tensors, str(Path(out_dir) / f"rank{rank}.safetensors"))
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(data))
+
+
+def _load_result(out_dir: str, rank: int):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(out_dir) / f"rank{rank}.safetensors"))
+    return _decode(json.loads((Path(out_dir) / f"rank{rank}.json").read_text()), tensors)
+
+
 def _worker(fn, rank: int, world: int, port: int, out_dir: str, args: tuple, backend: str, threads: int,
             collective_timeout_s: float) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -80,7 +128,7 @@ def _worker(fn, rank: int, world: int, port: int, out_dir: str, args: tuple, bac
         init_process_group(timeout_s=collective_timeout_s, backend=backend)
         with cpu_workarounds():
             result = fn(rank, world, *args)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        _save_result(result, out_dir, rank)
     except BaseException as err:  # reported to the parent, which names it
         (Path(out_dir) / f"rank{rank}.err").write_text(
             f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
@@ -96,7 +144,8 @@ def spawn(fn, nproc: int, *args, timeout: float = 180.0, grace: float = 10.0, co
           backend: str = "gloo", threads: int = 1) -> list:
     """Run ``fn(rank, nproc, *args)`` on ``nproc`` fresh processes in one process group; return the results by rank.
 
-    ``fn`` must be importable by name (a module-level function) and its result picklable (``torch.save``).
+    ``fn`` must be importable by name (a module-level function); its result may hold tensors, numbers, strings,
+    None, and lists / tuples / str-keyed dicts of them (sent back as safetensors + JSON, no pickle).
 
     Raises:
         ParallelError: a rank raised (the message names it, its error, and what became of the other ranks) or the
@@ -147,7 +196,7 @@ def spawn(fn, nproc: int, *args, timeout: float = 180.0, grace: float = 10.0, co
             detail = "\n".join(f"--- rank {r} ---\n{e}" for r, e in sorted(errors.items()))
             raise ParallelError(f"context-parallel run of {nproc} ranks {what} after {time.monotonic() - start:.1f} "
                                 f"s: " + "; ".join(lines) + (f"\n{detail}" if detail else ""))
-        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+        return [_load_result(tmp, r) for r in range(nproc)]
 
 
 def torchrun_command(nproc: int, module: str, argv: list[str]) -> list[str]:
