@@ -279,3 +279,36 @@ def test_cli_method_without_preset_uses_a_default_that_acts():
     assert DEFAULT_PRESETS["astraea"] == "astraea-3x"
     with pytest.raises(ConfigError, match="needs --preset"):
         method_config_from_cli("fbc", None, steps=8)
+
+
+# ------------------------------------------------------------------------------------ forecast over the timestep
+@pytest.mark.parametrize("budgets,order", [(SPARSE, 2), ((1.0, 0.0, 1.0, 0.0, 0.0, 1.0), 1)])
+def test_timestep_forecast_axis_equals_step_axis_on_evenly_spaced_timesteps(tiny_model, budgets, order):
+    """flow_shift 1: the scheduler's timesteps are evenly spaced, so extrapolating over the timestep is the same
+    Taylor forecast as over the step index (the distances differ by one constant factor, which cancels)."""
+    even = dataclasses.replace(GEN, flow_shift=1.0)
+    by_step, hs = _run(tiny_model, AstraeaConfig(budgets=budgets, num_steps=6, forecast=order), gen=even)
+    by_time, ht = _run(tiny_model, AstraeaConfig(budgets=budgets, num_steps=6, forecast=order,
+                                                 forecast_axis="timestep"), gen=even)
+    assert hs.stats.forecast_calls == ht.stats.forecast_calls > 0
+    torch.testing.assert_close(by_time, by_step, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("budgets", [SPARSE, (1.0, 0.0, 1.0, 0.0, 0.0, 1.0)])
+def test_timestep_forecast_axis_acts_on_a_shifted_schedule(tiny_model, budgets):
+    shifted = dataclasses.replace(GEN, flow_shift=3.0)
+    by_step, _ = _run(tiny_model, AstraeaConfig(budgets=budgets, num_steps=6, forecast=1), gen=shifted)
+    by_time, h = _run(tiny_model, AstraeaConfig(budgets=budgets, num_steps=6, forecast=1, forecast_axis="timestep"),
+                      gen=shifted)
+    assert h.stats.forecast_calls > 0 and torch.isfinite(by_time).all()
+    assert not torch.equal(by_time, by_step)
+
+
+def test_forecast_axis_is_validated():
+    with pytest.raises(ConfigError, match="forecast_axis='sigma'.*choose one of"):
+        AstraeaConfig(num_steps=4, forecast=1, forecast_axis="sigma")
+    with pytest.raises(ConfigError, match="does nothing"):
+        AstraeaConfig(num_steps=4, forecast=0, forecast_axis="timestep")
+    cfg = AstraeaConfig(num_steps=4, forecast=(0, 1, 2, 1), forecast_axis="timestep")
+    assert AstraeaConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.resampled(8).forecast_axis == "timestep"

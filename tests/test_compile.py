@@ -120,7 +120,9 @@ def test_timeripple_structured_variant_breaks_are_known():
 # ----------------------------------------------------------------------------------------------------- Astraea
 @pytest.mark.slow  # compiles (Dynamo tracing, 5-20 s on a loaded 2-core machine)
 @pytest.mark.parametrize("budgets,extra", [(ON_GRID, {}), (ON_GRID, {"forecast": 2}), (WHOLE_STEP, {"forecast": 1}),
-                                           (ON_GRID, {"selection": "fixed"}), (ON_GRID, {"kv_reuse": True})])
+                                           (ON_GRID, {"selection": "fixed"}), (ON_GRID, {"kv_reuse": True}),
+                                           (ON_GRID, {"forecast": 2, "forecast_axis": "timestep"}),
+                                           (WHOLE_STEP, {"forecast": 1, "forecast_axis": "timestep"})])
 def test_astraea_regional_fullgraph_no_breaks_and_exact(budgets, extra):
     eager, eager_stats, _, _, _ = _run("astraea", None, budgets=budgets, **extra)
     outs, stats, breaks, graphs, handle = _run("astraea", "regional", budgets=budgets, **extra)

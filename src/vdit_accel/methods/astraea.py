@@ -90,6 +90,7 @@ CACHE_MODES = ("output", "residual")
 SELECTIONS = ("dynamic", "fixed")
 KV_SOURCES = ("all", "selected")
 MAX_FORECAST_ORDER = 2
+FORECAST_AXES = ("step", "timestep")
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ROW_BUCKETS = 8
 """Under ``torch.compile`` a block computes ``ceil(N·j/ROW_BUCKETS)`` rows, ``j = ceil(budget·ROW_BUCKETS)``
@@ -120,6 +121,9 @@ class AstraeaConfig:
             SELECT Q&K ablation).
         forecast (`int | tuple[int, ...]`, defaults 0): Taylor order (0, 1 or 2) of the unselected rows' cached
             output at each step (an int: every step); needs ``cache="output"``.
+        forecast_axis (`str`, defaults "step"): the variable the forecast extrapolates over: "step" (the step
+            index, diffusers TaylorSeer's convention) or "timestep" (the model's ``timestep`` input, i.e. the
+            ODE time the sampler really moves through; schedulers with a shift space it unevenly).
         kv_reuse (`bool`, defaults False): fresh K/V projections for the selected rows only; the other rows' K/V
             come from the block's cache (computed when each token was last computed). Needs ``kv="all"``.
         cache_dtype (`str | None`, defaults None): storage dtype of the caches, one of ``CACHE_DTYPES`` (None:
@@ -142,6 +146,7 @@ class AstraeaConfig:
     selection: str = "dynamic"
     kv: str = "all"
     forecast: int | tuple[int, ...] = 0
+    forecast_axis: str = "step"
     kv_reuse: bool = False
     cache_dtype: str | None = None
     memory_cap_mb: float | None = None
@@ -158,6 +163,10 @@ class AstraeaConfig:
         check_str("selection", self.selection, SELECTIONS)
         check_str("kv", self.kv, KV_SOURCES)
         self._check_forecast()
+        check_str("forecast_axis", self.forecast_axis, FORECAST_AXES)
+        if self.forecast_axis != "step" and max(self.orders) == 0:
+            raise ConfigError(f"forecast_axis={self.forecast_axis!r} with forecast order 0 at every step does nothing "
+                              "(no step extrapolates): set forecast orders > 0 or leave forecast_axis='step'")
         check_bool("kv_reuse", self.kv_reuse)
         if self.kv_reuse and self.kv != "all":
             raise ConfigError(f"kv_reuse=True with kv={self.kv!r} is not accepted: K/V reuse needs kv='all'")
@@ -532,11 +541,20 @@ class AstraeaBlockHook(ModelHook):
             self.plan.slot.forecast = True  # counted on the host (an int counter would be a graph constant)
         else:
             self.stats.forecast_calls += 1
-        gap = (step - state.last).to(torch.float32)[..., None]  # [B, N, 1]
+        gap = self._gap(step, state.last)[..., None]  # [B, N, 1]
         pred = state.out.float() + state.d1.float() * gap
         if order >= 2 and state.d2 is not None:
             pred = pred + state.d2.float() * (gap * gap / 2)
         return pred.to(x.dtype)
+
+    def _gap(self, step: int | torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Forecast distance `[B, k]` (float32) from the steps ``last`` `[B, k]` to ``step``: in steps, or (axis
+        "timestep") in the model's timestep, which falls as denoising proceeds (the generation's table of
+        timesteps per step is filled by :class:`_Planner` before each call)."""
+        if self.config.forecast_axis == "step":
+            return (step - last).to(torch.float32)
+        times = self.plan.times
+        return times[last] - times[step]
 
     def _record_rows(self, state: BlockState, x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, step: int,
                      max_order: int) -> None:
@@ -552,7 +570,7 @@ class AstraeaBlockHook(ModelHook):
             state.hist = torch.ones(b, n, dtype=torch.long, device=x.device)
             return
         if max_order > 0:
-            gap = (step - torch.gather(state.last, 1, idx)).to(torch.float32)[..., None]  # [B, k, 1]
+            gap = self._gap(step, torch.gather(state.last, 1, idx))[..., None]  # [B, k, 1]
             hist = torch.gather(state.hist, 1, idx)[..., None]
             d1_new = (rows.float() - torch.gather(state.out, 1, at).float()) / gap
             if state.d1 is None:
@@ -720,6 +738,8 @@ class _BlockPlan:
         kv (`str`): the row-subset block's K/V source; shortcut (`bool`): budget-0 blocks may pass through.
         compute (`bool`): lean mode, this step runs the stock block.
         fixed (`_FixedRows | None`): FIXED-TOKEN selection holder; text_prefix (`int`); slot (`_BlockSlot`).
+        times (`torch.Tensor | None`): `[num_steps]` float32, the generation's timestep per step so far (forecast
+            axis "timestep" only).
     """
 
     mode: str
@@ -734,6 +754,7 @@ class _BlockPlan:
     compute: bool = True
     fixed: _FixedRows | None = None
     text_prefix: int = 0
+    times: torch.Tensor | None = None
 
 
 def row_bucket(budget: float) -> int:
@@ -795,6 +816,7 @@ class _Planner:
         width = getattr(attn, "inner_dim", None) or getattr(to_q, "out_features", 1)  # the cap's estimate only
         settings = first._settings(torch.empty(ctx.batch, ctx.grid.tokens, width, dtype=param.dtype, device="meta"))
         _warm_attention_probe(attn, param)
+        times = self._times(ctx, first, param.device) if cfg.forecast_axis == "timestep" else None
         step, order_cfg = ctx.step_index, cfg.orders[ctx.step_index]
         for h in hooks:
             state = h.states.get(ctx.branch)
@@ -806,7 +828,7 @@ class _Planner:
                 last = hooks[-1].states.get(ctx.branch)
                 primed = last is not None and last.out is not None
                 h.plan = _BlockPlan("lean", slot, state, step_t, order=order, max_order=settings["order"],
-                                    compute=not primed or h.schedule[step] >= 1.0)
+                                    compute=not primed or h.schedule[step] >= 1.0, times=times)
                 continue
             budget = h.schedule[step] if state.out is not None else 1.0
             j = row_bucket(budget)
@@ -816,8 +838,23 @@ class _Planner:
             if cfg.selection == "fixed" and 0 < j < ROW_BUCKETS:
                 fixed = first.shared.setdefault(("planned_fixed", ctx.branch, j), _FixedRows())  # reset per generation
             h.plan = _BlockPlan("rows", slot, state, step_t, j, order, settings["order"], kv, settings["shortcut"],
-                                fixed=fixed, text_prefix=ctx.text_prefix)
+                                fixed=fixed, text_prefix=ctx.text_prefix, times=times)
         hooks[-1]._account()  # cache memory as of the previous call (the traced path does not account itself)
+
+    def _times(self, ctx, first: AstraeaBlockHook, device: torch.device) -> torch.Tensor:
+        """The generation's `[num_steps]` timestep table (reset with the hooks' state), this step's entry written
+        from the call's ``timestep`` on the device (no host sync; per-token timesteps: the first token's)."""
+        t = ctx.timestep_raw
+        if not isinstance(t, torch.Tensor):
+            if not math.isfinite(t):
+                raise ConfigError("forecast_axis='timestep' needs the model's timestep input, which this call does "
+                                  "not pass: use forecast_axis='step'")
+            t = torch.tensor(t)
+        times = first.shared.get("times")
+        if times is None:
+            times = first.shared["times"] = torch.zeros(self.config.num_steps, dtype=torch.float32, device=device)
+        times[ctx.step_index] = t.flatten()[0].to(device=device, dtype=torch.float32)
+        return times
 
     def _slot(self, ctx, hook) -> _BlockSlot:
         slot = _BlockSlot(ctx.branch, ctx.step_index, hook.index)
