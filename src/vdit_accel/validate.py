@@ -160,16 +160,26 @@ def check_output_path(path, extensions: Iterable[str], *, overwrite: bool = Fals
     return p
 
 
-def check_output_dir(folder, *, name: str = "--out", create: bool = True) -> Path:
+def check_output_dir(folder, *, name: str = "--out", create: bool = True, results: Iterable[str] = (),
+                     overwrite: bool = False) -> Path:
     """Check ``folder`` is (or can be created as) a writable directory; create it (with parents) if ``create``.
 
+    Args:
+        results (`Iterable[str]`, defaults ()): the file names a command writes into ``folder``; if one of them
+            exists already, the folder holds an earlier run's results and is refused unless ``overwrite``.
+        overwrite (`bool`, defaults False): accept a folder holding ``results`` (they are replaced at the end).
+
     Raises:
-        OutputPathError: an empty name, ``folder`` or an ancestor is a file, or the nearest existing ancestor is
-            not writable (or creation fails).
+        OutputPathError: an empty name, ``folder`` or an ancestor is a file, the nearest existing ancestor is
+            not writable (or creation fails), or a file of ``results`` exists in it without ``overwrite``.
     """
     if folder is None or str(folder).strip() == "":
         raise OutputPathError(f"{name}={str(folder or '')!r} is not accepted: name a folder")
     folder = Path(folder)
+    existing = [folder / r for r in results if (folder / r).exists()]
+    if existing and not overwrite:
+        raise OutputPathError(f"{name}: {str(existing[0])!r} already exists (results of an earlier run): pass "
+                              "--overwrite to replace them")
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
