@@ -116,23 +116,40 @@ def test_a_refused_composition_changes_nothing(dense):
     assert torch.equal(_gen(model), dense)
 
 
-def test_a_failing_block_registration_rolls_back_the_blocks_already_hooked(dense, monkeypatch):
-    """Astraea installs one hook per block: a failure at the last block (inside the method, which has no handle
-    yet) is rolled back by ``apply``: the other blocks' hooks and the context hook go, and the model keeps no
-    registry it did not have."""
+def _fail_at_second_block(monkeypatch, model, method: str) -> None:
+    """Make the method's per-block installation raise on the model's second block: Astraea's block-hook
+    registration, the processor installation of the processor methods."""
     from diffusers.hooks import HookRegistry
 
+    from vdit_accel.adapters import ModelAdapter
+
+    second = model.transformer.blocks[1]
+    if method == "astraea":
+        original = HookRegistry.register_hook
+
+        def failing(self, hook, name):
+            if self._module_ref is second:
+                raise RuntimeError("simulated failure on the second block")
+            return original(self, hook, name)
+
+        monkeypatch.setattr(HookRegistry, "register_hook", failing)
+    else:
+        original = ModelAdapter.install_processor
+
+        def failing(self, attn, processor):
+            if any(a is attn for a in second.modules()):
+                raise RuntimeError("simulated failure on the second block")
+            return original(self, attn, processor)
+
+        monkeypatch.setattr(ModelAdapter, "install_processor", failing)
+
+
+def test_a_failing_block_registration_rolls_back_the_blocks_already_hooked(dense, monkeypatch):
+    """Astraea installs one hook per block: a failure at the last block (of two) through ``apply`` is rolled back:
+    the other blocks' hooks and the context hook go, and the model keeps no registry it did not have."""
     model = tiny_model()
     pristine = snapshot(model)
-    last = model.transformer.blocks[-1]
-    original = HookRegistry.register_hook
-
-    def failing(self, hook, name):
-        if self._module_ref is last:
-            raise RuntimeError("simulated failure while registering the last block's hook")
-        return original(self, hook, name)
-
-    monkeypatch.setattr(HookRegistry, "register_hook", failing)
+    _fail_at_second_block(monkeypatch, model, "astraea")
     with pytest.raises(RuntimeError, match="simulated"):
         vdit_accel.apply(model, [ASTRAEA, TIMERIPPLE])
     monkeypatch.undo()
@@ -232,34 +249,6 @@ DIRECT = {"astraea": (apply_astraea, ASTRAEA), "timeripple": (apply_timeripple, 
 def attributes(model: torch.nn.Module) -> dict[str, set[str]]:
     """The instance attributes of every submodule (a stray ``_diffusers_hook`` or ``forward`` shows here)."""
     return {name: set(m.__dict__) for name, m in model.named_modules()}
-
-
-def _fail_at_second_block(monkeypatch, model, method: str) -> None:
-    """Make the method's per-block installation raise on the model's second block: Astraea's block-hook
-    registration, the processor installation of the processor methods."""
-    from diffusers.hooks import HookRegistry
-
-    from vdit_accel.adapters import ModelAdapter
-
-    second = model.transformer.blocks[1]
-    if method == "astraea":
-        original = HookRegistry.register_hook
-
-        def failing(self, hook, name):
-            if self._module_ref is second:
-                raise RuntimeError("simulated failure on the second block")
-            return original(self, hook, name)
-
-        monkeypatch.setattr(HookRegistry, "register_hook", failing)
-    else:
-        original = ModelAdapter.install_processor
-
-        def failing(self, attn, processor):
-            if any(a is attn for a in second.modules()):
-                raise RuntimeError("simulated failure on the second block")
-            return original(self, attn, processor)
-
-        monkeypatch.setattr(ModelAdapter, "install_processor", failing)
 
 
 @pytest.mark.parametrize("method", sorted(DIRECT))
