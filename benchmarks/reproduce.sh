@@ -92,7 +92,7 @@ for t in 0.4 0.7; do $VA search astraea --target $t --generations 8; done  # sho
 $VA search astraea --target 0.5  # the paper's settings: population 50, 30 children, 30 generations
 
 # 2. the side-by-side bench (all methods, one process)
-$VA bench --methods dense,pab,fbc,taylorseer,fastercache,magcache,timeripple,astraea --prompts quick --seeds 2 --steps 50 --out docs/results/bench
+$VA bench --methods dense,pab,fbc,taylorseer,fastercache,magcache,timeripple,astraea --prompts quick --seeds 2 --steps 50 --out docs/results/bench --overwrite
 
 # 3. the instrument (the scorer on the renderer's clips: v1's data, then v2's anchored layout and larger objects)
 $VA score --ground-truth 200 > docs/results/instrument/scorer_ground_truth.json
@@ -113,8 +113,8 @@ for e in baselines ablations score_options; do $PY benchmarks/astraea_paper.py -
 
 # ---- Session 8: speed at real-model width (docs/speed.md). Quiet machine, in this order (~95 min on 2 cores).
 # 1. the W2 latency model (K/V reuse) and the step table (Wan2.1-1.3B width, 2 layers composed to 30)
-$VA bench-step --out docs/results/bench-step/latency-kv --latency-model docs/results/bench-step/latency-kv/latency.json --latency-kv-reuse --quiet
-$VA bench-step --out docs/results/bench-step/cpu --quiet
+$VA bench-step --out docs/results/bench-step/latency-kv --latency-model docs/results/bench-step/latency-kv/latency.json --latency-kv-reuse --quiet --overwrite
+$VA bench-step --out docs/results/bench-step/cpu --quiet --overwrite
 # 2. joint schedules at 2x..5x (shared segment error table; presets copied to src/vdit_accel/presets/)
 for t in 2 3 4 5; do $VA search astraea --target-speedup $t --latency-model docs/results/bench-step/latency-kv/latency.json --allocator all --max-segment 8 --checkpoint runs/search-astraea-joint --out runs/presets/astraea-${t}x.json --quiet; done
 # 3. TimeRipple 'tokens' presets calibrated for W2 attention-op speed (keys merged)
@@ -122,7 +122,7 @@ for s in 1.3 1.5; do $VA calibrate timeripple --target-speedup $s --keys-only --
 # 4. W1 efficiency of uniform budgets, cache memory (analytic), the bench with W2 replay
 $PY benchmarks/astraea_w1.py --out docs/results/astraea/w1
 $PY benchmarks/astraea_memory.py --out docs/results/astraea/memory.json
-$VA bench --methods dense,timeripple,astraea,pab,fbc,taylorseer,fastercache,magcache --prompts bench --seeds 2 --steps 50 --step-costs docs/results/bench-step/latency-kv/bench-step.json --latency-model docs/results/bench-step/latency-kv/latency.json --out docs/results/bench-v3
+$VA bench --methods dense,timeripple,astraea,pab,fbc,taylorseer,fastercache,magcache --prompts bench --seeds 2 --steps 50 --step-costs docs/results/bench-step/latency-kv/bench-step.json --latency-model docs/results/bench-step/latency-kv/latency.json --out docs/results/bench-v3 --overwrite
 
 # ---- Session 9: final-video refinement of Astraea schedules, the bench against TaylorSeer's cadences (docs/speed.md)
 # 1. refine (local search scored on final videos at full size with CFG, 4 calibration prompts; held-apart check on the
@@ -133,7 +133,7 @@ for t in 3.5:20 4:23 4.51:10 5.5:10; do $VA search astraea --target-speedup ${t%
 $PY benchmarks/taylorseer_cadence.py --threads 1 --out docs/results/astraea/refine/taylorseer-cadence.json
 cp runs/refine/astraea-4x.json src/vdit_accel/presets/astraea-4x.json
 # 2. the bench with TaylorSeer's cadences as anchors (alone on the machine, ~12 min)
-$VA bench --methods dense,astraea,taylorseer-i4-o1,taylorseer-i5-o1,taylorseer-i6-o1,taylorseer-i8-o1 --prompts bench --seeds 2 --steps 50 --step-costs docs/results/bench-step/latency-kv/bench-step.json --latency-model docs/results/bench-step/latency-kv/latency.json --out docs/results/bench-v4
+$VA bench --methods dense,astraea,taylorseer-i4-o1,taylorseer-i5-o1,taylorseer-i6-o1,taylorseer-i8-o1 --prompts bench --seeds 2 --steps 50 --step-costs docs/results/bench-step/latency-kv/bench-step.json --latency-model docs/results/bench-step/latency-kv/latency.json --out docs/results/bench-v4 --overwrite
 # 3. TimeRipple vs masking / skipping / static windows at equal measured attention-op speed (docs/timeripple.md)
 $PY benchmarks/timeripple_masking.py --parts op e2e --e2e-prompts 1 --threads 2 --out docs/results/timeripple/masking
 # 4. context parallelism, 2 ranks at W2 width, and the scaling model (docs/parallel.md)

@@ -11,10 +11,12 @@ import torch
 from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
 import vdit_accel
+from vdit_accel.context import CONTEXT_HOOK
 from vdit_accel.errors import CompositionError, ConfigError, VditAccelError
 from vdit_accel.instrument.sampler import GenerationConfig, Sampler
 from vdit_accel.methods.astraea import AstraeaConfig, apply_astraea
-from vdit_accel.methods.timeripple import TimeRippleConfig
+from vdit_accel.methods.sparse_attention import SparseAttentionConfig, apply_sparse_attention
+from vdit_accel.methods.timeripple import TimeRippleConfig, apply_timeripple
 from vdit_accel.registry import method_for
 from vdit_accel.testing import TINY_PROMPT, tiny_model
 
@@ -114,23 +116,40 @@ def test_a_refused_composition_changes_nothing(dense):
     assert torch.equal(_gen(model), dense)
 
 
-def test_a_failing_block_registration_rolls_back_the_blocks_already_hooked(dense, monkeypatch):
-    """Astraea installs one hook per block: a failure at the last block (inside the method, which has no handle
-    yet) is rolled back by ``apply``: the other blocks' hooks and the context hook go, and the model keeps no
-    registry it did not have."""
+def _fail_at_second_block(monkeypatch, model, method: str) -> None:
+    """Make the method's per-block installation raise on the model's second block: Astraea's block-hook
+    registration, the processor installation of the processor methods."""
     from diffusers.hooks import HookRegistry
 
+    from vdit_accel.adapters import ModelAdapter
+
+    second = model.transformer.blocks[1]
+    if method == "astraea":
+        original = HookRegistry.register_hook
+
+        def failing(self, hook, name):
+            if self._module_ref is second:
+                raise RuntimeError("simulated failure on the second block")
+            return original(self, hook, name)
+
+        monkeypatch.setattr(HookRegistry, "register_hook", failing)
+    else:
+        original = ModelAdapter.install_processor
+
+        def failing(self, attn, processor):
+            if any(a is attn for a in second.modules()):
+                raise RuntimeError("simulated failure on the second block")
+            return original(self, attn, processor)
+
+        monkeypatch.setattr(ModelAdapter, "install_processor", failing)
+
+
+def test_a_failing_block_registration_rolls_back_the_blocks_already_hooked(dense, monkeypatch):
+    """Astraea installs one hook per block: a failure at the last block (of two) through ``apply`` is rolled back:
+    the other blocks' hooks and the context hook go, and the model keeps no registry it did not have."""
     model = tiny_model()
     pristine = snapshot(model)
-    last = model.transformer.blocks[-1]
-    original = HookRegistry.register_hook
-
-    def failing(self, hook, name):
-        if self._module_ref is last:
-            raise RuntimeError("simulated failure while registering the last block's hook")
-        return original(self, hook, name)
-
-    monkeypatch.setattr(HookRegistry, "register_hook", failing)
+    _fail_at_second_block(monkeypatch, model, "astraea")
     with pytest.raises(RuntimeError, match="simulated"):
         vdit_accel.apply(model, [ASTRAEA, TIMERIPPLE])
     monkeypatch.undo()
@@ -218,3 +237,85 @@ def test_api_handles_on_one_model_removed_in_the_order_applied(dense):
     h2.remove()
     assert_same(pristine, snapshot(model))
     assert torch.equal(_gen(model), dense)
+
+
+# ---- each method's own apply is transactional and leaves nothing behind (called directly, not via apply()) ----
+
+SPARSE = SparseAttentionConfig("topk_keys", drop_fraction=0.25, query_pool=2)
+DIRECT = {"astraea": (apply_astraea, ASTRAEA), "timeripple": (apply_timeripple, TIMERIPPLE),
+          "sparse_attention": (apply_sparse_attention, SPARSE)}
+
+
+def attributes(model: torch.nn.Module) -> dict[str, set[str]]:
+    """The instance attributes of every submodule (a stray ``_diffusers_hook`` or ``forward`` shows here)."""
+    return {name: set(m.__dict__) for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("method", sorted(DIRECT))
+def test_direct_apply_then_remove_leaves_every_submodule_attribute_identical(method, dense):
+    apply_fn, config = DIRECT[method]
+    model = tiny_model()
+    pristine, attrs = snapshot(model), attributes(model)
+    handle = apply_fn(model.transformer, config)
+    assert "_diffusers_hook" in model.transformer.__dict__  # the context hook is installed
+    accelerated = _gen(model)
+    handle.remove()
+    handle.remove()  # idempotent
+    assert attributes(model) == attrs
+    assert_same(pristine, snapshot(model))
+    assert torch.equal(_gen(model), dense)
+    assert not torch.equal(accelerated, dense)
+
+
+@pytest.mark.parametrize("method", sorted(DIRECT))
+def test_direct_apply_failing_half_way_leaves_the_model_exactly_as_it_was(method, dense, monkeypatch):
+    apply_fn, config = DIRECT[method]
+    model = tiny_model()
+    pristine, attrs = snapshot(model), attributes(model)
+    _fail_at_second_block(monkeypatch, model, method)
+    with pytest.raises(RuntimeError, match="simulated failure on the second block"):
+        apply_fn(model.transformer, config)
+    monkeypatch.undo()
+    assert attributes(model) == attrs
+    assert_same(pristine, snapshot(model))
+    assert torch.equal(_gen(model), dense)
+    attrs = attributes(model)  # a generation leaves diffusers' empty registry on the transformer, method or not
+    handle = apply_fn(model.transformer, config)  # a normal apply still works, and removes cleanly
+    assert not torch.equal(_gen(model), dense)
+    handle.remove()
+    assert attributes(model) == attrs
+    assert torch.equal(_gen(model), dense)
+
+
+@pytest.mark.parametrize("method", ["astraea", "sparse_attention"])
+def test_a_failing_direct_apply_keeps_an_applied_method_intact(method, monkeypatch):
+    """TimeRipple applied first shares the root context hook: a failed second method restores the hook's users and
+    planners, so TimeRipple still acts exactly as before and its removal still restores the model."""
+    apply_fn, config = DIRECT[method]
+    model = tiny_model()
+    attrs = attributes(model)
+    handle = apply_timeripple(model.transformer, TIMERIPPLE)
+    expected, before = _gen(model), snapshot(model)
+    context = model.transformer._diffusers_hook.get_hook(CONTEXT_HOOK)
+    users, planners = context.users, dict(context._planners)
+    _fail_at_second_block(monkeypatch, model, method)
+    with pytest.raises(RuntimeError, match="simulated"):
+        apply_fn(model.transformer, config)
+    monkeypatch.undo()
+    assert_same(before, snapshot(model))
+    assert context.users == users and context._planners == planners
+    assert torch.equal(_gen(model), expected)
+    handle.remove()
+    assert attributes(model) == attrs
+
+
+def test_direct_handles_removed_in_either_order_leave_no_registry(dense):
+    for order in ((0, 1), (1, 0)):
+        model = tiny_model()
+        attrs = attributes(model)
+        handles = [apply_astraea(model.transformer, ASTRAEA), apply_timeripple(model.transformer, TIMERIPPLE)]
+        assert not torch.equal(_gen(model), dense)
+        for i in order:
+            handles[i].remove()
+        assert attributes(model) == attrs
+        assert torch.equal(_gen(model), dense)

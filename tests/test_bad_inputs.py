@@ -129,6 +129,9 @@ def files(tmp_path_factory) -> dict[str, str]:
     (root / "exists.safetensors").write_bytes(b"keep me")
     (root / "companion.gif").write_bytes(b"keep me")
     (root / "a_file").write_text("a file, not a folder")
+    for folder, result in (("old-bench", "results.json"), ("old-step", "bench-step.json")):  # an earlier run's
+        (root / folder).mkdir()
+        (root / folder / result).write_bytes(b"keep me")
     return f
 
 
@@ -293,8 +296,15 @@ CLI_CASES = [
                                      "{root}/never-b"], r"warp-drive"),
     CliCase("bench-out-is-file", ["bench", "--quick", "--weights", "{tiny}", "--out", "{root}/a_file"],
             r"a_file' is a file, not a folder"),
+    CliCase("bench-out-has-results", ["bench", "--quick", "--weights", "{tiny}", "--out", "{root}/old-bench"],
+            r"--out='.*old-bench': '.*old-bench/results.json' already exists .*pass --overwrite"),
     # bench-step
     CliCase("bench-step-no-out", ["bench-step", "--tiny"], r"bench-step needs --out"),
+    CliCase("bench-step-out-has-results", ["bench-step", "--tiny", "--out", "{root}/old-step"],
+            r"--out='.*old-step': '.*old-step/bench-step.json' already exists .*pass --overwrite"),
+    CliCase("bench-step-latency-model-exists", ["bench-step", "--tiny", "--out", "{root}/never-s", "--latency-model",
+                                                "{root}/exists.json"],
+            r"--latency-model='.*exists.json' already exists: pass --overwrite"),
     CliCase("bench-step-layers-0", ["bench-step", "--tiny", "--layers", "0", "--out", "{root}/never-s"],
             r"layers=0 is out of range"),
     CliCase("bench-step-budget-1.5", ["bench-step", "--tiny", "--budgets", "1.5", "--out", "{root}/never-s"],
@@ -381,7 +391,8 @@ def test_cli_bad_input_exits_2_before_compute(case: CliCase, files, forwards, ca
     if case.before_compute:
         assert forwards[0] == 0
     assert sorted(p.name for p in Path(files["root"]).iterdir()) == before  # nothing written, nothing removed
-    for name in ("exists.mp4", "exists.gif", "companion.gif", "exists.safetensors"):
+    for name in ("exists.mp4", "exists.gif", "companion.gif", "exists.safetensors", "old-bench/results.json",
+                 "old-step/bench-step.json"):
         assert (Path(files["root"]) / name).read_bytes() == b"keep me"
 
 

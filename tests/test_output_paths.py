@@ -171,3 +171,66 @@ def test_calibrate_magcache_named_out(weights, tmp_path):
                  "--out", str(out)]) == 0
     assert json.loads(out.read_text())["vdit-accel/tiny-test"]["steps"] == 2
     assert sorted(p.name for p in out.parent.iterdir()) == ["ratios.json"]
+
+
+class _Computed(Exception):
+    """Raised by a stubbed run_bench / run_step_bench: the command got past its checks to the compute."""
+
+
+def _bench_argv(command: str, out: Path, weights: str, *extra: str) -> list[str]:
+    if command == "bench":
+        return ["bench", "--quick", "--weights", weights, "--out", str(out), "--quiet", *extra]
+    return ["bench-step", "--tiny", "--out", str(out), "--quiet", *extra]
+
+
+@pytest.mark.parametrize("command", ["bench", "bench-step"])
+def test_bench_folders_holding_earlier_results_need_overwrite(command, weights, tmp_path, monkeypatch, capsys):
+    """bench and bench-step have no resume: any one of their result files in --out is an earlier run's result,
+    refused before any compute (no model loaded, no forward) unless --overwrite; an unrelated file is no result."""
+    from vdit_accel import cli
+    from vdit_accel.bench import harness, step
+    from vdit_accel.bench.report import REPORT_FILES
+    from vdit_accel.bench.step import RESULT_FILES
+
+    def stub(*args, **kwargs):
+        raise _Computed
+
+    monkeypatch.setattr(harness, "run_bench", stub)
+    monkeypatch.setattr(step, "run_step_bench", stub)
+    loads = []
+    monkeypatch.setattr(cli, "_load_model", lambda w: loads.append(w) or tiny_model())
+    for name in {"bench": REPORT_FILES, "bench-step": RESULT_FILES}[command]:
+        out = tmp_path / name.replace(".", "_")
+        out.mkdir()
+        (out / name).write_bytes(b"keep me")
+        assert main(_bench_argv(command, out, weights)) == 2
+        assert loads == []
+        err = capsys.readouterr().err
+        assert f"error: --out={str(out)!r}: {str(out / name)!r} already exists" in err and "--overwrite" in err
+        assert (out / name).read_bytes() == b"keep me" and sorted(p.name for p in out.iterdir()) == [name]
+        with pytest.raises(_Computed):
+            main(_bench_argv(command, out, weights, "--overwrite"))
+        loads.clear()
+    unrelated = tmp_path / "unrelated"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("mine")
+    with pytest.raises(_Computed):
+        main(_bench_argv(command, unrelated, weights))
+
+
+def test_bench_step_latency_model_needs_overwrite(tmp_path, capsys):
+    lm = tmp_path / "latency.json"
+    lm.write_text("{}")
+    assert main(_bench_argv("bench-step", tmp_path / "res", "", "--latency-model", str(lm))) == 2
+    assert f"--latency-model={str(lm)!r} already exists: pass --overwrite" in capsys.readouterr().err
+    assert lm.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["latency.json"]
+
+
+def test_bench_step_overwrite_replaces_earlier_results(tmp_path):
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "bench-step.json").write_text("{}")
+    argv = _bench_argv("bench-step", out, "", "--repeats", "1", "--warmup", "0", "--budgets", "0.5", "--orders", "0",
+                       "--kv-reuse", "off", "--overwrite")
+    assert main(argv) == 0
+    assert json.loads((out / "bench-step.json").read_text())["format"] == "vdit-accel/bench-step"

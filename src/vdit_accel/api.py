@@ -37,6 +37,7 @@ import torch
 
 from vdit_accel.errors import ConfigError
 from vdit_accel.parallel.cp import ParallelError, cp_config_of, lifted_cp_hooks
+from vdit_accel.transaction import CREATED, capture, drop_empty_created, mark_created, restore
 
 logger = logging.getLogger(__name__)
 
@@ -81,84 +82,6 @@ def _resolve(item: Any, steps: int | None, model_id: str | None = None) -> Any:
     return item
 
 
-_CREATED = "_vdit_accel_created"  # set on a hook registry that an apply() created on a module that had none
-
-
-@dataclass(frozen=True)
-class _ModuleState:
-    module: torch.nn.Module
-    hooks: dict | None  # name -> hook object of its diffusers HookRegistry (None: the module had no registry)
-    forward_override: bool  # an instance-level ``forward`` (a registry installs one)
-    processor: Any  # its attention processor, if it is an attention module
-    context_users: int | None  # users of the root context hook, if the module holds one
-
-
-def _capture(modules: list[torch.nn.Module]) -> list[_ModuleState]:
-    """What apply() may change on each module: its diffusers hooks, ``forward`` override, processor."""
-    from vdit_accel.context import CONTEXT_HOOK
-
-    out = []
-    for root in modules:
-        for m in root.modules():
-            registry = m.__dict__.get("_diffusers_hook")
-            hooks = None if registry is None else dict(registry.hooks)
-            context = None if hooks is None else hooks.get(CONTEXT_HOOK)
-            out.append(_ModuleState(m, hooks, "forward" in m.__dict__,
-                                    m.get_processor() if hasattr(m, "get_processor") else None,
-                                    getattr(context, "users", None)))
-    return out
-
-
-def _restore(states: list[_ModuleState]) -> None:
-    """Put every module back as :func:`_capture` saw it: hooks added since removed (last first), processors reset,
-    the context hook's user count restored, registries and ``forward`` overrides created since dropped."""
-    from vdit_accel.context import CONTEXT_HOOK
-
-    for st in states:
-        m = st.module
-        registry = m.__dict__.get("_diffusers_hook")
-        if registry is not None:
-            before = st.hooks or {}
-            for name in reversed(list(registry.hooks)):
-                if before.get(name) is not registry.hooks[name]:
-                    registry.remove_hook(name, recurse=False)
-            context = registry.hooks.get(CONTEXT_HOOK)
-            if context is not None and st.context_users is not None:
-                context.users = st.context_users
-        if st.processor is not None and m.get_processor() is not st.processor:
-            m.set_processor(st.processor)
-        if st.hooks is None and registry is not None and not registry.hooks:
-            del m._diffusers_hook
-            if not st.forward_override:
-                m.__dict__.pop("forward", None)
-
-
-def _mark_created(states: list[_ModuleState]) -> None:
-    """Tag the hook registries this apply() installed hooks into on modules without a ``forward`` override: with
-    ``created`` when the registry did not exist before (see :func:`_drop_empty_created`)."""
-    for st in states:
-        registry = st.module.__dict__.get("_diffusers_hook")
-        if registry is not None and not st.forward_override and not hasattr(registry, _CREATED):
-            if st.hooks is None or registry.hooks:
-                setattr(registry, _CREATED, st.hooks is None)
-
-
-def _drop_empty_created(modules: list[torch.nn.Module]) -> None:
-    """After a removal: a tagged registry that is now empty drops the ``forward`` override its hooks left (the
-    module's own ``forward`` is found on its class again) and, if an apply() created it, goes too; so whichever
-    handle is removed last, the module is as it was before the first apply."""
-    for root in modules:
-        for m in root.modules():
-            registry = m.__dict__.get("_diffusers_hook")
-            if registry is None or not hasattr(registry, _CREATED) or registry.hooks:
-                continue
-            m.__dict__.pop("forward", None)
-            if getattr(registry, _CREATED):
-                del m._diffusers_hook
-            else:
-                delattr(registry, _CREATED)
-
-
 @dataclass
 class AccelHandle:
     """What :func:`apply` returns: ``stats`` per method, ``reset()``, ``remove()``, and a context manager."""
@@ -199,8 +122,8 @@ class AccelHandle:
             for m in root.modules():
                 registry = m.__dict__.get("_diffusers_hook")
                 if id(m) not in had and registry is not None and not registry.hooks and "forward" not in m.__dict__:
-                    setattr(registry, _CREATED, True)
-        _drop_empty_created(self.modules)
+                    setattr(registry, CREATED, True)
+        drop_empty_created(self.modules)
         self._removed = True
 
     def __enter__(self) -> AccelHandle:
@@ -265,7 +188,7 @@ def apply(target: Any, spec: Any, *, steps: int | None = None, adapter: Any = No
     parallel = _check_parallel(target, names)
     modules = denoisers(target)
     handle = AccelHandle(modules=list(modules.values()))
-    before = _capture(handle.modules)
+    before = capture(handle.modules)
     try:
         with contextlib.ExitStack() as stack:  # methods go inside diffusers' context-parallel hooks, whatever order
             for module in parallel:
@@ -282,8 +205,8 @@ def apply(target: Any, spec: Any, *, steps: int | None = None, adapter: Any = No
     except BaseException:  # the model is put back exactly as it was, whatever failed, then the error goes on
         for _, _, h in reversed(handle.applied):
             h.remove()
-        _restore(before)  # what a method left half-installed when it failed
+        restore(before)  # what a method left half-installed when it failed
         handle._removed = True
         raise
-    _mark_created(before)
+    mark_created(before)  # for diffusers' caches: the methods tag what they install themselves
     return handle

@@ -309,16 +309,18 @@ def cmd_train(a) -> int:
     return 0
 
 
-def _check_out_dir(folder) -> None:
-    """An output folder: non-empty, not a file, creatable in a writable folder (created later by the command)."""
-    validate.check_output_dir(folder, name=f"--out={str(folder or '')!r}", create=False)
+def _check_out_dir(folder, results: tuple[str, ...] = (), overwrite: bool = False) -> None:
+    """An output folder: non-empty, not a file, creatable in a writable folder (created later by the command), and,
+    unless ``overwrite``, holding none of the ``results`` the command writes (an earlier run's)."""
+    validate.check_output_dir(folder, name=f"--out={str(folder or '')!r}", create=False, results=results,
+                              overwrite=overwrite)
 
 
 def cmd_bench(a) -> int:
     from vdit_accel.bench.harness import BenchConfig, run_bench
-    from vdit_accel.bench.report import markdown_table
+    from vdit_accel.bench.report import REPORT_FILES, markdown_table
 
-    _check_out_dir(a.out)
+    _check_out_dir(a.out, REPORT_FILES, a.overwrite)  # bench has no resume: any of its files is an earlier result
     cfg = BenchConfig(methods=a.methods, prompts=a.prompts, seeds=a.seeds, steps=a.steps, guidance=a.guidance,
                       quick=a.quick, step_costs=a.step_costs, latency_model=a.latency_model)
     model = _load_model(a.weights)
@@ -347,12 +349,19 @@ def _bench_step_command(a) -> str:
 
 
 def cmd_bench_step(a) -> int:
-    from vdit_accel.bench.step import StepBenchConfig, latency_model_from, latency_settings, run_step_bench
+    from vdit_accel.bench.step import (
+        RESULT_FILES,
+        StepBenchConfig,
+        latency_model_from,
+        latency_settings,
+        run_step_bench,
+    )
 
     if a.out is None:
         raise VditAccelError("bench-step needs --out DIR: results are written there and nowhere else")
-    _check_out_dir(a.out)
-    _check_named_outputs(a, {"latency_model": (".json",)})
+    _check_out_dir(a.out, RESULT_FILES, a.overwrite)  # no resume: any of its files is an earlier run's result
+    if a.latency_model is not None:
+        validate.check_output_path(a.latency_model, (".json",), overwrite=a.overwrite, name="--latency-model")
     cfg = StepBenchConfig(layers=a.layers, target_layers=a.target_layers, latent=tuple(a.latent), text_len=a.text_len,
                           dtype=a.dtype, device=a.device, repeats=a.repeats, warmup=a.warmup, budgets=tuple(a.budgets),
                           kv_reuse=a.kv_reuse, orders=tuple(a.orders), seed=a.seed, full=a.full, tiny=a.tiny)
@@ -510,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=GUIDANCE, default=b.guidance,
                    help=f"CFG scale in [0, {validate.MAX_GUIDANCE:g}] (default: the model's)")
     s.add_argument("--out", default="results", help="results folder")
+    s.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out "
+                   "(default off: refuse before any compute)")
     s.add_argument("--quick", action="store_true", help="smoke test: 2 prompts, 1 seed, 8 steps (presets are "
                    "resampled over normalised time)")
     s.add_argument("--step-costs", default=b.step_costs, metavar="JSON", help="a bench-step JSON: replay every "
@@ -559,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "budgets 0 and 0.5, and write a latency model (vdit-accel/latency-model JSON) here (default: none)")
     s.add_argument("--latency-kv-reuse", action="store_true",
                    help="with --latency-model: the Astraea steps reuse cached K/V rows (default off)")
+    s.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out and an "
+                   "existing --latency-model (default off: refuse before any compute)")
     s.add_argument("--quiet", action="store_true", help="no per-step progress on stderr (default off)")
     s.set_defaults(fn=cmd_bench_step)
 

@@ -2,7 +2,8 @@
 
 Also the typed checks every config's ``__post_init__`` uses on values that may come from JSON (a preset, a model's
 ``config.json``) or from Python: each raises :class:`~vdit_accel.errors.ConfigError` naming the field, the bad value
-and what is accepted, never a ``TypeError`` from a comparison deep inside.
+and what is accepted, never a ``TypeError`` from a comparison deep inside. The numeric ones are
+:mod:`vdit_accel.validate`'s (one checker, one message format), narrowed to the Python types a config writes to JSON.
 
 Example:
     >>> from dataclasses import dataclass
@@ -24,38 +25,22 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from vdit_accel.errors import ConfigError
-
-
-def _interval(lo, hi, lo_open: bool = False) -> str:
-    lb = "(" if lo is None or lo_open else "["
-    rb = ")" if hi is None else "]"
-    return f"{lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}"
+from vdit_accel import validate
+from vdit_accel.errors import ConfigError, check_choice
 
 
 def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
-    """``value`` must be an ``int`` (not a bool, not a float such as 2.0 or 0.9) in ``[lo, hi]``; returned."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name}={value!r} is not accepted: expected an int in {_interval(lo, hi)}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ConfigError(f"{name}={value!r} is out of range: accepted an int in {_interval(lo, hi)}")
-    return value
+    """:func:`vdit_accel.validate.check_int` for a config field (written to JSON): a Python ``int`` only, not a
+    NumPy int (not a bool, not a float such as 2.0 or 0.9), in ``[lo, hi]``; returned."""
+    return validate.check_int(name, value, lo, hi, types=int)
 
 
 def check_float(name: str, value: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
                 allow_inf: bool = False) -> float:
-    """``value`` must be a real number (int or float, not a bool), not NaN, finite unless ``allow_inf``, in
-    ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``); returned as a float."""
-    what = f"a finite number in {_interval(lo, hi, lo_open)}" if not allow_inf else \
-        f"a number in {_interval(lo, hi, lo_open)}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name}={value!r} is not accepted: expected {what}")
-    v = float(value) if not isinstance(value, int) or abs(value) < 2**1023 else math.inf
-    if math.isnan(v) or (math.isinf(v) and not allow_inf):
-        raise ConfigError(f"{name}={value!r} is out of range: accepted {what}")
-    if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
-        raise ConfigError(f"{name}={value!r} is out of range: accepted {what}")
-    return v
+    """:func:`vdit_accel.validate.check_float` for a config field (written to JSON): a Python ``int`` or ``float``
+    only (not a bool, not a NumPy float32), not NaN, finite unless ``allow_inf``, in ``[lo, hi]`` (``(lo, hi]``
+    with ``lo_open``); returned as a float."""
+    return validate.check_float(name, value, lo, hi, lo_open=lo_open, allow_inf=allow_inf, types=(int, float))
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -70,11 +55,7 @@ def check_str(name: str, value: Any, choices: Iterable[str] | None = None) -> st
     if not isinstance(value, str):
         extra = f" (one of {list(choices)})" if choices is not None else ""
         raise ConfigError(f"{name}={value!r} is not accepted: expected a string{extra}")
-    if choices is not None:
-        choices = list(choices)
-        if value not in choices:
-            raise ConfigError(f"{name}={value!r} is not accepted: choose one of {choices}")
-    return value
+    return value if choices is None else check_choice(name, value, choices)
 
 
 def check_sequence(name: str, value: Any, *, max_len: int | None = None) -> tuple:

@@ -122,6 +122,15 @@ class ContextHook(ModelHook):
     def remove_planner(self, key: str) -> None:
         self._planners.pop(key, None)
 
+    def checkpoint(self) -> tuple:
+        """What an apply may change here (users, step count, planners); see :mod:`vdit_accel.transaction`."""
+        return self.users, self.num_steps, dict(self._planners)
+
+    def rollback(self, checkpoint: tuple) -> None:
+        """Return to a :meth:`checkpoint` (a failed apply leaves the shared hook as it found it)."""
+        self.users, self.num_steps, planners = checkpoint
+        self._planners = dict(planners)
+
     @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         cc = self.cache_context._context
@@ -171,8 +180,8 @@ def acquire_context(transformer: torch.nn.Module, adapter: ModelAdapter | None =
 
 def release_context(transformer: torch.nn.Module) -> None:
     """Drop one user of the context hook; remove it when no method uses it any more."""
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    hook = registry.get_hook(CONTEXT_HOOK)
+    registry = transformer.__dict__.get("_diffusers_hook")  # never creates one
+    hook = None if registry is None else registry.get_hook(CONTEXT_HOOK)
     if hook is None:
         return
     hook.users -= 1

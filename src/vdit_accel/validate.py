@@ -61,13 +61,16 @@ def _interval(lo, hi, lo_open: bool = False) -> str:
     return f"{left}{'-inf' if lo is None else repr(lo)}, {'inf' if hi is None else repr(hi)}{right}"
 
 
-def check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
-    """Return ``value`` if it is an int (not a bool, not a float, even an integral one) in ``[lo, hi]``.
+def check_int(name: str, value, lo: int | None = None, hi: int | None = None, *,
+              types: type | tuple[type, ...] = numbers.Integral) -> int:
+    """Return ``int(value)`` if it is an int in ``[lo, hi]``: an instance of ``types`` (any integral number, a NumPy
+    int included; :func:`vdit_accel.config_io.check_int` narrows it to a Python int), never a bool nor a float,
+    even an integral one.
 
     Raises:
         ConfigError: naming ``name=value`` and the accepted interval.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if isinstance(value, bool) or not isinstance(value, types):
         raise ConfigError(f"{name}={value!r} is not accepted: expected an int in {_interval(lo, hi)}")
     value = int(value)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -75,20 +78,28 @@ def check_int(name: str, value, lo: int | None = None, hi: int | None = None) ->
     return value
 
 
-def check_float(name: str, value, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> float:
-    """Return ``float(value)`` if it is a finite real number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``).
+def check_float(name: str, value, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                allow_inf: bool = False, types: type | tuple[type, ...] = numbers.Real) -> float:
+    """Return ``float(value)`` if it is a real number (an instance of ``types``, not a bool), not NaN, finite unless
+    ``allow_inf``, in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``). An int beyond the float range counts as +-inf.
 
     Raises:
         ConfigError: naming ``name=value`` and the accepted interval (also for NaN, +-inf, bools and strings).
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"{name}={value!r} is not accepted: expected a finite number in "
-                          f"{_interval(lo, hi, lo_open)}")
-    value = float(value)
-    low_bad = lo is not None and (value <= lo if lo_open else value < lo)
-    if not math.isfinite(value) or low_bad or (hi is not None and value > hi):
-        raise ConfigError(f"{name}={value!r} is out of range: accepted finite values in {_interval(lo, hi, lo_open)}")
-    return value
+    finite = "" if allow_inf else "finite "
+    interval = _interval(lo, hi, lo_open)
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise ConfigError(f"{name}={value!r} is not accepted: expected a {finite}number in {interval}")
+    try:
+        v = float(value)
+    except OverflowError:  # an int (or fraction) beyond the float range
+        v, shown = (math.inf if value > 0 else -math.inf), value
+    else:
+        shown = v
+    low_bad = lo is not None and (v <= lo if lo_open else v < lo)
+    if math.isnan(v) or (math.isinf(v) and not allow_inf) or low_bad or (hi is not None and v > hi):
+        raise ConfigError(f"{name}={shown!r} is out of range: accepted {finite}values in {interval}")
+    return v
 
 
 def check_steps(value, name: str = "steps") -> int:
@@ -160,16 +171,26 @@ def check_output_path(path, extensions: Iterable[str], *, overwrite: bool = Fals
     return p
 
 
-def check_output_dir(folder, *, name: str = "--out", create: bool = True) -> Path:
+def check_output_dir(folder, *, name: str = "--out", create: bool = True, results: Iterable[str] = (),
+                     overwrite: bool = False) -> Path:
     """Check ``folder`` is (or can be created as) a writable directory; create it (with parents) if ``create``.
 
+    Args:
+        results (`Iterable[str]`, defaults ()): the file names a command writes into ``folder``; if one of them
+            exists already, the folder holds an earlier run's results and is refused unless ``overwrite``.
+        overwrite (`bool`, defaults False): accept a folder holding ``results`` (they are replaced at the end).
+
     Raises:
-        OutputPathError: an empty name, ``folder`` or an ancestor is a file, or the nearest existing ancestor is
-            not writable (or creation fails).
+        OutputPathError: an empty name, ``folder`` or an ancestor is a file, the nearest existing ancestor is
+            not writable (or creation fails), or a file of ``results`` exists in it without ``overwrite``.
     """
     if folder is None or str(folder).strip() == "":
         raise OutputPathError(f"{name}={str(folder or '')!r} is not accepted: name a folder")
     folder = Path(folder)
+    existing = [folder / r for r in results if (folder / r).exists()]
+    if existing and not overwrite:
+        raise OutputPathError(f"{name}: {str(existing[0])!r} already exists (results of an earlier run): pass "
+                              "--overwrite to replace them")
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -27,6 +27,7 @@ KNOWN_FRONTS = (("W1 wall-clock", "speedup"), ("W2 replay", "speedup_w2"))
 PSNR_PLOT_CAP = 60.0  # dB: identical videos (inf) are drawn at the cap
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h")
 MISSING = "-"
+REPORT_FILES = ("results.json", "results.md", "pareto.png", "compare.gif", "compare.png")  # what a bench run writes
 
 
 def _num(fmt: str):

@@ -46,6 +46,7 @@ from vdit_accel.errors import ConfigError, check_choice, check_range
 logger = logging.getLogger(__name__)
 
 RESULTS_FORMAT = "vdit-accel/bench-step"
+RESULT_FILES = ("bench-step.json", "bench-step.md")  # what a bench-step run writes into its --out
 WAN21_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                   out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
                   qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)

@@ -82,6 +82,7 @@ from vdit_accel.ops.schedule import MAX_STEPS, resample_mean, resample_nearest
 from vdit_accel.parallel.cp import cp_rows_attention, is_cp_hook, processor_cp_config
 from vdit_accel.registry import Method, register_method
 from vdit_accel.search.presets import preset_operating_point
+from vdit_accel.transaction import drop_empty_created, transactional
 
 logger = logging.getLogger(__name__)
 
@@ -890,13 +891,14 @@ class AstraeaHandle:
         if self._removed:
             return
         for block in self.blocks:
-            registry = HookRegistry.check_if_exists_or_initialize(block)
-            if registry.get_hook(BLOCK_HOOK) is not None:
+            registry = block.__dict__.get("_diffusers_hook")
+            if registry is not None and registry.get_hook(BLOCK_HOOK) is not None:
                 registry.remove_hook(BLOCK_HOOK, recurse=False)
         if self._context is not None:
             self._context.remove_planner(self._planner_key)
         self.stats.flush()
         release_context(self.transformer)
+        drop_empty_created([self.transformer])  # the hook registries apply created, now empty
         self._removed = True
 
 
@@ -924,6 +926,9 @@ def apply_astraea(transformer: torch.nn.Module, config: AstraeaConfig,
                   adapter: ModelAdapter | None = None) -> AstraeaHandle:
     """Install Astraea on every transformer block of ``transformer``.
 
+    Transactional (:mod:`vdit_accel.transaction`): if anything fails, nothing stays installed (no hook, no hook
+    registry the model did not have); the handle's ``remove()`` leaves the model as it was before.
+
     Raises:
         ConfigError: ``config`` is not an :class:`AstraeaConfig`, or Astraea is already applied to this model.
         CompositionError: a hook Astraea would bypass is installed (see the module docstring).
@@ -941,18 +946,19 @@ def apply_astraea(transformer: torch.nn.Module, config: AstraeaConfig,
            for b in blocks):
         raise ConfigError("Astraea is already applied to this model: remove its handle before applying it again")
     _check_composition(adapter, transformer, blocks)
-    context = acquire_context(transformer, adapter, num_steps=config.num_steps)
     stats = AstraeaStats()
     handle = AstraeaHandle(transformer, stats, adapter=adapter)
     hooks: list[AstraeaBlockHook] = []
     shared: dict = {"hooks": hooks, "transformer": transformer}
-    for i, block in enumerate(blocks):
-        hook = AstraeaBlockHook(i, block, config, context, shared, stats, adapter, is_last=i == len(blocks) - 1)
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, BLOCK_HOOK)
-        hooks.append(hook)
-        handle.blocks.append(block)
-    handle._context, handle._planner_key = context, f"astraea:{id(handle)}"
-    context.add_planner(handle._planner_key, _Planner(hooks, config, stats))
+    with transactional([transformer]):  # a failure on any block leaves the model exactly as it was
+        context = acquire_context(transformer, adapter, num_steps=config.num_steps)
+        for i, block in enumerate(blocks):
+            hook = AstraeaBlockHook(i, block, config, context, shared, stats, adapter, is_last=i == len(blocks) - 1)
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, BLOCK_HOOK)
+            hooks.append(hook)
+            handle.blocks.append(block)
+        handle._context, handle._planner_key = context, f"astraea:{id(handle)}"
+        context.add_planner(handle._planner_key, _Planner(hooks, config, stats))
     return handle
 
 

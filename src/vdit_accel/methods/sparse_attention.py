@@ -61,6 +61,7 @@ from vdit_accel.ops.sparse_baselines import (
 )
 from vdit_accel.ops.timeripple import AXES
 from vdit_accel.ops.timeripple_tokens import token_decisions
+from vdit_accel.transaction import drop_empty_created, transactional
 
 logger = logging.getLogger(__name__)
 
@@ -278,12 +279,15 @@ class SparseAttentionHandle:
         for module, processor in self._restore:
             self.adapter.restore_processor(module, processor)
         release_context(self.transformer)
+        drop_empty_created([self.transformer])  # the hook registry apply created for the context hook, now empty
         self._removed = True
 
 
 def apply_sparse_attention(transformer: torch.nn.Module, config: SparseAttentionConfig,
                            adapter: ModelAdapter | None = None) -> SparseAttentionHandle:
     """Install the baseline on every (selected) video self-attention module of ``transformer``.
+
+    Transactional (:mod:`vdit_accel.transaction`), as :func:`~vdit_accel.methods.timeripple.apply_timeripple`.
 
     Raises:
         ConfigError: ``layers`` names blocks the model does not have, or a sparse-attention processor is already
@@ -301,13 +305,14 @@ def apply_sparse_attention(transformer: torch.nn.Module, config: SparseAttention
     if installed:
         raise ConfigError(f"sparse attention is already applied to this model (blocks {installed}): remove the "
                           "first handle before applying it again")
-    context = acquire_context(transformer, adapter)
     stats = SparseAttentionStats()
     handle = SparseAttentionHandle(transformer, stats, adapter)
-    for i in layers:
-        attn = adapter.self_attention(blocks[i])
-        original = adapter.install_processor(
-            attn, SparseAttentionProcessor(i, attn.get_processor(), config, context, stats, adapter))
-        handle._restore.append((attn, original))
-        logger.debug("sparse attention (%s) on block %d", config.baseline, i)
+    with transactional([transformer]):  # a failure on any block leaves the model exactly as it was
+        context = acquire_context(transformer, adapter)
+        for i in layers:
+            attn = adapter.self_attention(blocks[i])
+            original = adapter.install_processor(
+                attn, SparseAttentionProcessor(i, attn.get_processor(), config, context, stats, adapter))
+            handle._restore.append((attn, original))
+            logger.debug("sparse attention (%s) on block %d", config.baseline, i)
     return handle

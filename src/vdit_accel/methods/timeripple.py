@@ -78,6 +78,7 @@ from vdit_accel.ops.timeripple_structured import (
 from vdit_accel.ops.timeripple_tokens import token_decisions, tokens_timeripple_attention
 from vdit_accel.registry import Method, register_method
 from vdit_accel.search.presets import preset_operating_point
+from vdit_accel.transaction import drop_empty_created, transactional
 
 logger = logging.getLogger(__name__)
 
@@ -660,12 +661,16 @@ class TimeRippleHandle:
             self._context.remove_planner(self._planner_key)
         self.stats.flush()
         release_context(self.transformer)
+        drop_empty_created([self.transformer])  # the hook registry apply created for the context hook, now empty
         self._removed = True
 
 
 def apply_timeripple(transformer: torch.nn.Module, config: TimeRippleConfig,
                      adapter: ModelAdapter | None = None) -> TimeRippleHandle:
     """Install TimeRipple on every (selected) video self-attention module of ``transformer``.
+
+    Transactional (:mod:`vdit_accel.transaction`): if anything fails, nothing stays installed (every processor as
+    it was, no hook registry the model did not have); the handle's ``remove()`` leaves the model as it was before.
 
     Raises:
         ConfigError: the model has no RoPE, ``layers`` names blocks the model does not have, or TimeRipple is
@@ -691,20 +696,21 @@ def apply_timeripple(transformer: torch.nn.Module, config: TimeRippleConfig,
     if installed:
         raise ConfigError(f"TimeRipple is already applied to this model (blocks {installed}): remove the first "
                           "handle before applying it again")
-    context = acquire_context(transformer, adapter, num_steps=config.num_steps)
     stats = TimeRippleStats()
     handle = TimeRippleHandle(transformer, stats, adapter)
     groups = adapter.rope_groups(transformer)
     planner = _Planner(transformer, config, stats)
-    for i in layers:
-        attn = adapter.self_attention(blocks[i])
-        processor = TimeRippleProcessor(i, attn.get_processor(), config, context, groups, stats, adapter)
-        original = adapter.install_processor(attn, processor)
-        planner.processors.append(processor)
-        handle._restore.append((attn, original))
-        logger.debug("TimeRipple on block %d", i)
-    handle._context, handle._planner_key = context, f"timeripple:{id(handle)}"
-    context.add_planner(handle._planner_key, planner)
+    with transactional([transformer]):  # a failure on any block leaves the model exactly as it was
+        context = acquire_context(transformer, adapter, num_steps=config.num_steps)
+        for i in layers:
+            attn = adapter.self_attention(blocks[i])
+            processor = TimeRippleProcessor(i, attn.get_processor(), config, context, groups, stats, adapter)
+            original = adapter.install_processor(attn, processor)
+            planner.processors.append(processor)
+            handle._restore.append((attn, original))
+            logger.debug("TimeRipple on block %d", i)
+        handle._context, handle._planner_key = context, f"timeripple:{id(handle)}"
+        context.add_planner(handle._planner_key, planner)
     return handle
 
 
