@@ -140,6 +140,34 @@ def test_timeripple_row_removing_variant_oracle_under_compile():
     assert stats["rows_removed_active"] == stats["keys_removed_active"] == 0.875
 
 
+@pytest.mark.slow  # compiles (Dynamo tracing, 5-20 s on a loaded 2-core machine)
+@pytest.mark.parametrize("variant", ["exact_sim", "exact_rows"])
+def test_timeripple_on_ltx_regional_fullgraph_exact(variant):
+    """Another family: LTX-Video, whose RoPE groups are bool [H, D] masks (traced as graph constants)."""
+    from tiny_pipelines import ltx_inputs, tiny_ltx
+
+    def run(compiled: bool):
+        m = tiny_ltx()
+        handle = apply_timeripple(m, TimeRippleConfig(variant=variant, theta_min=1.0, theta_max=3.0, i_min=1,
+                                                      i_max=2, num_steps=4))
+        if compiled:
+            m.compile_repeated_blocks(backend="eager", fullgraph=True)
+        counters.clear()
+        outs = []
+        with torch.no_grad():
+            for i in range(4):
+                for branch in ("cond", "uncond"):
+                    with m.cache_context(branch, step_index=i, num_inference_steps=4):
+                        outs.append(m(**ltx_inputs(seed=i) | {"timestep": torch.tensor([900 - 200 * i] * 2)})[0])
+        return outs, handle.stats.summary(), dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
+
+    eager, eager_stats, _, _ = run(False)
+    torch._dynamo.reset()
+    outs, stats, breaks, graphs = run(True)
+    assert breaks == {} and graphs == COMPILED_VARIANTS
+    assert _same(outs, eager) and stats == eager_stats and stats["q_reuse_group_t"] > 0
+
+
 @pytest.mark.parametrize("variant", sorted(ROW_RAMPS))
 def test_rows_attention_op_passes_opcheck(variant):
     """The custom op's schema, fake (meta) implementation and dispatch agree with its real implementation."""
