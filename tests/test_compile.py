@@ -4,7 +4,7 @@ compiled output against eager, on the tiny random-init model at a 4x4x4 token gr
 Break and graph counts use ``torch._dynamo.utils.counters`` (``graph_break``: one entry per break reason, counted
 at trace time; ``stats/unique_graphs``: graphs compiled). Counting tests compile with ``backend="eager"`` (Dynamo
 only, no code generation), so a compiled run executes the same ATen ops as eager and its output is compared
-bit for bit; the one inductor test allows float reassociation (``INDUCTOR_ATOL``).
+bit for bit; the inductor tests allow float reassociation (``INDUCTOR_ATOL``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch._dynamo.utils import counters
 from vdit_accel.context import CONTEXT_HOOK
 from vdit_accel.methods.astraea import ROW_BUCKETS, AstraeaConfig, apply_astraea, compiled_row_counts, row_bucket
 from vdit_accel.methods.timeripple import COMPILED_VARIANTS, TimeRippleConfig, apply_timeripple
+from vdit_accel.ops.timeripple_compile import group_masks, timeripple_rows_attention
 from vdit_accel.testing import tiny_model
 
 STEPS = 6
@@ -106,15 +107,76 @@ def test_timeripple_per_channel_regional_close():
     assert stats["active_calls"] == eager_stats["active_calls"] > 0
 
 
+# the row-removing variants, each at a ramp whose removed counts differ between calls (data-dependent shapes)
+ROW_RAMPS = {"exact_rows": (1.0, 3.0), "token_rows": (1.0, 3.0), "tokens": (0.6, 0.99)}
+
+
 @pytest.mark.slow  # compiles (Dynamo tracing, 5-20 s on a loaded 2-core machine)
-def test_timeripple_structured_variant_breaks_are_known():
-    """The row-removing variants have data-dependent row counts: they run compiled, correctly, with breaks
-    (docs/compile.md names the ops); fullgraph=True refuses them."""
-    m = tiny_model().transformer
-    apply_timeripple(m, TimeRippleConfig(variant="exact_rows", **RAMP))
-    m.compile_repeated_blocks(backend="eager", fullgraph=True)
-    with pytest.raises(Exception, match=r"(?i)item|data.dependent|compiler.disable"):
-        _generate(m)
+@pytest.mark.parametrize("variant", sorted(ROW_RAMPS))
+def test_timeripple_row_removing_variants_regional_fullgraph(variant):
+    """The variants that remove rows and keys compile with fullgraph=True: one opaque op per call
+    (ops.timeripple_compile), exact against eager (the op runs the eager function: tolerance 0), stats equal,
+    rows and keys removed in counts that vary across calls, and the same COMPILED_VARIANTS graphs for all of them."""
+    lo, hi = ROW_RAMPS[variant]
+    kw = dict(variant=variant, theta_min=lo, theta_max=hi)
+    eager, eager_stats, _, _, _ = _run("timeripple", None, **kw)
+    outs, stats, breaks, graphs, handle = _run("timeripple", "regional", **kw)
+    assert breaks == {}
+    assert graphs == COMPILED_VARIANTS  # a dense step and a reuse step, whatever the removed counts
+    assert _same(outs, eager)
+    assert stats == eager_stats
+    assert stats["rows_removed_active"] > 0 and stats["keys_removed_active"] > 0
+    removed = {(s.rows_removed, s.keys_removed) for s in handle.stats.calls.values()}
+    assert len(removed) >= 3  # the counts are data dependent, the graphs are not
+    assert len(handle.stats.calls) == 2 * 2 * (STEPS - 2)  # branches x blocks x reuse steps: every call recorded
+
+
+@pytest.mark.slow  # compiles (Dynamo tracing, 5-20 s on a loaded 2-core machine)
+def test_timeripple_row_removing_variant_oracle_under_compile():
+    """θ far above every spread: 7 of 8 rows and keys removed on the even 4x4x4 grid, compiled as eager."""
+    outs, stats, breaks, graphs, _ = _run("timeripple", "regional", variant="exact_rows", theta_min=50.0,
+                                          theta_max=100.0)
+    assert breaks == {} and graphs == COMPILED_VARIANTS
+    assert stats["rows_removed_active"] == stats["keys_removed_active"] == 0.875
+
+
+@pytest.mark.slow  # compiles (Dynamo tracing, 5-20 s on a loaded 2-core machine)
+@pytest.mark.parametrize("variant", ["exact_sim", "exact_rows"])
+def test_timeripple_on_ltx_regional_fullgraph_exact(variant):
+    """Another family: LTX-Video, whose RoPE groups are bool [H, D] masks (traced as graph constants)."""
+    from tiny_pipelines import ltx_inputs, tiny_ltx
+
+    def run(compiled: bool):
+        m = tiny_ltx()
+        handle = apply_timeripple(m, TimeRippleConfig(variant=variant, theta_min=1.0, theta_max=3.0, i_min=1,
+                                                      i_max=2, num_steps=4))
+        if compiled:
+            m.compile_repeated_blocks(backend="eager", fullgraph=True)
+        counters.clear()
+        outs = []
+        with torch.no_grad():
+            for i in range(4):
+                for branch in ("cond", "uncond"):
+                    with m.cache_context(branch, step_index=i, num_inference_steps=4):
+                        outs.append(m(**ltx_inputs(seed=i) | {"timestep": torch.tensor([900 - 200 * i] * 2)})[0])
+        return outs, handle.stats.summary(), dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
+
+    eager, eager_stats, _, _ = run(False)
+    torch._dynamo.reset()
+    outs, stats, breaks, graphs = run(True)
+    assert breaks == {} and graphs == COMPILED_VARIANTS
+    assert _same(outs, eager) and stats == eager_stats and stats["q_reuse_group_t"] > 0
+
+
+@pytest.mark.parametrize("variant", sorted(ROW_RAMPS))
+def test_rows_attention_op_passes_opcheck(variant):
+    """The custom op's schema, fake (meta) implementation and dispatch agree with its real implementation."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 10, 2, 6, generator=g) for _ in range(3))
+    groups = group_masks({"t": slice(0, 2), "h": slice(2, 4), "w": slice(4, 6)}, 2, 6, "cpu")
+    args = (q, k, v, torch.tensor(0.9, dtype=torch.float64), groups, [2, 2, 2], variant, "shared", [1.0, 1.0, 1.0],
+            None, 2, "thw", "thw", 2, 0, True, True)
+    assert set(torch.library.opcheck(timeripple_rows_attention, args).values()) == {"SUCCESS"}
 
 
 # ----------------------------------------------------------------------------------------------------- Astraea
@@ -173,7 +235,8 @@ def test_row_buckets_bound_the_row_counts():
 
 # --------------------------------------------------------------------------------- recompiles, whole module
 @pytest.mark.slow  # compiles (Dynamo tracing, 5-20 s on a loaded 2-core machine)
-@pytest.mark.parametrize("method,kw", [("timeripple", {}), ("astraea", {"budgets": ON_GRID})])
+@pytest.mark.parametrize("method,kw", [("timeripple", {}), ("astraea", {"budgets": ON_GRID}),
+                                       ("timeripple", {"variant": "tokens", "theta_min": 0.6, "theta_max": 0.99})])
 def test_no_recompiles_after_the_first_generation(method, kw):
     m = tiny_model().transformer
     _apply(m, method, **kw)
@@ -185,7 +248,8 @@ def test_no_recompiles_after_the_first_generation(method, kw):
 
 
 @pytest.mark.slow  # compiles (Dynamo tracing, 5-20 s on a loaded 2-core machine)
-@pytest.mark.parametrize("method,kw", [("timeripple", {}), ("astraea", {"budgets": ON_GRID})])
+@pytest.mark.parametrize("method,kw", [("timeripple", {}), ("astraea", {"budgets": ON_GRID}),
+                                       ("timeripple", {"variant": "exact_rows", "theta_min": 1.0, "theta_max": 3.0})])
 def test_whole_module_compile_breaks_only_at_the_context_hook(method, kw):
     eager, _, _, _, _ = _run(method, None, **kw)
     outs, _, breaks, graphs, _ = _run(method, "whole", **kw)
@@ -208,8 +272,10 @@ def test_context_hook_keeps_the_timestep_on_the_device():
 
 # ------------------------------------------------------------------------------------------------- inductor
 @pytest.mark.slow
-def test_inductor_regional_close_to_eager():
-    eager, _, _, _, _ = _run("astraea", None, budgets=ON_GRID, forecast=1)
-    outs, _, breaks, _, _ = _run("astraea", "regional", backend="inductor", budgets=ON_GRID, forecast=1)
+@pytest.mark.parametrize("method,kw", [("astraea", {"budgets": ON_GRID, "forecast": 1}),
+                                       ("timeripple", {"variant": "tokens", "theta_min": 0.6, "theta_max": 0.99})])
+def test_inductor_regional_close_to_eager(method, kw):
+    eager, _, _, _, _ = _run(method, None, **kw)
+    outs, _, breaks, _, _ = _run(method, "regional", backend="inductor", **kw)
     assert breaks == {}
     assert all(torch.allclose(a, b, atol=INDUCTOR_ATOL, rtol=0) for a, b in zip(outs, eager))

@@ -62,6 +62,48 @@ def test_off_exact_on_acts_remove_exact():
     assert all(torch.equal(o, r) for o, r in zip(_run(model, seq), ref))
 
 
+def _ltx(heads: int, head_dim: int):
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=heads,
+                                      attention_head_dim=head_dim, cross_attention_dim=heads * head_dim,
+                                      num_layers=1, caption_channels=16).eval()
+
+
+@pytest.mark.parametrize("interpolation", [None, (8 / 25, 32, 32)])  # LTXPipeline passes (4x / 25 fps, 32, 32)
+@pytest.mark.parametrize("heads,head_dim", [(2, 12), (2, 10), (3, 8)])  # same map per head, offset 2, phase shift
+def test_rope_groups_are_the_channels_each_axis_rotates(heads, head_dim, interpolation):
+    """Oracle: diffusers' own rotary table. A channel belongs to group a exactly when its cos/sin change as the
+    position along a changes (and along no other axis); unrotated channels change with nothing."""
+    model = _ltx(heads, head_dim)
+    groups = resolve_adapter(model).rope_groups(model)
+    grid = (3, 3, 3)
+    cos, sin = model.rope(torch.zeros(1, 27, 8), *grid, rope_interpolation_scale=interpolation)  # [1, S, H*D]
+    table = torch.cat([cos, sin]).view(2, *grid, heads, head_dim)
+    covered = torch.zeros(heads, head_dim, dtype=torch.bool)
+    for i, a in enumerate("thw"):
+        n = grid[i]
+        step = table.narrow(1 + i, 1, n - 1) - table.narrow(1 + i, 0, n - 1)
+        changes = (step != 0).flatten(0, 3).any(0)  # [H, D]
+        assert groups[a].shape == (heads, head_dim) and torch.equal(changes, groups[a]), a
+        assert not (covered & groups[a]).any()  # disjoint
+        covered |= groups[a]
+    assert int((~covered).sum()) == heads * head_dim % 6  # the unrotated leading channels, none in a group
+
+
+def test_per_group_stats_with_interleaved_groups_7_of_8_oracle():
+    """θ = inf reuses every candidate: 7/8 of the tokens of an even 2x4x4 grid in every channel, so every group's
+    reuse fraction is exactly 0.875 (heads 2 x 10: the two heads have different channel -> axis maps)."""
+    model = _ltx(2, 10)
+    handle = apply_timeripple(model, TimeRippleConfig(fixed_threshold=float("inf"), num_steps=4, i_min=0, i_max=1))
+    _run(model, _seq()[:1])
+    handle.remove()
+    summary = handle.stats.summary()
+    for a in "thw":
+        assert summary[f"q_reuse_group_{a}"] == summary[f"k_reuse_group_{a}"] == 0.875
+
+
 @pytest.mark.parametrize("per_token_temb", [False, True])
 @torch.no_grad()
 def test_row_path_with_every_row_equals_the_stock_block(per_token_temb):

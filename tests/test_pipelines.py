@@ -18,7 +18,9 @@ from vdit_accel.methods.astraea import AstraeaConfig
 from vdit_accel.methods.timeripple import TimeRippleConfig
 from vdit_accel.pipelines import PipelineSampler, load_pipeline, pipeline_model_id
 from vdit_accel.search.calibrate import calibrate_timeripple
-from vdit_accel.search.presets import read_preset, save_preset
+from vdit_accel.search.joint import run_joint_search
+from vdit_accel.search.latency import LatencyModel
+from vdit_accel.search.presets import load_preset, read_preset, save_preset
 
 GEOMETRY = ["--height", "32", "--width", "32", "--frames", "5"]
 AS_ON = AstraeaConfig(budgets=(1.0, 0.5, 0.5), num_steps=3)
@@ -188,9 +190,60 @@ def test_calibrate_and_search_cli_on_a_saved_pipeline(saved, tmp_path, capsys, c
     assert f"was made for model {saved}, applied to WanTransformer3DModel@config-sha256:" in caplog.text
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("allocator,steps", [("all", 3), ("refine", 8)])  # refine's seeds compute >= 3 steps
+def test_joint_search_cli_on_a_saved_pipeline(saved, tmp_path, capsys, caplog, allocator, steps):
+    """``search astraea --target-speedup --model``: the smallest joint search end to end on a saved pipeline, at its
+    own geometry; 'all' runs the allocators that score whole generations (dp and greedy are listed as skipped)."""
+    latency = tmp_path / "latency.json"
+    LatencyModel(costs={(1.0, 0): 1.0, (0.5, 0): 0.6, (0.0, 0): 0.05, (0.0, 1): 0.06}, kv_reuse=False,
+                 geometry={"grid": [2, 2, 2]}, hardware={"cpu": "test"}, dense_step_s=1.0).save(latency)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\n")
+    out = tmp_path / "out" / "joint.json"
+    assert main(["search", "astraea", "--model", saved, *GEOMETRY, "--steps", str(steps), "--target-speedup", "1.4",
+                 "--latency-model", str(latency), "--allocator", allocator, "--prompts", str(prompts),
+                 "--population", "2", "--children", "2", "--generations", "1", "--max-evals", "2",
+                 "--out", str(out), "--checkpoint", str(tmp_path / "ck"), "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    data = read_preset(out)
+    assert data["model_id"] == saved and data["steps"] == steps and data["geometry"] == [5, 32, 32]
+    record = data["record"]["search"]
+    if allocator == "all":
+        assert set(record["candidates"]) == {"uniform", "evolution"}
+        assert set(summary["skipped_allocators"]) == {"dp", "greedy"}
+        assert record["proxy"]["geometry"] is None  # the pipeline's own geometry
+        speedup = record["candidates"][record["allocator"]]["predicted_speedup"]
+    else:
+        speedup = record["predicted_speedup"]
+    assert speedup >= 1.4
+    cfg = load_preset(str(out), steps=steps)
+    assert min(cfg.budgets) < 1.0  # the schedule reuses: the search acted
+    with caplog.at_level(logging.WARNING):
+        handle = vdit_accel.apply(load_pipeline(saved), str(out))
+        handle.remove()
+    assert "was made for model" not in caplog.text
+
+
+def test_joint_search_table_allocators_refuse_a_pipeline(saved, tmp_path, capsys):
+    """dp and greedy re-run single steps of the embedded sampler's loop: on a pipeline, a typed error naming why,
+    before any generation."""
+    latency = tmp_path / "latency.json"
+    LatencyModel(costs={(1.0, 0): 1.0, (0.0, 0): 0.05}, kv_reuse=False, geometry={}, hardware={},
+                 dense_step_s=1.0).save(latency)
+    assert main(["search", "astraea", "--model", saved, *GEOMETRY, "--steps", "3", "--target-speedup", "1.4",
+                 "--latency-model", str(latency), "--allocator", "dp", "--out", str(tmp_path / "x.json"),
+                 "--checkpoint", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err
+    assert "segment-error table" in err and "'uniform', 'evolution' or 'refine'" in err
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "ck").exists()
+    sampler = PipelineSampler(load_pipeline(saved), frames=5, height=32, width=32)
+    with pytest.raises(UnsupportedModelError, match="embedded model only"):
+        run_joint_search(sampler, LatencyModel.load(latency), 1.4, [PROMPT], steps=3, allocators=["greedy"])
+
+
 @pytest.mark.parametrize(("argv", "match"), [
     (["calibrate", "magcache"], "calibrate magcache with --model is not supported"),
-    (["search", "astraea", "--target-speedup", "2"], "joint search) with --model is not supported"),
 ])
 def test_embedded_only_modes_refuse_a_pipeline(saved, tmp_path, capsys, argv, match):
     assert main([*argv, "--model", saved, "--out", str(tmp_path / "x.json")]) == 2

@@ -614,7 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     from vdit_accel.search.joint import ALLOCATORS, DEFAULT_MAX_SEGMENT
 
     s.add_argument("--allocator", default="all", choices=[*ALLOCATORS, "all", "refine"],
-                   help="joint search: allocator(s); 'all' runs every one and keeps the best on selection prompts; "
+                   help="joint search: allocator(s); 'all' runs every one and keeps the best on selection prompts "
+                   "(with --model: uniform and evolution; dp and greedy need the embedded model's step loop); "
                    "'refine' = local search scored on final videos (full geometry, CFG), seeded by TaylorSeer "
                    "cadences and spread schedules")
     s.add_argument("--max-evals", type=int_arg("max_evals", 1, 100_000), default=60,
@@ -628,15 +629,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dense-steps", type=int_arg("dense_steps", 0, validate.MAX_STEPS), default=1,
                    help="joint search: first steps always computed in full (the teacher-forced error table cannot "
                    "see how an early reuse propagates; default 1)")
-    s.add_argument("--proxy-geometry", default="8x32x32", help="FxHxW of the error table / fitness, or 'model'")
+    s.add_argument("--proxy-geometry", default=None, help="joint search: FxHxW of the error table / fitness, or "
+                   "'model' (default 8x32x32 on the embedded model, 'model' with --model)")
     s.add_argument("--steps", type=STEPS, default=g.steps, help=f"denoising steps, 1..{validate.MAX_STEPS}")
     s.add_argument("--prompts", default="calib", help="prompt set (quick, bench, heldout, calib) or file")
     s.add_argument("--out", default=None, help="preset file to write (default runs/presets/NAME.json)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out (default off: refuse)")
     s.add_argument("--checkpoint", default=None, help="checkpoint folder (default runs/search-NAME)")
     s.add_argument("--weights", default=None, help="model folder (default: the embedded model)")
-    _add_model_flags(s, "to search on (--target only: the budget search at the pipeline's geometry, no proxy; the "
-                     "preset records it as its model_id)")
+    _add_model_flags(s, "to search on (at the pipeline's geometry, no proxy; --target-speedup: allocators uniform, "
+                     "evolution, refine; the preset records it as its model_id)")
     s.add_argument("--seed", type=SEED, default=0, help="search seed, 0..2**63-1")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     from vdit_accel.search.evolution import EvolutionConfig

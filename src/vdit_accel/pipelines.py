@@ -202,8 +202,13 @@ class PipelineSampler:
         return self.default_guidance if cfg.guidance is None else cfg.guidance
 
     def flow_shift(self, cfg: GenerationConfig) -> float:
-        raise UnsupportedModelError("a diffusers pipeline's timestep shift belongs to its scheduler: the joint "
-                                    "search (which needs it) runs on the embedded model only")
+        """Refused: a pipeline keeps its denoising loop and its scheduler's shift inside ``__call__``, so nothing
+        can re-run one of its steps from outside (what the joint search's segment-error table does)."""
+        raise UnsupportedModelError(
+            f"{type(self.pipe).__name__} keeps its denoising loop (scheduler shift, per-family conditioning) inside "
+            "__call__: the joint search's segment-error table (allocators 'dp' and 'greedy'), which re-runs single "
+            "steps of the sampler's own loop, runs on the embedded model only; on a pipeline use the allocators "
+            "'uniform', 'evolution' or 'refine', which score whole generations")
 
     def _geometry_kwargs(self, cfg: GenerationConfig) -> dict:
         f, h, w = self.geometry(cfg)

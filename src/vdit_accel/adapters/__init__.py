@@ -145,8 +145,9 @@ class ModelAdapter(ABC):
         """The video self-attention module of a block."""
 
     @abstractmethod
-    def rope_groups(self, model: torch.nn.Module) -> dict[str, slice]:
-        """Head-channel slices of the RoPE groups ``{"t": ..., "h": ..., "w": ...}``."""
+    def rope_groups(self, model: torch.nn.Module) -> dict[str, slice | torch.Tensor]:
+        """The head channels of each RoPE group ``{"t": ..., "h": ..., "w": ...}``: a slice of the head dim (the same
+        channels in every head) or a bool `[H, D]` mask (``ops.timeripple.RopeGroup``); ``{}`` if unknown."""
 
     def has_rope(self, model: torch.nn.Module) -> bool:
         """Whether the model applies RoPE inside self-attention (TimeRipple needs it)."""

@@ -4,9 +4,9 @@ LTX's self-attention (``transformer_blocks[i].attn1``) is video-only; text enter
 (``attn2``, with the text attention mask), so there are no text tokens in self-attention. The transformer takes
 packed tokens ``[B, S, C]`` and the token grid as the ``num_frames``/``height``/``width`` arguments (frame-major
 raster). RoPE is applied to the flattened ``[B, S, H*D]`` q/k before the heads are split, with the three axes
-interleaved pair by pair over the whole inner dimension: a head's channels are not contiguous (t, h, w) groups,
-so :meth:`LTXAdapter.rope_groups` is empty (TimeRipple's per-group statistics stay empty; its decisions do not use
-groups).
+interleaved pair by pair over the whole inner dimension (``LTXVideoRotaryPosEmbed``): a head's channels are not
+contiguous (t, h, w) groups, and the interleaving restarts per head only when ``D`` is a multiple of 6, so
+:meth:`LTXAdapter.rope_groups` returns bool ``[H, D]`` channel masks (:func:`ltx_rope_groups`).
 
 Example:
     >>> from diffusers import LTXVideoTransformer3DModel
@@ -58,8 +58,9 @@ class LTXAdapter(ModelAdapter):
     def self_attention(self, block):
         return block.attn1
 
-    def rope_groups(self, model) -> dict[str, slice]:
-        return {}
+    def rope_groups(self, model) -> dict[str, torch.Tensor]:
+        """Bool `[H, D]` masks of the channels each axis rotates (see :func:`ltx_rope_groups`)."""
+        return ltx_rope_groups(model.config.num_attention_heads, model.config.attention_head_dim)
 
     # ---------------------------------------------------------------------------------- self-attention call
     def qkv(self, attn, args, kwargs) -> AttentionCall | None:
@@ -121,6 +122,29 @@ class LTXAdapter(ModelAdapter):
                             attention_mask=values.get("encoder_attention_mask"))
         norm_h = block.norm2(h) * (1 + s_scale_mlp) + s_shift_mlp
         return h + block.ff(norm_h) * s_gate_mlp, lse
+
+
+def ltx_rope_groups(heads: int, head_dim: int) -> dict[str, torch.Tensor]:
+    """LTX-Video's RoPE channel -> axis map, as bool `[H, D]` masks per axis (``"t"``, ``"h"``, ``"w"``).
+
+    ``LTXVideoRotaryPosEmbed(dim=H*D)`` builds ``dim // 6`` frequencies per axis, lays the angles out as
+    ``[frequency, axis]`` (``freqs.transpose(-1, -2).flatten(2)``), repeats each angle for the two channels of its
+    rotated pair (``repeat_interleave(2)``) and prepends ``dim % 6`` unrotated channels (cos 1, sin 0). So channel
+    ``c = h*D + d`` of the flattened q/k is unrotated when ``c < dim % 6``, and otherwise belongs to axis
+    ``((c - dim % 6) // 2) % 3`` (0 = t, 1 = h, 2 = w). Unrotated channels belong to no group. The map is the same in
+    every head only when ``D`` is a multiple of 6 (then ``dim % 6 == 0``); LTX-Video's own 32 x 64 is not (heads
+    start at different phases of the t, h, w cycle).
+
+    Example:
+        >>> g = ltx_rope_groups(2, 10)  # dim 20: channels 0, 1 unrotated, then pairs t, h, w, t, h, w, ...
+        >>> ["".join(a if g[a][h, d] else "" for a in "thw") or "-" for h in range(2) for d in range(0, 10, 2)]
+        ['-', 't', 'h', 'w', 't', 'h', 'w', 't', 'h', 'w']
+    """
+    inner = heads * head_dim
+    pad = inner % 6
+    c = torch.arange(inner)
+    axis = torch.where(c < pad, -1, torch.div(c - pad, 2, rounding_mode="floor") % 3).view(heads, head_dim)
+    return {a: axis == i for i, a in enumerate(("t", "h", "w"))}
 
 
 def _project(attn, x: torch.Tensor, rope, query: bool = True):

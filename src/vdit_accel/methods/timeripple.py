@@ -18,7 +18,8 @@ attention; it is not faster.
 Under ``torch.compile`` (``docs/compile.md``) the root context hook's planner decides θ on the host and hands it to
 the processors as a device tensor; "exact_sim" then traces without graph breaks (``COMPILED_VARIANTS`` graphs) and
 leaves its stats as integer counts that :meth:`TimeRippleStats.flush` records. The row-removing variants have
-data-dependent row counts and break the graph.
+data-dependent row counts: a compiled call runs them as one opaque custom op (``ops.timeripple_compile``) whose output
+has the query's shape, so they trace without breaks into the same ``COMPILED_VARIANTS`` graphs.
 
 Example:
     >>> from vdit_accel.testing import tiny_model, TINY_PROMPT
@@ -60,14 +61,20 @@ from vdit_accel.ops.schedule import MAX_STEPS
 from vdit_accel.ops.timeripple import (
     AXES,
     MIN_DELTA,
+    THRESHOLD_MODES,
     ReuseStats,
+    RopeGroup,
     ThresholdSchedule,
     _build_stats,
+    group_elements,
+    group_sum,
+    mode_thresholds,
     qk_savings,
     resolve_reuse,
     reuse_masks,
     timeripple_attention,
 )
+from vdit_accel.ops.timeripple_compile import group_masks, timeripple_rows_attention, unpack_stats
 from vdit_accel.ops.timeripple_structured import (
     DEFAULT_ROW_FRACTION,
     VARIANTS,
@@ -82,12 +89,11 @@ from vdit_accel.transaction import drop_empty_created, transactional
 
 logger = logging.getLogger(__name__)
 
-THRESHOLD_MODES = ("shared", "per_axis", "per_channel")
 MAX_PENDING_SLOTS = 4096  # compiled calls whose stats wait on the device for flush()
 COMPILED_VARIANTS = 2
-"""Graphs a compiled block compiles for "exact_sim" (per block shape): a dense step and a reuse step. θ reaches the
+"""Graphs a compiled block compiles for any variant (per block shape): a dense step and a reuse step. θ reaches the
 graph as a device tensor and the step, CFG branch and layer not at all, so neither the ramp nor the branch
-recompiles (``docs/compile.md``)."""
+recompiles; the row-removing variants' removed counts stay inside an opaque op (``docs/compile.md``)."""
 MAX_WINDOW = 64  # window size K along an axis; larger than any latent axis of a supported model
 MAX_LAYER = 1023  # block indices (the largest supported models have tens of blocks)
 
@@ -260,6 +266,9 @@ class TimeRippleStats:
                 q_sums, k_sums = slot.sums
                 self.record(slot.branch, slot.step, slot.layer,
                             _stats_from_sums(q_sums, k_sums, slot.shape, slot.axes, slot.groups))
+            elif slot.packed is not None:  # a row-removing variant: ops.timeripple_compile's packed ReuseStats
+                self.record(slot.branch, slot.step, slot.layer,
+                            unpack_stats(slot.packed, slot.axes, tuple(slot.groups), slot.shape[2]))
 
     def record(self, branch: str, step: int, layer: int, stats: ReuseStats) -> None:
         self.calls[(branch, step, layer)] = stats
@@ -333,9 +342,10 @@ class _StatsSlot:
     step: int
     layer: int
     axes: tuple[str, ...]
-    groups: dict[str, slice]
+    groups: dict[str, RopeGroup]
     dense: bool = False
     sums: tuple | None = None  # (q sums, k sums) of _mask_sums, device tensors
+    packed: torch.Tensor | None = None  # a row-removing variant's stats (ops.timeripple_compile.pack_stats)
     shape: tuple[int, ...] = ()
 
 
@@ -358,24 +368,23 @@ class _CallPlan:
     slot: _StatsSlot | None = None
 
 
-def _mask_sums(masks, groups: dict[str, slice]) -> dict | None:
+def _mask_sums(masks, groups: dict[str, RopeGroup]) -> dict | None:
     """Integer counts of a side's masks, computed in the graph: everything :func:`_stats_from_sums` needs."""
     if masks is None:
         return None
     reused = masks.any  # [B, S, H, D]
     return {"any": reused.sum(), "axis": {a: m.sum() for a, m in masks.per_axis.items()},
-            "group": {g: reused[..., sl].sum() for g, sl in groups.items()}, "rate": reused.sum(1)}
+            "group": {g: group_sum(reused, sel) for g, sel in groups.items()}, "rate": reused.sum(1)}
 
 
-def _side_from_sums(sums: dict | None, shape: tuple[int, ...], axes, groups: dict[str, slice]):
+def _side_from_sums(sums: dict | None, shape: tuple[int, ...], axes, groups: dict[str, RopeGroup]):
     """Host twin of ``ops.timeripple._side_stats`` from :func:`_mask_sums` counts (identical numbers)."""
     if sums is None:
         rate = torch.zeros(shape[0], shape[2], shape[3], dtype=torch.float64)
         return 0.0, dict.fromkeys(axes, 0.0), dict.fromkeys(groups, 0.0), rate
     n = int(np.prod(shape))
-    per_row = n // shape[-1]
     per_axis = {a: int(v) / n for a, v in sums["axis"].items()}
-    per_group = {g: int(sums["group"][g]) / (per_row * len(range(shape[-1])[sl])) for g, sl in groups.items()}
+    per_group = {g: int(sums["group"][g]) / group_elements(sel, shape) for g, sel in groups.items()}
     return int(sums["any"]) / n, per_axis, per_group, sums["rate"].cpu().double() / shape[1]
 
 
@@ -401,7 +410,8 @@ class _Planner:
         if not self.processors:
             return
         stats = self.stats
-        stats._pending = [s for s in stats._pending if s.dense or s.sums is not None]  # eager calls fill none
+        stats._pending = [s for s in stats._pending  # eager calls fill none
+                          if s.dense or s.sums is not None or s.packed is not None]
         if len(stats._pending) > MAX_PENDING_SLOTS:
             stats.flush()  # bounded device memory when summary() is never asked (one sync, outside the graph)
         theta = self.processors[0]._theta(ctx)
@@ -428,7 +438,8 @@ class TimeRippleProcessor:
     _parallel_config = None
 
     def __init__(self, layer: int, original, config: TimeRippleConfig, context: ContextHook,
-                 rope_groups: dict[str, slice], stats: TimeRippleStats, adapter: ModelAdapter | None = None) -> None:
+                 rope_groups: dict[str, RopeGroup], stats: TimeRippleStats,
+                 adapter: ModelAdapter | None = None) -> None:
         self.layer = layer
         self.original = original
         self.config = config
@@ -461,14 +472,7 @@ class TimeRippleProcessor:
 
     def _thresholds(self, theta: float, q: torch.Tensor):
         cfg = self.config
-        if cfg.threshold_mode == "shared":
-            return theta
-        if cfg.threshold_mode == "per_axis":
-            scale = dict(zip(AXES, cfg.axis_scale))
-            return {a: theta * scale[a] for a in cfg.axes}
-        mag = q.detach().abs().float().mean(dim=(0, 1, 2))  # [D]
-        per_channel = theta * mag / mag.mean().clamp_min(1e-12)
-        return per_channel.expand(len(cfg.axes), -1)
+        return mode_thresholds(theta, q, cfg.threshold_mode, cfg.axes, cfg.axis_scale)
 
     def __call__(self, attn, *args, **kwargs):
         """The stock processor's call ``(attn, *args, **kwargs)``: reuse at a step with θ > 0, else the stock call.
@@ -495,8 +499,9 @@ class TimeRippleProcessor:
         ctx = plan
         if call.mask is not None:
             return self._masked_call(attn, call, ctx, theta)
-        if torch.compiler.is_compiling() and cfg.variant == "exact_sim":
-            return self.adapter.attention_output(attn, self._traced_exact_sim(q, k, v, call, plan), call)
+        if torch.compiler.is_compiling():
+            traced = self._traced_exact_sim if cfg.variant == "exact_sim" else self._traced_rows
+            return self.adapter.attention_output(attn, traced(q, k, v, call, plan), call)
         kw = dict(
             grid=ctx.grid, thresholds=self._thresholds(theta, q), window=cfg.window, axes=cfg.axes,
             priority=cfg.priority, text_prefix=call.text_prefix, text_suffix=call.text_suffix, reuse_q=cfg.reuse_q,
@@ -534,6 +539,22 @@ class TimeRippleProcessor:
         plan.slot.sums = (_mask_sums(q_masks, self.rope_groups), _mask_sums(k_masks, self.rope_groups))
         plan.slot.shape = tuple(q.shape)
         return out.transpose(1, 2)
+
+    def _traced_rows(self, q, k, v, call, plan: _CallPlan) -> torch.Tensor:
+        """A row-removing variant's call as ``torch.compile`` traces it: one opaque custom op
+        (``ops.timeripple_compile.timeripple_rows_attention``, output of the query's shape, so the removed counts
+        never reach the graph) running the eager op; its packed stats go to ``plan.slot``. Returns `[B, S, H, Dv]`."""
+        cfg = self.config
+        if self.decision_log is not None:
+            raise ConfigError("record_decisions() is not supported under torch.compile: the 'tokens' decisions "
+                              "are inside an opaque op; record them on an eager run")
+        out, packed = timeripple_rows_attention(
+            q, k, v, plan.theta_t, group_masks(self.rope_groups, q.shape[2], q.shape[3], q.device), list(plan.grid),
+            cfg.variant, cfg.threshold_mode, list(cfg.axis_scale), cfg.row_fraction, cfg.window, "".join(cfg.axes),
+            cfg.priority, call.text_prefix, call.text_suffix, cfg.reuse_q, cfg.reuse_k)
+        plan.slot.packed = packed
+        plan.slot.shape = tuple(q.shape)
+        return out
 
     def _masked_call(self, attn, call, ctx, theta: float):
         """A call whose attention carries a mask (HunyuanVideo's text padding): the exact simulation substitutes the

@@ -29,6 +29,10 @@ MIN_DELTA = "min_delta"
 _REFERENCE_MAX_ELEMENTS = 1 << 22  # B*H*S*S*D cap for the explicit partial-score tensor (32 MiB at float64)
 
 Thresholds = float | dict[str, float] | torch.Tensor
+RopeGroup = slice | torch.Tensor
+"""The channels of one RoPE group: a slice of the head dim (the same channels in every head), or a bool `[H, D]`
+mask (a family whose axes interleave differently per head, e.g. LTX-Video)."""
+THRESHOLD_MODES = ("shared", "per_axis", "per_channel")
 
 
 def _check_int(name: str, value: int, lo: int) -> int:
@@ -432,7 +436,7 @@ def timeripple_attention(
         priority (`str`, defaults to `"thw"`): see `resolve_reuse`.
         reuse_q (`bool`, defaults to `True`), reuse_k (`bool`, defaults to `True`): which side may reuse.
         scale (`float | None`, defaults to `None`): score scale, `1/sqrt(D)` when `None`.
-        rope_groups (`dict[str, slice] | None`, defaults to `None`): channel groups for the per-group stats
+        rope_groups (`dict[str, RopeGroup] | None`, defaults to `None`): channel groups for the per-group stats
             (e.g. `wan_rope_groups(D)`); `None` leaves them empty.
 
     Returns:
@@ -552,23 +556,73 @@ def _fraction(m: torch.Tensor) -> float:
     return int(m.sum()) / m.numel()
 
 
-def _side_stats(masks: ReuseMasks | None, shape: torch.Size, axes: tuple[str, ...], groups: dict[str, slice]):
+def group_sum(reused: torch.Tensor, group: RopeGroup) -> torch.Tensor:
+    """Count of `True` elements of `reused` `[B, S, H, D]` in the channels of `group` (0-d tensor, no host sync)."""
+    if isinstance(group, slice):
+        return reused[..., group].sum()
+    return (reused & group.to(reused.device)).sum()
+
+
+def group_elements(group: RopeGroup, shape: tuple[int, ...]) -> int:
+    """Elements of a `[B, S, H, D]` tensor that `group` covers (the denominator of a per-group fraction)."""
+    b, s, h, d = shape
+    if isinstance(group, slice):
+        return b * s * h * len(range(d)[group])
+    return b * s * int(group.sum())
+
+
+def check_rope_groups(groups: dict[str, RopeGroup] | None, heads: int, head_dim: int) -> None:
+    """Raise :class:`ConfigError` unless every group is a non-empty slice of `[0, D)` or a bool `[H, D]` mask."""
+    for name, sel in (groups or {}).items():
+        if isinstance(sel, torch.Tensor):
+            if sel.dtype != torch.bool or tuple(sel.shape) != (heads, head_dim) or not bool(sel.any()):
+                raise ConfigError(f"rope_groups[{name!r}] (a tensor of {sel.dtype} {tuple(sel.shape)}) is not "
+                                  f"accepted: expected a non-empty bool mask [H, D]=[{heads}, {head_dim}]")
+        elif not isinstance(sel, slice) or not range(head_dim)[sel] or (sel.stop or 0) > head_dim:
+            raise ConfigError(f"rope_groups[{name!r}]={sel!r} is not accepted: expected a non-empty slice of "
+                              f"[0, {head_dim}) or a bool [H, D] mask")
+
+
+def mode_thresholds(theta: float | torch.Tensor, x: torch.Tensor, mode: str, axes: tuple[str, ...],
+                    axis_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Thresholds:
+    """The thresholds of a TimeRipple threshold mode at the base threshold `theta`.
+
+    Args:
+        theta (`float | torch.Tensor`): the base threshold (a float, or a 0-d tensor when traced).
+        x (`torch.Tensor`): `[B, S, H, D]` queries ("per_channel" scales θ by each channel's mean |x|).
+        mode (`str`): one of `THRESHOLD_MODES`: "shared" (θ), "per_axis" (θ times `axis_scale` per axis),
+            "per_channel" (`[len(axes), D]`: θ times each channel's mean |x| over the head mean).
+        axes (`tuple[str, ...]`): the axes checked; axis_scale (`tuple[float, float, float]`): (t, h, w) multipliers.
+
+    Example:
+        >>> mode_thresholds(0.5, torch.ones(1, 8, 1, 4), "per_axis", ("t", "w"), (1.0, 1.0, 2.0))
+        {'t': 0.5, 'w': 1.0}
+    """
+    check_choice("threshold_mode", mode, THRESHOLD_MODES)
+    if mode == "shared":
+        return theta
+    if mode == "per_axis":
+        scale = dict(zip(AXES, axis_scale))
+        return {a: theta * scale[a] for a in axes}
+    mag = x.detach().abs().float().mean(dim=(0, 1, 2))  # [D]
+    per_channel = theta * mag / mag.mean().clamp_min(1e-12)
+    return per_channel.expand(len(axes), -1)
+
+
+def _side_stats(masks: ReuseMasks | None, shape: torch.Size, axes: tuple[str, ...], groups: dict[str, RopeGroup]):
     """(overall, per-axis, per-group fractions, `[B, H, D]` per-channel rate) of one side; zeros when `None`."""
     if masks is None:
         rate = torch.zeros(shape[0], shape[2], shape[3], dtype=torch.float64)
         return 0.0, dict.fromkeys(axes, 0.0), dict.fromkeys(groups, 0.0), rate
     reused = masks.any
     per_axis = {a: _fraction(m) for a, m in masks.per_axis.items()}
-    per_group = {g: _fraction(reused[..., sl]) for g, sl in groups.items()}
+    per_group = {g: int(group_sum(reused, sel)) / group_elements(sel, tuple(shape)) for g, sel in groups.items()}
     return _fraction(reused), per_axis, per_group, reused.sum(1).cpu().double() / shape[1]
 
 
 @torch.compiler.disable
 def _build_stats(q_masks, k_masks, shape, axes, rope_groups) -> ReuseStats:
-    d = shape[-1]
-    for name, sl in (rope_groups or {}).items():
-        if not isinstance(sl, slice) or not range(d)[sl] or (sl.stop or 0) > d:
-            raise ConfigError(f"rope_groups[{name!r}]={sl!r} is not accepted: expected a non-empty slice of [0, {d})")
+    check_rope_groups(rope_groups, shape[2], shape[-1])
     q_all, q_axis, q_group, rq = _side_stats(q_masks, shape, axes, rope_groups or {})
     k_all, k_axis, k_group, rk = _side_stats(k_masks, shape, axes, rope_groups or {})
     per_head = qk_savings(rq, rk).mean(0)  # [H]

@@ -23,7 +23,8 @@ Duplicate rows are found by exact equality with the anchors (``duplicate_roots``
 math: whatever rule produced Q̃/K̃, the structured op equals dense attention on them up to float rounding. Heads
 keep different numbers of rows; the fast path pads every head to the largest count (padded keys get a ``-inf``
 bias) and runs one SDPA call, so its work is ``attn_work = max_q·max_k / S²``, reported next to the true removed
-fractions. Data-dependent shapes: this op syncs (``.item()``) and is not meant for a compiled region.
+fractions. Data-dependent shapes: this op syncs (``.item()``); a compiled region calls it through the opaque custom op
+of ``ops.timeripple_compile``.
 """
 
 from __future__ import annotations

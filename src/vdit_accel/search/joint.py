@@ -65,6 +65,7 @@ DP_RESOLUTION = 200  # cost bins per dense step in the DP
 TABLE_FORMAT = "vdit-accel/segment-error-table"
 TABLE_VERSION = 1
 ALLOCATORS = ("dp", "greedy", "uniform", "evolution")
+TABLE_ALLOCATORS = ("dp", "greedy")  # the allocators that need the segment-error table (embedded sampler only)
 FULL = StepChoice(1.0, 0)
 _EPS = 1e-9
 
@@ -614,6 +615,15 @@ def _generate(sampler, prompts: list[str], gen, config=None) -> torch.Tensor:
             handle.remove()
 
 
+def check_table_support(sampler, gen) -> None:
+    """Raise ``UnsupportedModelError`` unless ``sampler`` can re-run single denoising steps from outside, as the
+    segment-error table (:class:`SegmentErrorMeter`) does: its own step loop (``on_step``), its scheduler shift
+    (``flow_shift``) and the transformer's call signature. The embedded ``Sampler`` can; a
+    :class:`~vdit_accel.pipelines.PipelineSampler` cannot (its ``flow_shift`` raises the error, naming the
+    allocators that run on a pipeline)."""
+    sampler.flow_shift(gen)
+
+
 def table_calls(steps: int, dense_steps: int, choices: Sequence[StepChoice], max_segment: int,
                 cfg_branches: int) -> int:
     """Transformer calls of a full :class:`SegmentErrorMeter` run (the dense pass plus every row with its warm-up)."""
@@ -649,6 +659,10 @@ def run_joint_search(sampler, latency: LatencyModel, target_speedup: float, cali
         workdir (`Path | None`): checkpoints, resumable: ``table/`` (independent of the target, so one folder serves
             every target speedup) and ``evolution/`` (dense reference, one EA checkpoint per target).
 
+    Raises:
+        UnsupportedModelError: "dp" or "greedy" on a sampler that cannot re-run single steps (a diffusers
+            pipeline's ``PipelineSampler``; see :func:`check_table_support`), before any compute.
+
     Returns:
         `(AstraeaConfig, dict)`: the winner's config and the record (candidates, costs, winner, margin).
     """
@@ -677,7 +691,9 @@ def run_joint_search(sampler, latency: LatencyModel, target_speedup: float, cali
     cost: dict[str, dict] = {}
     failed: dict[str, str] = {}
 
-    need_table = {"dp", "greedy"} & set(allocators)
+    need_table = set(TABLE_ALLOCATORS) & set(allocators)
+    if need_table:
+        check_table_support(sampler, proxy_gen)  # before any compute
     tcalls = table_calls(steps, base.dense_steps, choices, max_segment, branches)
     if need_table:
         meter = SegmentErrorMeter(sampler, list(calib_prompts), proxy_gen, base, choices, max_segment,
