@@ -86,10 +86,10 @@ VA=.venv/bin/vdit-accel
 # nothing else meanwhile: every step measures time). The same commands at commit b341aea, when the default was
 # embedded-wan-v1, made docs/results/v1/ (its presets: docs/results/v1/presets/).
 # 1. calibrations and searches (presets land in src/vdit_accel/presets/; searches checkpoint in runs/search-*)
-$VA calibrate magcache
-for t in 0.75 0.80 0.85; do $VA calibrate timeripple --target $t; done
-for t in 0.4 0.7; do $VA search astraea --target $t --generations 8; done  # short searches
-$VA search astraea --target 0.5  # the paper's settings: population 50, 30 children, 30 generations
+$VA calibrate magcache --overwrite
+for t in 0.75 0.80 0.85; do $VA calibrate timeripple --target $t --overwrite; done
+for t in 0.4 0.7; do $VA search astraea --target $t --generations 8 --overwrite; done  # short searches
+$VA search astraea --target 0.5 --overwrite  # the paper's settings: population 50, 30 children, 30 generations
 
 # 2. the side-by-side bench (all methods, one process)
 $VA bench --methods dense,pab,fbc,taylorseer,fastercache,magcache,timeripple,astraea --prompts quick --seeds 2 --steps 50 --out docs/results/bench --overwrite
@@ -116,9 +116,9 @@ for e in baselines ablations score_options; do $PY benchmarks/astraea_paper.py -
 $VA bench-step --out docs/results/bench-step/latency-kv --latency-model docs/results/bench-step/latency-kv/latency.json --latency-kv-reuse --quiet --overwrite
 $VA bench-step --out docs/results/bench-step/cpu --quiet --overwrite
 # 2. joint schedules at 2x..5x (shared segment error table; presets copied to src/vdit_accel/presets/)
-for t in 2 3 4 5; do $VA search astraea --target-speedup $t --latency-model docs/results/bench-step/latency-kv/latency.json --allocator all --max-segment 8 --checkpoint runs/search-astraea-joint --out runs/presets/astraea-${t}x.json --quiet; done
+for t in 2 3 4 5; do $VA search astraea --target-speedup $t --latency-model docs/results/bench-step/latency-kv/latency.json --allocator all --max-segment 8 --checkpoint runs/search-astraea-joint --out runs/presets/astraea-${t}x.json --quiet --overwrite; done
 # 3. TimeRipple 'tokens' presets calibrated for W2 attention-op speed (keys merged)
-for s in 1.3 1.5; do $VA calibrate timeripple --target-speedup $s --keys-only --out runs/presets/timeripple-op${s}x.json; done
+for s in 1.3 1.5; do $VA calibrate timeripple --target-speedup $s --keys-only --out runs/presets/timeripple-op${s}x.json --overwrite; done
 # 4. W1 efficiency of uniform budgets, cache memory (analytic), the bench with W2 replay
 $PY benchmarks/astraea_w1.py --out docs/results/astraea/w1
 $PY benchmarks/astraea_memory.py --out docs/results/astraea/memory.json
@@ -129,7 +129,7 @@ $VA bench --methods dense,timeripple,astraea,pab,fbc,taylorseer,fastercache,magc
 #    4 selection prompts); presets copied to src/vdit_accel/presets/astraea-{3.5,4,4.5,5.5}x.json
 # (the shipped runs were stopped and resumed from their checkpoints at these call budgets; the final choice needs the
 #  selection prompts' dense videos, generated once per checkpoint folder)
-for t in 3.5:20 4:23 4.51:10 5.5:10; do $VA search astraea --target-speedup ${t%%:*} --allocator refine --latency-model docs/results/bench-step/latency-kv/latency.json --max-evals ${t##*:} --checkpoint runs/refine/ck-${t%%:*}x --out runs/refine/astraea-${t%%:*}x.json; done
+for t in 3.5:20 4:23 4.51:10 5.5:10; do $VA search astraea --target-speedup ${t%%:*} --allocator refine --latency-model docs/results/bench-step/latency-kv/latency.json --max-evals ${t##*:} --checkpoint runs/refine/ck-${t%%:*}x --out runs/refine/astraea-${t%%:*}x.json --overwrite; done
 $PY benchmarks/taylorseer_cadence.py --threads 1 --out docs/results/astraea/refine/taylorseer-cadence.json
 cp runs/refine/astraea-4x.json src/vdit_accel/presets/astraea-4x.json
 # 2. the bench with TaylorSeer's cadences as anchors (alone on the machine, ~12 min)
