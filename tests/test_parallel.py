@@ -17,7 +17,7 @@ import vdit_accel
 from vdit_accel.instrument.model import EmbeddedConfig, EmbeddedModel
 from vdit_accel.instrument.sampler import GenerationConfig, Sampler
 from vdit_accel.methods.astraea import AstraeaConfig, apply_astraea
-from vdit_accel.methods.timeripple import TimeRippleConfig
+from vdit_accel.methods.timeripple import TimeRippleConfig, apply_timeripple
 from vdit_accel.parallel import ParallelError, check_split, degrees_for, spawn
 from vdit_accel.parallel.cp import cpu_workarounds, simulate_rank_selection
 from vdit_accel.testing import TINY_PROMPT
@@ -26,7 +26,10 @@ GEN = GenerationConfig(steps=4, guidance=2.0, seed=3, frames=8, height=16, width
 SPARSE = AstraeaConfig(budgets=(1.0, 0.5, 0.25, 0.5), num_steps=4)
 SPARSE_KV = AstraeaConfig(budgets=(1.0, 0.5, 0.25, 0.5), num_steps=4, kv_reuse=True, forecast=1)
 DENSE_BUDGET = AstraeaConfig(budgets=(1.0, 1.0, 1.0, 1.0), num_steps=4)
-TR = TimeRippleConfig(theta_min=0.2, theta_max=0.5, i_min=1, i_max=2, num_steps=4)
+TR = TimeRippleConfig(theta_min=0.2, theta_max=0.5, i_min=1, i_max=2, num_steps=4)  # exact_sim: ~45% q reuse
+TR_PER_CHANNEL = dataclasses.replace(TR, threshold_mode="per_channel")
+TR_TOKENS = TimeRippleConfig(theta_min=0.3, theta_max=0.6, i_min=1, i_max=2, num_steps=4, variant="tokens")
+TR_STATS = ("q_reuse_active", "k_reuse_active", "qk_savings_active", "active_calls", "dense_calls")
 
 
 def _model(heads: int = 2) -> EmbeddedModel:
@@ -52,6 +55,15 @@ def _single(heads: int, config: AstraeaConfig | None = None, groups: int = 1) ->
         return _generate(model)
     finally:
         handle.remove()
+
+
+def _timeripple(model: EmbeddedModel, config: TimeRippleConfig, *, apply=None) -> tuple[torch.Tensor, dict]:
+    """TimeRipple on ``model`` (through ``vdit_accel.apply`` unless ``apply`` is given); the video and its stats."""
+    handle = (apply or vdit_accel.apply)(model.transformer, config)
+    video = _generate(model)
+    summary = handle.stats["timeripple"] if isinstance(handle, vdit_accel.AccelHandle) else handle.stats.summary()
+    handle.remove()
+    return video, {k: summary[k] for k in TR_STATS}
 
 
 # ----------------------------------------------------------------------------------------- rank scenarios
@@ -91,20 +103,22 @@ def _scenarios_ulysses(rank: int, world: int, heads: int) -> dict:
         out["direct_after"] = "no error"
     except vdit_accel.errors.CompositionError as err:
         out["direct_after"] = str(err)
-    # TimeRipple: refused after CP (apply) and at call time when CP came second
-    try:
-        vdit_accel.apply(m.transformer, TR)
-        out["timeripple_after"] = "no error"
-    except ParallelError as err:
-        out["timeripple_after"] = str(err)
+    # TimeRipple inside the Ulysses op: applied after CP (vdit_accel.apply) and before it (plain apply_timeripple)
+    out["tr_after"], out["tr_after_stats"] = _timeripple(cp_model(), TR)
     m = _model(heads)
-    vdit_accel.apply(m.transformer, TR)
+    h = apply_timeripple(m.transformer, TR)
     enable_context_parallel(m.transformer, ulysses=world)
-    try:
-        _generate(m)
-        out["timeripple_before"] = "no error"
-    except vdit_accel.errors.VditAccelError as err:  # TimeRipple's own check (UnsupportedModelError)
-        out["timeripple_before"] = f"{type(err).__name__}: {err}"
+    out["tr_before"] = _generate(m)
+    out["tr_before_stats"] = {k: h.stats.summary()[k] for k in TR_STATS}
+    h.remove()
+    out["tr_removed"] = _generate(m)  # CP still on, TimeRipple removed: dense CP again
+    out["tr_per_channel"], _ = _timeripple(cp_model(), TR_PER_CHANNEL)
+    out["tr_tokens"], out["tr_tokens_stats"] = _timeripple(cp_model(), TR_TOKENS)
+    try:  # with Astraea: its CP rows attention would skip TimeRipple's rows_attention: refused
+        vdit_accel.apply(cp_model().transformer, [SPARSE, TR])
+        out["tr_astraea"] = "no error"
+    except ParallelError as err:
+        out["tr_astraea"] = str(err)
     # uneven token count: 3x3x3 = 27 tokens on `world` ranks
     try:
         _generate(cp_model(), GEN.replace(frames=6, height=12, width=12))
@@ -125,6 +139,19 @@ def _scenarios_ring(rank: int, world: int, heads: int, ulysses: int) -> dict:
     enable_context_parallel(m.transformer, ulysses=ulysses, ring=world // ulysses)
     with vdit_accel.apply(m.transformer, SPARSE):
         out["sparse"] = _generate(m)
+        try:  # TimeRipple on a Ring model: refused at apply time
+            vdit_accel.apply(m.transformer, TR)
+            out["tr_after"] = "no error"
+        except ParallelError as err:
+            out["tr_after"] = str(err)
+    m = _model(heads)
+    vdit_accel.apply(m.transformer, TR)
+    try:  # ... and when TimeRipple came first: at enable time
+        enable_context_parallel(m.transformer, ulysses=ulysses, ring=world // ulysses)
+        out["tr_before"] = "no error"
+    except ParallelError as err:
+        out["tr_before"] = str(err)
+    torch.distributed.barrier()  # no rank leaves (ending the store) while another still builds its mesh's groups
     return out
 
 
@@ -171,6 +198,12 @@ def single2():
             "sparse_kv_rank2": _single(2, SPARSE_KV, 2)}
 
 
+@pytest.fixture(scope="module")
+def single_tr():
+    return {name: _timeripple(_model(2), config) for name, config in
+            (("exact", TR), ("per_channel", TR_PER_CHANNEL), ("tokens", TR_TOKENS))}
+
+
 # ------------------------------------------------------------------------------------------- fast tests
 def test_check_split_refuses_uneven_tokens_and_heads():
     check_split((4, 4, 4), 4, ulysses=4, ring=1)
@@ -198,6 +231,21 @@ def test_cpu_workarounds_are_scoped():
         assert hasattr(cp_hooks.logger, "warning_once")
     assert torch.accelerator.device_count is count
     assert ("warning_once" in vars(cp_hooks.logger)) == had
+
+
+def test_timeripple_refuses_ring_at_call_time():
+    """A user's own ``enable_parallelism`` with Ring (not ``enable_context_parallel``, which refuses earlier): the
+    processor refuses at its first call, dense steps included, naming Ring."""
+    from types import SimpleNamespace
+
+    model = _model(2)
+    handle = apply_timeripple(model.transformer, TR)
+    ring = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=2, ulysses_anything=False))
+    for block in model.transformer.blocks:
+        block.attn1.get_processor()._parallel_config = ring
+    with pytest.raises(ParallelError, match=r"TimeRipple under Ring context parallelism \(ring_degree=2\)"):
+        _generate(model)
+    handle.remove()
 
 
 def test_rank_selection_reference_differs_from_global_and_is_balanced(single2):
@@ -262,10 +310,47 @@ def test_ulysses_astraea_equals_per_rank_reference_in_either_order(ulysses2, sin
 def test_ulysses_refusals_name_the_reason(ulysses2):
     for rank in ulysses2:
         assert "vdit_accel.apply(...)" in rank["direct_after"] and "before enable_parallelism" in rank["direct_after"]
-        assert "TimeRipple under context parallelism is not supported" in rank["timeripple_after"]
-        assert rank["timeripple_before"].startswith("UnsupportedModelError: TimeRipple under diffusers context "
-                                                     "parallelism is not supported")
+        assert rank["tr_astraea"].startswith("TimeRipple with Astraea under context parallelism is not supported")
         assert "27 tokens, not divisible by the 2" in rank["uneven"]
+
+
+@pytest.mark.slow
+def test_ulysses_timeripple_equals_one_process_in_either_order(ulysses2, single_tr, single2):
+    """TimeRipple's reuse runs inside the Ulysses op (full sequence, one head of two per rank). "exact_sim" with a
+    shared θ decides per (token, head, channel): no communication, the same masks, the same SDPA per head, so
+    bit-exact, applied after enable_parallelism (vdit_accel.apply) or before it (apply_timeripple). Stats are the
+    rank's heads: the mean over ranks is the one-process figure (equal head shares), up to the summary's rounding."""
+    video, stats = single_tr["exact"]
+    assert stats["q_reuse_active"] > 0.2 and stats["active_calls"] > 0  # built to reuse: the check is not vacuous
+    assert not torch.equal(video, single2["dense"])
+    for key in ("tr_after", "tr_before"):
+        for rank in ulysses2:
+            assert torch.equal(rank[key], video), key
+            assert rank[f"{key}_stats"]["active_calls"] == stats["active_calls"]
+            assert rank[f"{key}_stats"]["dense_calls"] == stats["dense_calls"]
+            assert rank[f"{key}_stats"]["q_reuse_active"] > 0
+        for name in ("q_reuse_active", "k_reuse_active", "qk_savings_active"):
+            mean = sum(rank[f"{key}_stats"][name] for rank in ulysses2) / len(ulysses2)
+            assert mean == pytest.approx(stats[name], abs=1e-4), (key, name)
+    for rank in ulysses2:
+        assert torch.equal(rank["tr_removed"], single2["dense"])
+
+
+@pytest.mark.slow
+def test_ulysses_timeripple_pooled_over_heads_equals_one_process(ulysses2, single_tr):
+    """What pools over heads is all-reduced over the Ulysses group before deciding: the "per_channel" θ's mean |q|
+    and the "tokens" variant's per-token spread sums. The sums are added in another order than on one process, so
+    θ and the spreads may differ in the last bits; a decision flips only for a value within that rounding of θ,
+    and then the video would differ by far more than 1e-5. Stated tolerance: 1e-5 absolute on the [-1, 1] video.
+    Token decisions are one per token for all heads, so each rank's reuse fraction is the one-process one."""
+    for key in ("per_channel", "tokens"):
+        video = single_tr[key][0]
+        for rank in ulysses2:
+            assert (rank[f"tr_{key}"] - video).abs().max() <= 1e-5, key
+    stats = single_tr["tokens"][1]
+    assert stats["q_reuse_active"] > 0
+    for rank in ulysses2:
+        assert rank["tr_tokens_stats"]["q_reuse_active"] == pytest.approx(stats["q_reuse_active"], abs=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ Ring, 4 ranks
@@ -281,6 +366,14 @@ def test_ring_two_ranks_within_tolerance():
         assert (rank["dense"] - dense).abs().max() < 1e-4
         assert (rank["sparse"] - sparse).abs().max() < 1e-4
         assert not torch.equal(rank["sparse"], rank["dense"])
+        _assert_timeripple_ring_refused(rank, ring=2)
+
+
+def _assert_timeripple_ring_refused(rank: dict, ring: int) -> None:
+    """TimeRipple needs the whole token grid, which Ring never gathers: refused at apply and at enable time."""
+    for key in ("tr_after", "tr_before"):
+        assert rank[key].startswith(f"TimeRipple under Ring context parallelism (ring_degree={ring}) is not "
+                                    "supported"), key
 
 
 @pytest.mark.slow
@@ -296,6 +389,7 @@ def test_four_ranks_ulysses_and_hybrid():
     for rank in ranks:
         assert (rank["dense"] - dense).abs().max() < 1e-4
         assert (rank["sparse"] - sparse).abs().max() < 1e-4
+        _assert_timeripple_ring_refused(rank, ring=2)
 
 
 # ----------------------------------------------------------------------------------------------- the CLI

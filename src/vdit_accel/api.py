@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from vdit_accel.errors import ConfigError
-from vdit_accel.parallel.cp import ParallelError, cp_config_of, lifted_cp_hooks
+from vdit_accel.parallel.cp import TIMERIPPLE_IN_ASTRAEA_ROWS, ParallelError, cp_config_of, lifted_cp_hooks
 from vdit_accel.transaction import CREATED, capture, drop_empty_created, mark_created, restore
 
 logger = logging.getLogger(__name__)
@@ -137,10 +137,12 @@ def _check_parallel(target: Any, names: list[str]) -> list[torch.nn.Module]:
     """The denoisers with diffusers' context parallelism enabled; refuse methods that cannot run on its shards."""
     parallel = [m for m in denoisers(target).values() if cp_config_of(m) is not None]
     if parallel and "timeripple" in names:
-        raise ParallelError(
-            "TimeRipple under context parallelism is not supported: its processor sees one rank's sequence shard, "
-            "while its reuse decisions need each token's t/h/w neighbours, which sit on other ranks at shard edges "
-            "(docs/parallel.md). Run TimeRipple on one process, or Astraea under context parallelism")
+        from vdit_accel.parallel.timeripple import check_parallel_config
+
+        for m in parallel:  # Ulysses: the reuse runs inside the attention op; Ring: refused
+            check_parallel_config(m._parallel_config)
+        if "astraea" in names:
+            raise ParallelError(TIMERIPPLE_IN_ASTRAEA_ROWS)
     return parallel
 
 
@@ -159,7 +161,8 @@ def apply(target: Any, spec: Any, *, steps: int | None = None, adapter: Any = No
         ConfigError: an unknown spec, the same method twice, a schedule for another step count without
             resampling, an ``adapter`` that is not a ``ModelAdapter``; CompositionError: an order that cannot
             work (from the method itself); ParallelError: a method that cannot run under the model's context
-            parallelism (TimeRipple); UnsupportedModelError: no adapter for the model (pass ``adapter=``).
+            parallelism (TimeRipple under Ring, or with Astraea); UnsupportedModelError: no adapter for the model
+            (pass ``adapter=``).
     """
     import inspect
 

@@ -79,7 +79,13 @@ from vdit_accel.ops.astraea import (
 )
 from vdit_accel.ops.attention import probe_fast_path, row_subset_attention
 from vdit_accel.ops.schedule import MAX_STEPS, resample_mean, resample_nearest
-from vdit_accel.parallel.cp import cp_rows_attention, is_cp_hook, processor_cp_config
+from vdit_accel.parallel.cp import (
+    TIMERIPPLE_IN_ASTRAEA_ROWS,
+    ParallelError,
+    cp_rows_attention,
+    is_cp_hook,
+    processor_cp_config,
+)
 from vdit_accel.registry import Method, register_method
 from vdit_accel.search.presets import preset_operating_point
 from vdit_accel.transaction import drop_empty_created, transactional
@@ -376,6 +382,8 @@ def _attention_through(block, adapter: ModelAdapter, idx: torch.Tensor):
     rows_attention = getattr(processor, "rows_attention", None)
     parallel = processor_cp_config(processor)
     if parallel is not None:  # context parallelism: the rows meet every rank's K/V through diffusers' engine
+        if rows_attention is not None:  # another method's rows attention would be skipped: refused, not dropped
+            raise ParallelError(TIMERIPPLE_IN_ASTRAEA_ROWS)
         return lambda q, k, v: cp_rows_attention(q, k, v, parallel)
     if rows_attention is None:
         return row_subset_attention

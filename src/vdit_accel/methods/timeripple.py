@@ -435,7 +435,18 @@ class TimeRippleProcessor:
     takes the stock processor's arguments whatever they are (installed by ``ModelAdapter.install_processor``)."""
 
     _attention_backend = None
-    _parallel_config = None
+
+    @property
+    def _parallel_config(self):
+        return self.__dict__.get("_cp_config")
+
+    @_parallel_config.setter
+    def _parallel_config(self, config) -> None:
+        """diffusers' ``enable_parallelism`` sets it on the installed processor only: the stock processor this one
+        calls at dense steps (and restores on removal) must run under the same context parallelism."""
+        self.__dict__["_cp_config"] = config
+        if hasattr(self.original, "_parallel_config"):
+            self.original._parallel_config = config
 
     def __init__(self, layer: int, original, config: TimeRippleConfig, context: ContextHook,
                  rope_groups: dict[str, RopeGroup], stats: TimeRippleStats,
@@ -470,18 +481,28 @@ class TimeRippleProcessor:
         return _CallPlan(self._theta(ctx), None, ctx.grid.as_tuple(), ctx.branch, ctx.step_index, ctx.text_prefix,
                          ctx.text_suffix)
 
-    def _thresholds(self, theta: float, q: torch.Tensor):
+    def _thresholds(self, theta: float, q: torch.Tensor, heads=None):
+        """θ as the ops take it; ``heads`` (``parallel.timeripple.HeadGroup``): ``q`` holds one rank's share of the
+        heads (Ulysses), and the "per_channel" mean |q| is taken over every rank's heads."""
         cfg = self.config
-        return mode_thresholds(theta, q, cfg.threshold_mode, cfg.axes, cfg.axis_scale)
+        return mode_thresholds(theta, q, cfg.threshold_mode, cfg.axes, cfg.axis_scale,
+                               None if heads is None else heads.mean)
 
     def __call__(self, attn, *args, **kwargs):
         """The stock processor's call ``(attn, *args, **kwargs)``: reuse at a step with θ > 0, else the stock call.
 
+        Under diffusers' Ulysses context parallelism the reuse runs inside the attention op, where the whole token
+        grid is visible (``parallel.timeripple``).
+
         Raises:
-            UnsupportedModelError: the call runs under diffusers context parallelism (the reuse windows need the
-                whole token grid on one device), or carries an attention mask with a variant other than "exact_sim".
+            ParallelError: Ring context parallelism (the token grid is never whole on one rank), at every call.
+            UnsupportedModelError: the call carries an attention mask with a variant other than "exact_sim".
         """
         plan = self._current_plan()
+        if self._parallel_config is not None:
+            from vdit_accel.parallel.timeripple import check_parallel_config
+
+            check_parallel_config(self._parallel_config)
         theta = plan.theta
         call = self.adapter.qkv(attn, args, kwargs) if theta != 0.0 else None
         if call is None:  # a dense step, or a call that is not video self-attention
@@ -491,9 +512,10 @@ class TimeRippleProcessor:
                 else:
                     self.stats.dense_calls += 1
             return self.original(attn, *args, **kwargs)
-        if call.parallel_config is not None:
-            raise UnsupportedModelError("TimeRipple under diffusers context parallelism is not supported: its reuse "
-                                        "windows need the whole token grid; disable parallelism")
+        if call.parallel_config is not None:  # Ulysses: the reuse runs inside the op, on the full sequence
+            from vdit_accel.parallel.timeripple import ulysses_timeripple_attention
+
+            return self.adapter.attention_output(attn, ulysses_timeripple_attention(self, call, plan), call)
         q, k, v = call.q, call.k, call.v
         cfg = self.config
         ctx = plan
@@ -502,12 +524,26 @@ class TimeRippleProcessor:
         if torch.compiler.is_compiling():
             traced = self._traced_exact_sim if cfg.variant == "exact_sim" else self._traced_rows
             return self.adapter.attention_output(attn, traced(q, k, v, call, plan), call)
+        return self.adapter.attention_output(attn, self._reuse_attention(q, k, v, call, ctx), call)
+
+    def _reuse_attention(self, q, k, v, call, ctx: _CallPlan, heads=None) -> torch.Tensor:
+        """One reuse call's attention on `[B, S, H, D]` q/k/v at θ = ``ctx.theta`` > 0, by ``config.variant``; records
+        the stats. ``heads`` (``parallel.timeripple.HeadGroup``): q/k/v hold one Ulysses rank's share of the heads
+        (full sequence), and what pools over heads ("per_channel" θ, the "tokens" spreads) is reduced over the ranks.
+        """
+        cfg = self.config
+        theta = ctx.theta
         kw = dict(
-            grid=ctx.grid, thresholds=self._thresholds(theta, q), window=cfg.window, axes=cfg.axes,
+            grid=ctx.grid, thresholds=self._thresholds(theta, q, heads), window=cfg.window, axes=cfg.axes,
             priority=cfg.priority, text_prefix=call.text_prefix, text_suffix=call.text_suffix, reuse_q=cfg.reuse_q,
             reuse_k=cfg.reuse_k, rope_groups=self.rope_groups,
         )
         if cfg.variant == "tokens":
+            if heads is not None:  # every rank decides on all heads: the per-token spread sums are all-reduced
+                xs = [x for x, on in ((q, cfg.reuse_q), (k, cfg.reuse_k)) if on]
+                kw["decisions"] = token_decisions(xs, ctx.grid, theta, window=cfg.window, axes=cfg.axes,
+                                                  priority=cfg.priority, text_prefix=call.text_prefix,
+                                                  text_suffix=call.text_suffix, channel_sum=heads.sum)
             out, stats, dec = tokens_timeripple_attention(q, k, v, **kw)
             if self.decision_log is not None and dec is not None:
                 self.decision_log[(ctx.branch, ctx.step, self.layer)] = dict(
@@ -520,7 +556,7 @@ class TimeRippleProcessor:
                 q, k, v, variant=cfg.variant, row_fraction=cfg.row_fraction, **kw
             )
         self.stats.record(ctx.branch, ctx.step, self.layer, stats)
-        return self.adapter.attention_output(attn, out, call)
+        return out
 
     def _traced_exact_sim(self, q, k, v, call, plan: _CallPlan) -> torch.Tensor:
         """The "exact_sim" call as ``torch.compile`` traces it: the same masks, resolution and SDPA as

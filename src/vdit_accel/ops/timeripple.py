@@ -584,7 +584,7 @@ def check_rope_groups(groups: dict[str, RopeGroup] | None, heads: int, head_dim:
 
 
 def mode_thresholds(theta: float | torch.Tensor, x: torch.Tensor, mode: str, axes: tuple[str, ...],
-                    axis_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Thresholds:
+                    axis_scale: tuple[float, float, float] = (1.0, 1.0, 1.0), reduce_heads=None) -> Thresholds:
     """The thresholds of a TimeRipple threshold mode at the base threshold `theta`.
 
     Args:
@@ -593,6 +593,8 @@ def mode_thresholds(theta: float | torch.Tensor, x: torch.Tensor, mode: str, axe
         mode (`str`): one of `THRESHOLD_MODES`: "shared" (θ), "per_axis" (θ times `axis_scale` per axis),
             "per_channel" (`[len(axes), D]`: θ times each channel's mean |x| over the head mean).
         axes (`tuple[str, ...]`): the axes checked; axis_scale (`tuple[float, float, float]`): (t, h, w) multipliers.
+        reduce_heads (`Callable | None`): for "per_channel" when `x` holds a share of the heads (a Ulysses rank):
+            maps this share's `[D]` mean |x| to the mean over every share (``parallel.timeripple.HeadGroup.mean``).
 
     Example:
         >>> mode_thresholds(0.5, torch.ones(1, 8, 1, 4), "per_axis", ("t", "w"), (1.0, 1.0, 2.0))
@@ -605,6 +607,8 @@ def mode_thresholds(theta: float | torch.Tensor, x: torch.Tensor, mode: str, axe
         scale = dict(zip(AXES, axis_scale))
         return {a: theta * scale[a] for a in axes}
     mag = x.detach().abs().float().mean(dim=(0, 1, 2))  # [D]
+    if reduce_heads is not None:
+        mag = reduce_heads(mag)
     per_channel = theta * mag / mag.mean().clamp_min(1e-12)
     return per_channel.expand(len(axes), -1)
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -259,6 +259,7 @@ def token_decisions(
     priority: str = "thw",
     text_prefix: int = 0,
     text_suffix: int = 0,
+    channel_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TokenDecisions:
     """One reuse decision per token from the relative windowed spread of every tensor in `xs` (the largest wins).
 
@@ -273,6 +274,9 @@ def token_decisions(
         axes (`tuple[str, ...]`, defaults to `AXES`), priority (`str`, defaults to `"thw"`): as `resolve_reuse`
             (`"min_delta"` takes the passing axis with the smallest spread).
         text_prefix (`int`, defaults to 0), text_suffix (`int`, defaults to 0): text token counts (never reused).
+        channel_sum (`Callable | None`, defaults to `None`): when this process holds only some of the heads (Ulysses
+            context parallelism), sums a per-token channel sum `[B, T, Hg, Wg]` over the processes that hold the
+            others (an all-reduce), so every process decides on all heads; `None`: `xs` hold every head.
 
     Returns:
         `TokenDecisions` (roots `[B, S]`).
@@ -295,6 +299,8 @@ def token_decisions(
         rel = None
         for vid, n2 in vids:
             var, ms = _axis_spread(vid, n2, 1 + AXES.index(a), window)
+            if channel_sum is not None:
+                var, ms = channel_sum(var), channel_sum(ms)
             r = (var / ms.clamp_min(_TINY)).sqrt().reshape(b, n)
             rel = r if rel is None else torch.maximum(rel, r)
         anchor, valid = _window_geometry(grid, a, window, text_prefix, text_suffix, xs[0].device)

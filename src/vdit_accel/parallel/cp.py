@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 
 CP_HOOK_PREFIXES = ("cp_input---", "cp_output---")
 CHECK_HOOK = "vdit_accel.cp_check"
+TIMERIPPLE_IN_ASTRAEA_ROWS = (
+    "TimeRipple with Astraea under context parallelism is not supported: Astraea's selected rows meet every rank's "
+    "K/V through the engine's all-to-all (cp_rows_attention), which does not call TimeRipple's rows_attention, so "
+    "TimeRipple would act only on Astraea's dense steps. Use one of the two under context parallelism")
 
 
 class ParallelError(VditAccelError, RuntimeError):
@@ -265,6 +269,8 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int = 1, r
         raise ParallelError(f"cfg={_cfg} x ulysses={ulysses} x ring={ring} = {ulysses * ring * _cfg} ranks, but the "
                             f"world size is {world}: the degrees must multiply to the world size")
     adapter = adapter or resolve_adapter(transformer)
+    if ring > 1:  # before any collective: every rank refuses alike
+        _refuse_timeripple_under_ring(transformer, adapter, ring)
     heads = getattr(transformer.config, "num_attention_heads", None)
     if heads is not None and heads % ulysses:
         check_split((1, 1, world), heads, ulysses=ulysses, ring=ring)
@@ -292,6 +298,17 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int = 1, r
     if _cfg > 1:
         return CfgParallel(group=full["cfg"].get_group(), branch=full.get_local_rank("cfg"))
     return transformer._parallel_config
+
+
+def _refuse_timeripple_under_ring(transformer: torch.nn.Module, adapter, ring: int) -> None:
+    """TimeRipple's processors need the whole token grid (the Ulysses op has it, Ring never does): refuse Ring before
+    ``enable_parallelism`` when they are installed (``parallel.timeripple``)."""
+    from vdit_accel.methods.timeripple import TimeRippleProcessor
+    from vdit_accel.parallel.timeripple import check_timeripple_parallel
+
+    if any(isinstance(adapter.self_attention(b).get_processor(), TimeRippleProcessor)
+           for b in adapter.blocks(transformer)):
+        check_timeripple_parallel(ring)
 
 
 @dataclass(frozen=True)
