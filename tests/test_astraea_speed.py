@@ -304,11 +304,18 @@ def test_timestep_forecast_axis_acts_on_a_shifted_schedule(tiny_model, budgets):
     assert not torch.equal(by_time, by_step)
 
 
-def test_forecast_axis_is_validated():
+def test_forecast_axis_is_validated(tiny_model):
+    from vdit_accel.search.joint import StepChoice, schedule_to_config
+
     with pytest.raises(ConfigError, match="forecast_axis='sigma'.*choose one of"):
         AstraeaConfig(num_steps=4, forecast=1, forecast_axis="sigma")
+    noop = AstraeaConfig(budgets=(1.0, 0.0, 1.0, 0.0), num_steps=4, forecast=0, forecast_axis="timestep")  # template
     with pytest.raises(ConfigError, match="does nothing"):
-        AstraeaConfig(num_steps=4, forecast=0, forecast_axis="timestep")
+        apply_astraea(tiny_model.transformer, noop)  # refused before anything is installed
+    assert "_diffusers_hook" not in tiny_model.transformer.__dict__ or not tiny_model.transformer._diffusers_hook.hooks
+    template = AstraeaConfig(num_steps=2, forecast_axis="timestep")
+    moot = schedule_to_config([StepChoice(1.0), StepChoice(0.0, 0)], template)
+    assert moot.forecast_axis == "step"  # a searched schedule without forecasts drops the moot axis
     cfg = AstraeaConfig(num_steps=4, forecast=(0, 1, 2, 1), forecast_axis="timestep")
     assert AstraeaConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.resampled(8).forecast_axis == "timestep"

@@ -624,6 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refine: objective = mean PSNR + W * min PSNR over the prompts")
     s.add_argument("--seed-preset", action="append", default=None, metavar="PRESET",
                    help="refine: also start from this preset's schedule (repeatable)")
+    from vdit_accel.methods.astraea import FORECAST_AXES
+
+    s.add_argument("--forecast-axis", default="step", choices=FORECAST_AXES,
+                   help="joint search: what forecasts extrapolate over: the step index (TaylorSeer's convention) or "
+                   "the model's timestep (default: step)")
     s.add_argument("--max-segment", type=int_arg("max_segment", 1, validate.MAX_STEPS), default=DEFAULT_MAX_SEGMENT,
                    help="joint search: longest run between fully computed steps (error table, dp, greedy)")
     s.add_argument("--dense-steps", type=int_arg("dense_steps", 0, validate.MAX_STEPS), default=1,

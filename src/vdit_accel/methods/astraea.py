@@ -171,9 +171,6 @@ class AstraeaConfig:
         check_str("kv", self.kv, KV_SOURCES)
         self._check_forecast()
         check_str("forecast_axis", self.forecast_axis, FORECAST_AXES)
-        if self.forecast_axis != "step" and max(self.orders) == 0:
-            raise ConfigError(f"forecast_axis={self.forecast_axis!r} with forecast order 0 at every step does nothing "
-                              "(no step extrapolates): set forecast orders > 0 or leave forecast_axis='step'")
         check_bool("kv_reuse", self.kv_reuse)
         if self.kv_reuse and self.kv != "all":
             raise ConfigError(f"kv_reuse=True with kv={self.kv!r} is not accepted: K/V reuse needs kv='all'")
@@ -938,7 +935,8 @@ def apply_astraea(transformer: torch.nn.Module, config: AstraeaConfig,
     registry the model did not have); the handle's ``remove()`` leaves the model as it was before.
 
     Raises:
-        ConfigError: ``config`` is not an :class:`AstraeaConfig`, or Astraea is already applied to this model.
+        ConfigError: ``config`` is not an :class:`AstraeaConfig`, or Astraea is already applied to this model, or
+            ``forecast_axis`` is "timestep" while no step forecasts (it would do nothing).
         CompositionError: a hook Astraea would bypass is installed (see the module docstring).
         UnsupportedModelError: the schedule needs the row-subset block (a budget strictly between 0 and 1, or
             ``cache="residual"`` with a budget below 1) and the adapter has none for this model, or the K/V mode
@@ -947,6 +945,9 @@ def apply_astraea(transformer: torch.nn.Module, config: AstraeaConfig,
     """
     if not isinstance(config, AstraeaConfig):
         raise ConfigError(f"config of type {type(config).__name__} is not accepted: an AstraeaConfig")
+    if config.forecast_axis != "step" and max(config.orders) == 0:
+        raise ConfigError(f"forecast_axis={config.forecast_axis!r} with forecast order 0 at every step does nothing "
+                          "(no step extrapolates): set forecast orders > 0 or leave forecast_axis='step'")
     adapter = adapter or resolve_adapter(transformer)
     _check_row_path(adapter, transformer, config)
     blocks = adapter.blocks(transformer)

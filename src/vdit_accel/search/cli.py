@@ -167,7 +167,7 @@ def _joint_search_cli(a) -> int:
     workdir = Path(a.checkpoint) if a.checkpoint else RUNS_DIR / "search-astraea-joint"  # table shared by targets
     from vdit_accel.methods.astraea import AstraeaConfig
 
-    base = AstraeaConfig(num_steps=a.steps, dense_steps=a.dense_steps)
+    base = AstraeaConfig(num_steps=a.steps, dense_steps=a.dense_steps, forecast_axis=a.forecast_axis)
     cfg, record = run_joint_search(sampler, latency, a.target_speedup, prompts, steps=a.steps, allocators=allocators,
                                    base=base, proxy=Fidelity(geometry, 1.0, a.steps), max_segment=a.max_segment,
                                    population=a.population, children=a.children, generations=a.generations,
@@ -204,7 +204,8 @@ def _refine_cli(a) -> int:
     name = preset_name(a.target_speedup)
     out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"{name}.json"
     _check_out(out, a)  # before any compute
-    base = AstraeaConfig(num_steps=a.steps, dense_steps=a.dense_steps, kv_reuse=latency.kv_reuse)
+    base = AstraeaConfig(num_steps=a.steps, dense_steps=a.dense_steps, kv_reuse=latency.kv_reuse,
+                         forecast_axis=a.forecast_axis)
     seeds = cadence_seeds(latency, a.steps, a.target_speedup)
     for spec in a.seed_preset or []:
         cfg = load_preset(spec, steps=a.steps)

@@ -114,8 +114,10 @@ def schedule_to_config(choices: Sequence[StepChoice], base):
         True
     """
     choices = list(choices)
-    return dataclasses.replace(base, budgets=tuple(c.budget for c in choices),
-                               forecast=tuple(c.order for c in choices), target=None, num_steps=len(choices))
+    orders = tuple(c.order for c in choices)
+    axis = base.forecast_axis if any(orders) else "step"  # no step extrapolates: the axis is moot (and refused)
+    return dataclasses.replace(base, budgets=tuple(c.budget for c in choices), forecast=orders, target=None,
+                               num_steps=len(choices), forecast_axis=axis)
 
 
 def config_to_schedule(config) -> list[StepChoice]:
