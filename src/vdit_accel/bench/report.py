@@ -21,6 +21,7 @@ import torch
 
 from vdit_accel.errors import ConfigError
 from vdit_accel.instrument.video import to_frames, write_video
+from vdit_accel.validate import atomic_write
 
 DEFAULT_FRONTS = (("W1 wall-clock", "speedup"),)
 KNOWN_FRONTS = (("W1 wall-clock", "speedup"), ("W2 replay", "speedup_w2"))
@@ -120,7 +121,8 @@ def write_summary(results: dict, out: Path) -> None:
     on the updated results: the table gains the optional column and ``pareto.png`` a panel for that front.
     """
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    with atomic_write(out / "results.json") as tmp:  # an interrupted run never leaves a half-written file
+        tmp.write_text(json.dumps(results, indent=1))
     s = results["settings"]
     md = [
         "# vdit-accel bench",
@@ -146,7 +148,8 @@ def write_summary(results: dict, out: Path) -> None:
         "compare.gif / compare.png (first job), left to right: " + ", ".join(m["label"] for m in results["methods"]),
         "",
     ]
-    (out / "results.md").write_text("\n".join(md))
+    with atomic_write(out / "results.md") as tmp:
+        tmp.write_text("\n".join(md))
     plot_pareto(results, out / "pareto.png", fronts_present(results) or list(DEFAULT_FRONTS))
 
 
@@ -198,7 +201,8 @@ def plot_pareto(results: dict, path: Path,
         ax.set_title(f"{results['settings']['model_id']}: {front}")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return drawn
 
@@ -222,5 +226,6 @@ def _compare_png(videos: dict[str, list[torch.Tensor]], path: Path) -> None:
                 axes[i][j].set_title(name, fontsize=6)
         axes[0][0].set_ylabel("first", fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from vdit_accel.bench.flops import Setting, WanGeometry, ceiling, step_flops
 from vdit_accel.errors import ConfigError, check_choice, check_range
+from vdit_accel.validate import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -479,5 +480,6 @@ def write_step_results(results: dict, out: Path) -> None:
     import json
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench-step.json").write_text(json.dumps(results, indent=1))
-    (out / "bench-step.md").write_text(markdown(results))
+    for name, text in (("bench-step.json", json.dumps(results, indent=1)), ("bench-step.md", markdown(results))):
+        with atomic_write(out / name) as tmp:  # an interrupted run never leaves a half-written file
+            tmp.write_text(text)
