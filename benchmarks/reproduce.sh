@@ -140,3 +140,18 @@ $PY benchmarks/timeripple_masking.py --parts op e2e --e2e-prompts 1 --threads 2 
 OMP_NUM_THREADS=1 $PY benchmarks/parallel_scaling.py measure --nproc 2 --out docs/results/parallel/measured.json
 $PY benchmarks/parallel_scaling.py model --measured docs/results/parallel/measured.json --out docs/results/parallel/scaling-model.json
 # GPU only (prepared, not run: no GPU was lent): benchmarks/timeripple_gpu.py, benchmarks/compile_gpu.py
+
+# ---- Session 10: forecasting over the timestep; cadence presets; TimeRipple on top of Astraea (docs/speed.md,
+#      docs/timeripple.md). Quiet machine, in this order (~45 min on 2 cores).
+# 1. the same schedules forecast over the step index and over the timestep (calibration + selection prompts)
+$PY benchmarks/forecast_axis.py --cadences 4,5,6 --presets astraea-3x astraea-4x astraea-5x --threads 2 --out docs/results/astraea/forecast-axis
+# 2. the refinement at 4x with the timestep axis (its final choice, the seed astraea-4x, is the shipped astraea-4x)
+$VA search astraea --target-speedup 4 --allocator refine --latency-model docs/results/bench-step/latency-kv/latency.json --forecast-axis timestep --seed-preset astraea-4x --max-evals 24 --checkpoint runs/refine-ts/ck-4x --out runs/refine-ts/astraea-4x.json --overwrite
+# 3. cadence candidates with the timestep axis; presets astraea-3.5x / 4.5x / 5x copied to src/vdit_accel/presets/
+$PY benchmarks/cadence_candidates.py --threads 2 --out docs/results/astraea/cadence-timestep --presets-out runs/presets-cadence
+# 4. the bench with TaylorSeer's cadences as anchors (alone on the machine, ~15 min)
+$VA bench --methods dense,astraea,taylorseer-i4-o1,taylorseer-i5-o1,taylorseer-i6-o1,taylorseer-i8-o1 --prompts bench --seeds 2 --steps 50 --step-costs docs/results/bench-step/latency-kv/bench-step.json --latency-model docs/results/bench-step/latency-kv/latency.json --out docs/results/bench-v5 --overwrite
+# 5. TimeRipple's keys-merged presets on top of astraea-4x (W1 interleaved, W2 priced from measured parts)
+$PY benchmarks/timeripple_on_astraea.py --threads 2 --out docs/results/timeripple/on-astraea
+# 6. TimeRipple under θ schedules (partial: the first five settings ran)
+$PY benchmarks/timeripple_theta_schedules.py docs/results/timeripple/theta-schedules/sweep.json
