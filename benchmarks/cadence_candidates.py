@@ -1,8 +1,8 @@
 """Whole-step cadences forecasting over the timestep: candidates scored on final videos, presets chosen per target.
 
 Each candidate is a TaylorSeer-style cadence (every i-th step computed after a warm-up, first-order forecasts
-between; ``search.refine.taylorseer_cadence``), with a different warm-up or with one computed step dropped (its
-gap joined to the next), run by Astraea's whole-step path with ``forecast_axis="timestep"``. Score = mean + min
+between; ``search.refine.taylorseer_cadence``), with a different warm-up or with computed steps dropped (their
+gaps joined), run by Astraea's whole-step path with ``forecast_axis="timestep"``. Score = mean + min
 PSNR (the refinement's objective) of the final videos on the 4 calibration + 4 selection prompts (50 steps, CFG 2,
 noise seed = prompt index; never a bench prompt); W2 = the latency model's prediction. For each target speedup the
 best-scoring candidate that reaches it becomes the preset ``astraea-<target>x`` (written only with
@@ -26,26 +26,28 @@ from vdit_accel.bench.harness import CALIBRATION_PROMPTS, machine_info
 from vdit_accel.instrument.model import EmbeddedModel
 from vdit_accel.instrument.sampler import GenerationConfig, Sampler
 from vdit_accel.methods.astraea import AstraeaConfig
-from vdit_accel.search.joint import SELECTION_PROMPTS, schedule_to_config
+from vdit_accel.search.joint import SELECTION_PROMPTS, config_to_schedule, schedule_to_config
 from vdit_accel.search.latency import LatencyModel, StepChoice
-from vdit_accel.search.presets import save_preset
+from vdit_accel.search.presets import load_preset, save_preset
 from vdit_accel.search.refine import FinalVideoObjective, schedule_key, taylorseer_cadence
 
-# (interval, warm-up, index of the computed step to drop or None)
-CANDIDATES = [(4, 3, None), (4, 2, None), (4, 1, None), (4, 3, -1), (4, 3, -2), (4, 3, -3), (4, 3, -4), (4, 3, 6),
-              (5, 3, -1), (6, 2, None), (6, 3, -1), (6, 3, -2), (6, 3, -3), (7, 3, None), (7, 2, None),
-              (8, 3, -1), (8, 3, -2), (8, 3, -3)]
-TARGETS = (3.5, 4.5, 5.0)
+# (interval, warm-up, indices of the computed steps to drop)
+CANDIDATES = [(4, 3, ()), (4, 2, ()), (4, 1, ()), (4, 3, (-1,)), (4, 3, (-2,)), (4, 3, (-3,)), (4, 3, (-4,)),
+              (4, 3, (6,)), (5, 3, (-1,)), (6, 2, ()), (6, 3, (-1,)), (6, 3, (-2,)), (6, 3, (-3,)), (7, 3, ()),
+              (7, 2, ()), (8, 3, (-1,)), (8, 3, (-2,)), (8, 3, (-3,)),
+              (4, 3, (-3, -5)), (4, 3, (-3, -6)), (4, 3, (-3, -7)), (4, 3, (-3, -4)), (4, 3, (-3, 6)), (4, 3, (-3, 4)),
+              (4, 3, (-3, -7, 4)), (4, 3, (-3, -7, 5)), (4, 3, (-3, -7, 6)), (4, 3, (-3, -7, 7)), (4, 3, (-3, -7, -5)),
+              (4, 3, (-3, -7, -4))]
+TARGETS = (3.5, 4.0, 4.5, 5.0)
+INCUMBENTS = ("astraea-4x",)  # shipped presets scored beside the candidates (a target keeps its preset unless beaten)
 
 
-def candidate(interval: int, warmup: int, drop: int | None) -> tuple[str, list[StepChoice]]:
+def candidate(interval: int, warmup: int, drops: tuple[int, ...]) -> tuple[str, list[StepChoice]]:
     s = taylorseer_cadence(50, interval, warmup=warmup)
-    name = f"i{interval}-w{warmup}"
-    if drop is not None:
-        full = [k for k, c in enumerate(s) if c.budget == 1.0]
-        s[full[drop]] = StepChoice(0.0, 1)
-        name += f"-drop{drop}"
-    return name, s
+    full = [k for k, c in enumerate(s) if c.budget == 1.0]
+    for d in drops:  # indices into the cadence's computed steps
+        s[full[d]] = StepChoice(0.0, 1)
+    return f"i{interval}-w{warmup}" + "".join(f"-drop{d}" for d in drops), s
 
 
 def main(argv=None) -> int:
@@ -63,8 +65,9 @@ def main(argv=None) -> int:
     base = AstraeaConfig(num_steps=50, dense_steps=1, kv_reuse=latency.kv_reuse, forecast_axis="timestep")
     obj = FinalVideoObjective(sampler, prompts, gen, base, workdir=Path(a.out) / "ck")
     rows, schedules = {}, {}
-    for spec in CANDIDATES:
-        name, s = candidate(*spec)
+    named = [candidate(*spec) for spec in CANDIDATES]
+    named += [(f"preset:{p}", config_to_schedule(load_preset(p, steps=50))) for p in INCUMBENTS]
+    for name, s in named:
         ps = obj.psnr(s)
         schedules[name] = s
         rows[name] = {"key": schedule_key(s), "w2_predicted": latency.speedup(s), "psnr": ps,
@@ -74,8 +77,9 @@ def main(argv=None) -> int:
     chosen = {}
     for t in TARGETS:
         ok = [n for n, r in rows.items() if r["w2_predicted"] >= t]
-        if ok:
-            chosen[f"astraea-{t:g}x"] = max(ok, key=lambda n: rows[n]["score"])
+        best = max(ok, key=lambda n: rows[n]["score"]) if ok else None
+        if best is not None and best != f"preset:astraea-{t:g}x":  # an incumbent that wins keeps its file
+            chosen[f"astraea-{t:g}x"] = best
     result = {"command": " ".join(["python", *sys.argv]), **machine_info(), "threads": a.threads, "prompts": prompts,
               "base": base.to_dict(), "rule": "per target: the best mean + min PSNR among candidates reaching it",
               "candidates": rows, "chosen": chosen}
