@@ -28,6 +28,7 @@ from vdit_accel.adapters import AttentionCall, ModelAdapter, TokenLayout, regist
 from vdit_accel.errors import ConfigError, UnsupportedModelError
 from vdit_accel.methods.astraea import AstraeaConfig, apply_astraea
 from vdit_accel.methods.timeripple import TimeRippleConfig, TimeRippleProcessor, apply_timeripple
+from vdit_accel.parallel.cp import ParallelError
 
 TR_OFF = TimeRippleConfig(fixed_threshold=0.0, num_steps=4, i_min=0, i_max=1)
 TR_ON = TimeRippleConfig(fixed_threshold=10.0, num_steps=4, i_min=0, i_max=1)
@@ -327,7 +328,8 @@ def test_unregistered_user_adapter_through_vdit_accel_apply_adapter_argument():
 
 def test_timeripple_refuses_a_context_parallel_call_and_backend_settings_carry_over():
     """A processor's ``_parallel_config`` (diffusers context parallelism) and ``_attention_backend`` reach the
-    installed method processor; TimeRipple refuses a sharded sequence instead of computing windows on a shard."""
+    installed method processor; TimeRipple never computes windows on a shard: a parallel config it cannot run inside
+    (here not a diffusers ParallelConfig at all) is refused with a typed error (Ulysses itself: test_parallel.py)."""
     model = tiny_wan()
     kw = wan_inputs()
     attn = resolve_adapter(model).self_attention(model.blocks[0])
@@ -337,7 +339,8 @@ def test_timeripple_refuses_a_context_parallel_call_and_backend_settings_carry_o
     try:
         installed = attn.get_processor()
         assert installed._attention_backend == "native" and installed._parallel_config is stock._parallel_config
-        with pytest.raises(UnsupportedModelError, match="context parallelism"), torch.no_grad():
+        with pytest.raises(ParallelError, match="context parallelism needs diffusers' ParallelConfig"), \
+                torch.no_grad():
             model(**kw)
     finally:
         handle.remove()

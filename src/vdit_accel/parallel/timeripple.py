@@ -77,8 +77,13 @@ def check_timeripple_parallel(ring_degree: int, ulysses_anything: bool = False) 
 
 
 def check_parallel_config(parallel_config) -> None:
-    """:func:`check_timeripple_parallel` for a diffusers ``ParallelConfig`` (as ``enable_parallelism`` sets it)."""
-    cp = parallel_config.context_parallel_config
+    """:func:`check_timeripple_parallel` for a diffusers ``ParallelConfig`` (as ``enable_parallelism`` sets it);
+    anything else set as a processor's ``_parallel_config`` is refused with :class:`ParallelError`."""
+    cp = getattr(parallel_config, "context_parallel_config", None)
+    if cp is None or not hasattr(cp, "ring_degree"):
+        got = type(parallel_config).__name__
+        raise ParallelError(f"TimeRipple under context parallelism needs diffusers' ParallelConfig with a "
+                            f"ContextParallelConfig (as enable_parallelism sets it); got {got}")
     check_timeripple_parallel(cp.ring_degree, cp.ulysses_anything)
 
 
