@@ -973,5 +973,5 @@ def apply_astraea(transformer: torch.nn.Module, config: AstraeaConfig,
 
 register_method(
     Method("astraea", AstraeaConfig, apply_astraea, "Astraea token-wise budgets (Q-only sparse attention)"),
-    [preset_operating_point("astraea", f"astraea-{t}x") for t in (2, 3, 3.5, 4, 4.5, 5)],
+    [preset_operating_point("astraea", f"astraea-{t}x") for t in (2, 3, 3.5, 4, 4.5, 5, 6)],
 )
