@@ -147,10 +147,13 @@ $PY benchmarks/parallel_scaling.py model --measured docs/results/parallel/measur
 $PY benchmarks/forecast_axis.py --cadences 4,5,6 --presets astraea-3x astraea-4x astraea-5x --threads 2 --out docs/results/astraea/forecast-axis
 # 2. the refinement at 4x with the timestep axis (its final choice, the seed astraea-4x, is the shipped astraea-4x)
 $VA search astraea --target-speedup 4 --allocator refine --latency-model docs/results/bench-step/latency-kv/latency.json --forecast-axis timestep --seed-preset astraea-4x --max-evals 24 --checkpoint runs/refine-ts/ck-4x --out runs/refine-ts/astraea-4x.json --overwrite
-# 3. cadence candidates with the timestep axis; presets astraea-3.5x / 4.5x / 5x copied to src/vdit_accel/presets/
+# 3. cadence candidates with the timestep axis; presets astraea-3.5x / 4x / 4.5x / 5x / 6x copied to src/vdit_accel/presets/
+#    (the shipped 4x and 6x were chosen after the bench of step 4 had run: steps 4b and 4c measure them)
 $PY benchmarks/cadence_candidates.py --threads 2 --out docs/results/astraea/cadence-timestep --presets-out runs/presets-cadence
 # 4. the bench with TaylorSeer's cadences as anchors (alone on the machine, ~15 min)
 $VA bench --methods dense,astraea,taylorseer-i4-o1,taylorseer-i5-o1,taylorseer-i6-o1,taylorseer-i8-o1 --prompts bench --seeds 2 --steps 50 --step-costs docs/results/bench-step/latency-kv/bench-step.json --latency-model docs/results/bench-step/latency-kv/latency.json --out docs/results/bench-v5 --overwrite
+$VA bench --methods dense,astraea-4x,taylorseer-i5-o1 --prompts bench --seeds 2 --steps 50 --step-costs docs/results/bench-step/latency-kv/bench-step.json --latency-model docs/results/bench-step/latency-kv/latency.json --out docs/results/bench-v5/astraea-4x-cadence --overwrite
+$VA bench --methods dense,astraea-6x,taylorseer-i8-o1 --prompts bench --seeds 2 --steps 50 --step-costs docs/results/bench-step/latency-kv/bench-step.json --latency-model docs/results/bench-step/latency-kv/latency.json --out docs/results/bench-v5/astraea-6x --overwrite
 # 5. TimeRipple's keys-merged presets on top of astraea-4x (W1 interleaved, W2 priced from measured parts)
 $PY benchmarks/timeripple_on_astraea.py --threads 2 --out docs/results/timeripple/on-astraea
 # 6. TimeRipple under θ schedules (partial: the first five settings ran)
