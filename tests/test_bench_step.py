@@ -5,7 +5,7 @@ import json
 import pytest
 
 from vdit_accel.bench.flops import Setting
-from vdit_accel.bench.step import StepBenchConfig, compose, latency_settings, unsupported
+from vdit_accel.bench.step import StepBenchConfig, compose, latency_settings, paired_ratios, rotated, unsupported
 from vdit_accel.cli import main
 from vdit_accel.errors import ConfigError
 from vdit_accel.search.latency import LatencyModel, StepChoice
@@ -58,7 +58,12 @@ def test_cli_tiny_smoke_writes_json_markdown_and_latency_model(tmp_path):
         assert r["step_composed_s"] == pytest.approx(compose(r["blocks_s"], r["overhead_s"], 30))
         assert r["step_measured_s"] == pytest.approx(sum(r["blocks_s"]) + r["overhead_s"], rel=0.5)
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["flop_ceiling"])
-    assert rows["dense"]["speedup"] == 1.0 and rows["dense"]["flop_ceiling"] == 1.0
+        dense_s = rows["dense"]["step_composed_samples_s"]
+        assert r["speedup_paired_samples"] == pytest.approx([d / t for d, t in zip(dense_s,
+                                                                                   r["step_composed_samples_s"])])
+        assert r["efficiency_paired"] == pytest.approx(r["speedup_paired"] / r["flop_ceiling"])
+    assert rows["dense"]["speedup"] == 1.0 and rows["dense"]["speedup_paired"] == 1.0
+    assert rows["dense"]["flop_ceiling"] == 1.0
     assert rows["astraea-b0.50"]["rows"] == 16 and rows["astraea-b0.50"]["flop_ceiling"] > 1.0
     assert rows["forecast-o0"]["attention_share"] is None and rows["dense"]["attention_share"] > 0
     assert "| astraea-b0.50 | 16 |" in (tmp_path / "res" / "bench-step.md").read_text()
@@ -70,6 +75,17 @@ def test_cli_tiny_smoke_writes_json_markdown_and_latency_model(tmp_path):
     assert lm.cost(StepChoice(0.0, 0)) < 1.0  # a step computing no block is cheaper than dense
     measured_orders = set(lm.orders())
     assert measured_orders == ({0, 1, 2} if unsupported(Setting(0.0, order=1)) is None else {0})
+
+
+def test_rotated_order_and_paired_ratios():
+    settings = ["dense", "a", "b"]
+    orders = [rotated(settings, r) for r in range(3)]
+    assert [o[0] for o in orders] == settings  # each setting runs first once in three repeats
+    assert all(sorted(o) == sorted(settings) for o in orders)
+    # a machine twice as slow in the second pass: the paired ratios see 2x both times, the medians do not line up
+    assert paired_ratios([4.0, 8.0], [2.0, 4.0]) == [2.0, 2.0]
+    with pytest.raises(ConfigError, match="as many dense samples"):
+        paired_ratios([1.0], [1.0, 2.0])
 
 
 def test_config_fields_are_documented_and_are_cli_flags_with_the_same_defaults():

@@ -13,8 +13,10 @@ budgets with/without K/V reuse, forecast-only steps) and every repeat, round-rob
 The reported step cost is **composed** for ``target_layers`` layers (default 30) from those measured parts:
 ``overhead + (target_layers - 1)·mean(blocks[:-1]) + blocks[-1]`` (the last block is kept apart because a
 forecast-only step forms the output there), or ``overhead + target_layers·block`` with one layer. Both measured
-numbers (step at ``layers``; block and overhead) stay in the JSON next to the composed one. Per setting: the
-median over repeats, speedup against dense composed in the same process, the FLOP ceiling
+numbers (step at ``layers``; block and overhead) stay in the JSON next to the composed one. Each repeat runs the
+settings in a rotated order (:func:`rotated`). Per setting: the median over repeats, speedup against dense composed
+in the same process (ratio of the medians), the paired speedup (median and quartiles of the per-repeat ratios
+against the dense step of the same pass, :func:`paired_ratios`), the FLOP ceiling
 (:mod:`vdit_accel.bench.flops`, at ``target_layers``), efficiency = speedup / ceiling, and the self-attention
 share: the setting's attention op (dense: ``F.scaled_dot_product_attention``; Astraea:
 :func:`~vdit_accel.ops.attention.row_subset_attention` of ``k`` rows over ``N`` keys) timed alone at the same shapes,
@@ -359,6 +361,40 @@ def compose(blocks_s: list[float], overhead_s: float, target_layers: int) -> flo
     return overhead_s + (target_layers - 1) * inner + blocks_s[-1]
 
 
+def rotated(items: list, r: int) -> list:
+    """``items`` started at position ``r mod len(items)``: repeat ``r``'s order, so that no setting always runs
+    first (or right after dense) while the machine's speed drifts.
+
+    Example:
+        >>> rotated(["dense", "a", "b"], 1), rotated(["dense", "a", "b"], 3)
+        (['a', 'b', 'dense'], ['dense', 'a', 'b'])
+    """
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
+def paired_ratios(dense_s: list[float], setting_s: list[float]) -> list[float]:
+    """Per-repeat speedups ``dense_s[i] / setting_s[i]``: both were timed in the same round-robin pass, minutes
+    apart at most, so a slow drift of the machine's speed cancels in each ratio (the ratio of the medians does
+    not cancel it when the slow and fast passes differ between the two lists).
+
+    Example:
+        >>> paired_ratios([4.0, 8.0], [2.0, 2.0])
+        [2.0, 4.0]
+    """
+    if len(dense_s) != len(setting_s) or not dense_s:
+        raise ConfigError(f"paired ratios need as many dense samples as setting samples, got {len(dense_s)} and "
+                          f"{len(setting_s)}")
+    return [d / t for d, t in zip(dense_s, setting_s)]
+
+
+def _quartiles(xs: list[float]) -> list[float]:
+    if len(xs) < 2:
+        return [xs[0], xs[0]]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return [q[0], q[2]]
+
+
 def _median_of(samples: list[dict], key: str) -> float:
     return statistics.median(s[key] for s in samples)
 
@@ -411,7 +447,7 @@ def run_step_bench(cfg: StepBenchConfig, out_dir: str | Path | None, *, settings
         samples: dict[str, list[dict]] = {s.label: [] for s in settings}
         bench.time_setting(Setting())  # process warm-up (first-call allocations), not recorded
         for r in range(cfg.repeats):
-            for s in settings:
+            for s in rotated(settings, r):
                 samples[s.label].append(bench.time_setting(s))
                 if progress:
                     tqdm.write(f"repeat {r + 1}/{cfg.repeats} {s.label}: {samples[s.label][-1]['step_s']:.3f} s",
@@ -425,6 +461,11 @@ def run_step_bench(cfg: StepBenchConfig, out_dir: str | Path | None, *, settings
         row["speedup"] = dense["step_composed_s"] / row["step_composed_s"]
         row["speedup_measured_layers"] = dense["step_measured_s"] / row["step_measured_s"]
         row["efficiency"] = row["speedup"] / row["flop_ceiling"]
+        paired = paired_ratios(dense["step_composed_samples_s"], row["step_composed_samples_s"])
+        row["speedup_paired_samples"] = paired
+        row["speedup_paired"] = statistics.median(paired)
+        row["speedup_paired_iqr"] = _quartiles(paired)
+        row["efficiency_paired"] = row["speedup_paired"] / row["flop_ceiling"]
     inner = dense["blocks_s"][:-1] or dense["blocks_s"]
     results = {
         "format": RESULTS_FORMAT, "version": 1,
@@ -466,12 +507,16 @@ def markdown(results: dict) -> str:
     g = results["geometry"]
     head = (f"Wan2.1-1.3B width, grid {'x'.join(map(str, g['grid']))} = {g['tokens']} tokens, {g['dtype']} on "
             f"{g['device']}; {results['config']['layers']} layers timed, composed for {g['target_layers']}\n\n")
-    lines = ["| setting | rows | step (composed) s | speedup | FLOP ceiling | efficiency | attention share | "
-             "step measured s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | rows | step (composed) s | speedup | paired speedup (IQR) | FLOP ceiling | efficiency | "
+             "paired efficiency | attention share | step measured s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["settings"]:
         share = "-" if r["attention_share"] is None else f"{r['attention_share']:.3f}"
-        lines.append(f"| {r['label']} | {r['rows']} | {r['step_composed_s']:.4f} | {r['speedup']:.2f} | "
-                     f"{r['flop_ceiling']:.2f} | {r['efficiency']:.2f} | {share} | {r['step_measured_s']:.4f} |")
+        paired, iqr = r.get("speedup_paired"), r.get("speedup_paired_iqr")  # absent in results made before v2
+        pcell = "-" if paired is None else f"{paired:.2f} ({iqr[0]:.2f}-{iqr[1]:.2f})"
+        peff = "-" if paired is None else f"{r['efficiency_paired']:.2f}"
+        lines.append(f"| {r['label']} | {r['rows']} | {r['step_composed_s']:.4f} | {r['speedup']:.2f} | {pcell} | "
+                     f"{r['flop_ceiling']:.2f} | {r['efficiency']:.2f} | {peff} | {share} | "
+                     f"{r['step_measured_s']:.4f} |")
     tail = "".join(f"\nnot measured: {k} ({v})" for k, v in results["skipped_settings"].items())
     return head + "\n".join(lines) + "\n" + tail
 
