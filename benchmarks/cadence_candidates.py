@@ -37,9 +37,12 @@ CANDIDATES = [(4, 3, ()), (4, 2, ()), (4, 1, ()), (4, 3, (-1,)), (4, 3, (-2,)), 
               (7, 2, ()), (8, 3, (-1,)), (8, 3, (-2,)), (8, 3, (-3,)),
               (4, 3, (-3, -5)), (4, 3, (-3, -6)), (4, 3, (-3, -7)), (4, 3, (-3, -4)), (4, 3, (-3, 6)), (4, 3, (-3, 4)),
               (4, 3, (-3, -7, 4)), (4, 3, (-3, -7, 5)), (4, 3, (-3, -7, 6)), (4, 3, (-3, -7, 7)), (4, 3, (-3, -7, -5)),
-              (4, 3, (-3, -7, -4)), (7, 2, (-2,)), (7, 2, (-3,)), (7, 2, (-4,)), (7, 1, ()), (8, 2, ())]
-TARGETS = (3.5, 4.0, 4.5, 5.0, 6.0)
-INCUMBENTS = ("astraea-4x",)  # shipped presets scored beside the candidates (a target keeps its preset unless beaten)
+              (4, 3, (-3, -7, -4)), (7, 2, (-2,)), (7, 2, (-3,)), (7, 2, (-4,)), (7, 1, ()), (8, 2, ()),
+              # session 11: cadences for the 2x and 3x targets (longer warm-ups at interval 3 and 4)
+              (4, 4, ()), (4, 5, ()), (4, 4, (-3,)), (3, 3, ()), (3, 6, ()), (3, 8, ()), (3, 10, ()), (3, 12, ())]
+TARGETS = (2.0, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0)
+# shipped presets scored beside the candidates (a target keeps its preset unless beaten)
+INCUMBENTS = ("astraea-2x", "astraea-3x", "astraea-4x")
 
 
 def candidate(interval: int, warmup: int, drops: tuple[int, ...]) -> tuple[str, list[StepChoice]]:
