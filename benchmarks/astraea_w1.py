@@ -7,6 +7,14 @@ geometry: ``sum_steps dense / sum_steps setting``). Efficiency = measured / ceil
 per-token overheads (scoring, gathers, scatters) cost on a dim-128 model. Also records PSNR vs dense.
 
     PYTHONPATH=src OMP_NUM_THREADS=2 .venv/bin/python benchmarks/astraea_w1.py --out docs/results/astraea/w1
+
+``--compile``: the same measurement with diffusers' regional compile of the blocks (``compile_repeated_blocks
+(fullgraph=True)``, inductor), for dense and every setting alike: inductor fuses the per-token elementwise work
+(scores, merges, gathers) that eager runs op by op. Compiled Astraea computes ``ceil(N·j/8)`` rows (row buckets,
+``methods.astraea.ROW_BUCKETS``), so under ``--compile`` every budget must be a multiple of 1/8 and the schedule is
+given per step (first step dense, then the budget) so that the rows executed are the rows the ceiling counts. Each
+setting runs one untimed generation first (compilation); Dynamo's recompile limit is raised for the run (each
+setting's block variants are graphs of their own).
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from vdit_accel.bench.harness import machine_info, prompt_sets
 from vdit_accel.bench.metrics import psnr
 from vdit_accel.instrument.model import EmbeddedModel
 from vdit_accel.instrument.sampler import GenerationConfig, Sampler
-from vdit_accel.methods.astraea import AstraeaConfig, apply_astraea
+from vdit_accel.methods.astraea import ROW_BUCKETS, AstraeaConfig, apply_astraea
 
 
 def schedule_ceiling(geo: WanGeometry, cfg: AstraeaConfig | None) -> float:
@@ -47,7 +55,13 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompts", default="quick")
+    p.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks (module docstring)")
     a = p.parse_args(argv)
+    if a.compile:
+        off = [b for b in a.budgets if abs(b * ROW_BUCKETS - round(b * ROW_BUCKETS)) > 1e-9]
+        if off:
+            p.error(f"--compile needs budgets that are multiples of 1/{ROW_BUCKETS} (row buckets), got {off}")
+        torch._dynamo.config.recompile_limit = 64
     model = EmbeddedModel.load()
     sampler = Sampler(model)
     gen = GenerationConfig(steps=a.steps)
@@ -59,7 +73,16 @@ def main(argv=None) -> int:
     configs: dict[str, AstraeaConfig | None] = {"dense": None}
     for b in a.budgets:
         for kv in (False, True):
-            configs[f"uniform-{b}" + ("-kv" if kv else "")] = AstraeaConfig(target=b, num_steps=a.steps, kv_reuse=kv)
+            configs[f"uniform-{b}" + ("-kv" if kv else "")] = (
+                AstraeaConfig(budgets=(1.0,) + (b,) * (a.steps - 1), num_steps=a.steps, kv_reuse=kv) if a.compile
+                else AstraeaConfig(target=b, num_steps=a.steps, kv_reuse=kv))
+    if a.compile:
+        model.transformer.compile_repeated_blocks(fullgraph=True)
+        for cfg in configs.values():  # compile every setting's graphs before anything is timed
+            handle = apply_astraea(model.transformer, cfg) if cfg is not None else None
+            sampler(prompts[0], gen.replace(seed=0), progress=False)
+            if handle is not None:
+                handle.remove()
     sampler(prompts[0], gen.replace(steps=2), progress=False)  # warm-up
     lat = {k: [] for k in configs}
     videos: dict[str, list] = {k: [None] * len(prompts) for k in configs}
@@ -87,6 +110,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"format": "vdit-accel/astraea-w1", "command": "benchmarks/astraea_w1.py " + " ".join(sys.argv[1:]),
+              "compiled": bool(a.compile),
               **machine_info(), "threads": torch.get_num_threads(), "geometry": geo.to_dict(), "steps": a.steps,
               "prompts": prompts, "repeats": a.repeats, "rows": rows}
     (out / "astraea_w1.json").write_text(json.dumps(result, indent=1))
