@@ -155,16 +155,45 @@ FULL_GRID = (21, 30, 52)  # 480p x 81 frames: 32,760 tokens
 # per step (HunyuanVideo: cfg_scale 1 with embedded guidance; Wan: CFG, 2 calls). "vae": diffusers' class at its
 # default (published) config and the latent decoded, tiled as the pipeline decodes it. "text_encoders": (name,
 # parameters, tokens) per prompt; FLOPs 2 x parameters x tokens.
+_XDIT_HY = ("github.com/xdit-project/xDiT docs/performance/hunyuanvideo.md, 'HunyuanVideo Performance Report' "
+            "(Ulysses latency, 50 steps, official HunyuanVideo repository on H100 / H20; the diffusers implementation "
+            "on L20)")
+_HY = {"dim": 3072, "heads": 24, "ffn": 12288, "layers": 60, "text": 256, "cross": False, "branches": 1,
+       "text_encoders": [("llava-llama-3-8b", 8.03e9, 256 + 95), ("clip-vit-large text", 1.23e8, 77)]}
+_HY_720 = dict(_HY, tokens=33 * 45 * 80,
+               vae={"cls": "AutoencoderKLHunyuanVideo", "latent": (1, 16, 33, 90, 160), "tiling": True})
+_HY_960 = dict(_HY, tokens=33 * 60 * 60,
+               vae={"cls": "AutoencoderKLHunyuanVideo", "latent": (1, 16, 33, 120, 120), "tiling": True})
+# Per GPU type: dense bf16 tensor peak relative to H100 SXM's 989 TFLOP/s, and the per-direction link bandwidth
+# relative to NVLink4's 450 GB/s (H20: NVLink, 148 TFLOP/s; L20: PCIe Gen4 x16, 32 GB/s, 119.5 TFLOP/s).
+GPUS = {"H100": {"rate_scale": 1.0, "bandwidth_scale": 1.0},
+        "H20": {"rate_scale": 148 / 989, "bandwidth_scale": 1.0},
+        "L20": {"rate_scale": 119.5 / 989, "bandwidth_scale": 32 / 450}}
+
+
+def _speedups(latency: dict[int, float]) -> dict[int, float]:
+    return {p: round(latency[1] / t, 4) for p, t in latency.items() if p > 1}
+
+
 PUBLISHED = [
-    {"name": "HunyuanVideo xDiT (USP) 1280x720x129f", "source": "github.com/Tencent/HunyuanVideo README, 'Parallel "
-     "Inference on Multiple GPUs by xDiT': 1904.08 s on 1 GPU, 934.09 (2.04x), 514.08 (3.70x), 337.58 s (5.64x); "
-     "the GPU model is not stated", "tokens": 33 * 45 * 80, "dim": 3072, "heads": 24, "ffn": 12288, "layers": 60,
-     "text": 256, "cross": False, "speedups": {2: 2.04, 4: 3.70, 8: 5.64}, "branches": 1,
-     "vae": {"cls": "AutoencoderKLHunyuanVideo", "latent": (1, 16, 33, 90, 160), "tiling": True},
-     "text_encoders": [("llava-llama-3-8b", 8.03e9, 256 + 95), ("clip-vit-large text", 1.23e8, 77)]},
-    {"name": "Wan2.1-T2V-1.3B USP 480p x 81f", "source": "as quoted in issue 17 (Wan2.1 README efficiency table, "
-     "8xH100: 6.77x); not re-read in this session", "tokens": 32760, "dim": 1536, "heads": 12, "ffn": 8960,
-     "layers": 30, "text": 512, "cross": True, "speedups": {8: 6.77}, "branches": 2,
+    dict(_HY_720, name="HunyuanVideo xDiT (USP) 1280x720x129f, H100", gpu="H100", source=_XDIT_HY + ": 1904.08 s on "
+         "1 GPU, 925.04 / 514.08 / 337.58 s on 2 / 4 / 8 (the HunyuanVideo README quotes 934.09 s for 2 GPUs, the "
+         "report's 960x960 figure)", speedups=_speedups({1: 1904.08, 2: 925.04, 4: 514.08, 8: 337.58})),
+    dict(_HY_720, name="HunyuanVideo xDiT (USP) 1280x720x129f, H20", gpu="H20", source=_XDIT_HY + ": 6639.17 s on "
+         "1 GPU, 3400.55 / 1762.86 / 940.97 s on 2 / 4 / 8", speedups=_speedups({1: 6639.17, 2: 3400.55, 4: 1762.86,
+                                                                                 8: 940.97})),
+    dict(_HY_960, name="HunyuanVideo xDiT (USP) 960x960x129f, H100", gpu="H100", source=_XDIT_HY + ": 1735.01 s on "
+         "1 GPU, 934.09 / 645.45 / 367.02 s on 2 / 3 / 6", speedups=_speedups({1: 1735.01, 2: 934.09, 3: 645.45,
+                                                                               6: 367.02})),
+    dict(_HY_960, name="HunyuanVideo xDiT (USP) 960x960x129f, H20", gpu="H20", source=_XDIT_HY + ": 6621.46 s on "
+         "1 GPU, 3400.55 / 2310.48 / 1214.67 s on 2 / 3 / 6", speedups=_speedups({1: 6621.46, 2: 3400.55, 3: 2310.48,
+                                                                                  6: 1214.67})),
+    dict(_HY_720, name="HunyuanVideo diffusers + xDiT USP 1280x720x129f, L20 (PCIe)", gpu="L20",
+         source=_XDIT_HY + ": 6043.88 s on 1 GPU, 3271.44 / 2080.05 s on 2 / 4",
+         speedups=_speedups({1: 6043.88, 2: 3271.44, 4: 2080.05})),
+    {"name": "Wan2.1-T2V-1.3B USP 480p x 81f", "gpu": "H100", "source": "as quoted in issue 17 (Wan2.1 README "
+     "efficiency table, 8xH100: 6.77x); not re-read in this session", "tokens": 32760, "dim": 1536, "heads": 12,
+     "ffn": 8960, "layers": 30, "text": 512, "cross": True, "speedups": {8: 6.77}, "branches": 2,
      "vae": {"cls": "AutoencoderKLWan", "latent": (1, 16, 21, 60, 104), "tiling": False},
      "text_encoders": [("umt5-xxl encoder (prompt + negative prompt)", 5.7e9, 2 * 512)]},
 ]
@@ -228,6 +257,29 @@ def comm_seconds(tokens: int, dim: int, layers: int, ulysses: int, ring: int, *,
     return t * layers
 
 
+def fixed_overhead_cross_check(validation: list[dict], family: str = "HunyuanVideo xDiT (USP)") -> dict:
+    """Is the model's residual on ``family`` (one implementation, several GPU types) a fixed cost in seconds per call
+    that does not shrink with the GPU's speed? Fit it on one GPU type (the median residual of its multi-GPU points),
+    add it to every call of the model on the other type, and compare with the published speedups there; both
+    directions. Fitted on one type, judged on the other: a check of the residual's form, not a tuned fit."""
+    rows = [v for v in validation if v["case"].startswith(family)]
+    by_gpu: dict[str, list[dict]] = {}
+    for v in rows:
+        by_gpu.setdefault(v["gpu"], []).append(v)
+    result = {}
+    for fit_on, fit_rows in by_gpu.items():
+        c = statistics.median(v["residual_s_per_call"] for v in fit_rows)
+        judged = []
+        for v in (v for g, vs in by_gpu.items() if g != fit_on for v in vs):
+            pred = v["model_1gpu_s"] / (v["calls"] * (v["model_call_s"] + c) + v["serial_s"])
+            judged.append({"case": v["case"], "gpus": v["gpus"], "published": v["published"],
+                           "predicted": round(pred, 3), "error": round(pred / v["published"] - 1, 4)})
+        result[f"fitted_on_{fit_on}"] = {"fixed_s_per_call": round(c, 4), "judged": judged,
+                                         "within_15pct": f"{sum(abs(j['error']) <= 0.15 for j in judged)} of "
+                                                         f"{len(judged)}"}
+    return result
+
+
 def model(args) -> dict:
     from vdit_accel.bench.flops import Setting, WanGeometry, step_flops
     from vdit_accel.parallel import degrees_for
@@ -241,30 +293,42 @@ def model(args) -> dict:
                        "bandwidth: achieved NCCL all-to-all/all-gather bandwidth per GPU on NVLink4 (assumed 75% "
                        "of the 450 GB/s per direction of H100 SXM); latency per collective assumed 20 us."}
     # validation on published dense figures
-    validation, serial_parts = [], {}
+    validation, serial_parts, vae_cache = [], {}, {}
     for pub in PUBLISHED:
         f1 = _generic_step_flops(pub["tokens"], pub["dim"], pub["ffn"], pub["layers"], pub["text"], pub["cross"])
         calls = STEPS * pub["branches"]
-        serial_parts[pub["name"]] = parts = serial_flops(pub)
-        t_serial = parts["total"] / rate  # at the same R, on one GPU whatever P
-        t1 = calls * f1 / rate + t_serial
+        gpu = GPUS[pub["gpu"]]
+        rate_c, bw_c = rate * gpu["rate_scale"], bw * gpu["bandwidth_scale"]  # the same efficiencies on every GPU
+        vae_key = (pub["vae"]["cls"], tuple(pub["vae"]["latent"]), pub["vae"]["tiling"])
+        if vae_key not in vae_cache:
+            vae_cache[vae_key] = serial_flops(pub)
+        serial_parts[pub["name"]] = parts = dict(vae_cache[vae_key])
+        t_serial = parts["total"] / rate_c  # at the same R, on one GPU whatever P
+        t1 = calls * f1 / rate_c + t_serial
         parts["share_of_1gpu_time"] = round(t_serial / t1, 5)
         for p, measured in pub["speedups"].items():
             u, r = degrees_for(p, pub["heads"])
-            step_p = f1 / (rate * p) + comm_seconds(pub["tokens"], pub["dim"], pub["layers"], u, r, bandwidth=bw,
-                                                    latency=lat)
-            pred, pred_transformer = t1 / (calls * step_p + t_serial), (calls * f1 / rate) / (calls * step_p)
-            validation.append({"case": pub["name"], "gpus": p, "ulysses": u, "ring": r, "published": measured,
+            comm = comm_seconds(pub["tokens"], pub["dim"], pub["layers"], u, r, bandwidth=bw_c, latency=lat)
+            step_p = f1 / (rate_c * p) + comm
+            pred, pred_transformer = t1 / (calls * step_p + t_serial), (calls * f1 / rate_c) / (calls * step_p)
+            t_pub = t1 / measured  # the published time in the model's 1-GPU units
+            validation.append({"case": pub["name"], "gpu": pub["gpu"], "gpus": p, "ulysses": u, "ring": r,
+                               "published": measured,
+                               "comm_s_per_call": round(comm, 4), "compute_s_per_call": round(f1 / (rate_c * p), 4),
+                               "residual_s_per_call": round((t_pub - t1 / pred) / calls, 4),
+                               "model_call_s": step_p, "model_1gpu_s": t1, "serial_s": t_serial, "calls": calls,
                                "predicted": round(pred, 3), "error": round(pred / measured - 1, 4),
                                "predicted_transformer_only": round(pred_transformer, 3),
                                "error_transformer_only": round(pred_transformer / measured - 1, 4),
                                "source": pub["source"]})
     out = {"format": FORMAT, "kind": "model", "inputs": inputs, "validation": validation,
            "serial_parts": serial_parts,
-           "validated_within_15pct": all(abs(v["error"]) <= 0.15 for v in validation)}
+           "validated_within_15pct": all(abs(v["error"]) <= 0.15 for v in validation),
+           "within_15pct": f"{sum(abs(v['error']) <= 0.15 for v in validation)} of {len(validation)}"}
+    out["fixed_overhead_cross_check"] = fixed_overhead_cross_check(validation)
     # the pessimistic variant: the largest residual (after the serial parts above) read as a fixed per-step overhead
     # that no method removes
-    worst = max(validation, key=lambda v: v["error"])
+    worst = max((v for v in validation if v["gpu"] == "H100"), key=lambda v: v["error"])  # the predictions' GPU
     p_w = worst["gpus"]
     model_tp = 1.0 / worst["predicted"]  # per 1-GPU time
     serial = max(0.0, (1.0 / worst["published"] - model_tp) / (1.0 - 1.0 / p_w))
@@ -375,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--preset", default="astraea-3x")
     s.add_argument("--out", required=True)
     f = sub.add_parser("fidelity")
-    f.add_argument("--preset", default="astraea-3x")
+    # a token-wise schedule (per-rank vs global top-k is moot on whole-step presets such as today's astraea-3x): the
+    # greedy astraea-3x shipped until session 11, with which the committed fidelity figures were made
+    f.add_argument("--preset", default="docs/results/astraea/presets-joint-d4/astraea-3x.json")
     f.add_argument("--steps", type=int, default=50)
     f.add_argument("--prompts", type=int, default=2)
     f.add_argument("--groups", type=int, nargs="*", default=(2, 4, 8))

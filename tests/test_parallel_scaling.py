@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import statistics
 import sys
 from pathlib import Path
 
@@ -51,14 +52,26 @@ def test_model_labels_predictions_and_reports_validation(ps, tmp_path, monkeypat
 
     d = json.loads(out.read_text())
     assert "PREDICTIONS" in d["label"]
-    assert {v["gpus"] for v in d["validation"]} == {2, 4, 8}
+    assert {v["gpus"] for v in d["validation"]} == {2, 3, 4, 6, 8}
+    assert {v["gpu"] for v in d["validation"]} == {"H100", "H20", "L20"}
     for v in d["validation"]:
         assert v["error"] == pytest.approx(v["predicted"] / v["published"] - 1, abs=1e-3)
     assert d["validated_within_15pct"] == all(abs(v["error"]) <= 0.15 for v in d["validation"])
     for v in d["validation"]:  # the serial VAE / text encoders can only lower the predicted speedup
         assert v["predicted"] < v["predicted_transformer_only"]
-    hv = d["serial_parts"]["HunyuanVideo xDiT (USP) 1280x720x129f"]
+    hv = d["serial_parts"]["HunyuanVideo xDiT (USP) 1280x720x129f, H100"]
     assert hv["vae_decode"] == 1e15 and hv["total"] > hv["vae_decode"]
+    # the fixed-overhead cross-check: fitted on one GPU type, judged on the other, with the residuals it fitted
+    cross = d["fixed_overhead_cross_check"]
+    assert set(cross) == {"fitted_on_H100", "fitted_on_H20"}
+    for fit_on, other in (("H100", "H20"), ("H20", "H100")):
+        rows = [v for v in d["validation"] if v["case"].startswith("HunyuanVideo xDiT") and v["gpu"] == fit_on]
+        c = cross[f"fitted_on_{fit_on}"]
+        assert c["fixed_s_per_call"] == pytest.approx(statistics.median(v["residual_s_per_call"] for v in rows),
+                                                      abs=1e-4)
+        assert c["judged"] and all(other in j["case"] for j in c["judged"])
+        for j in c["judged"]:
+            assert j["error"] == pytest.approx(j["predicted"] / j["published"] - 1, abs=1e-3)
     wan = d["predictions"]["Wan2.1-T2V-1.3B"]["gpus"]
     assert (wan["8"]["ulysses"], wan["8"]["ring"]) == (4, 2)  # 12 heads: Ulysses 4 x Ring 2 on 8 GPUs
     assert wan["1"]["dense_speedup_vs_1gpu"] == 1.0
