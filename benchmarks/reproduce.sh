@@ -158,3 +158,21 @@ $VA bench --methods dense,astraea-6x,taylorseer-i8-o1 --prompts bench --seeds 2 
 $PY benchmarks/timeripple_on_astraea.py --threads 2 --out docs/results/timeripple/on-astraea
 # 6. TimeRipple under θ schedules (partial: the first five settings ran)
 $PY benchmarks/timeripple_theta_schedules.py docs/results/timeripple/theta-schedules/sweep.json
+
+# ---- Session 11: astraea-3x from the cadence candidates; W2 step table with rotated order and paired ratios;
+#      W1 efficiency (eager and compiled); TimeRipple's W1 speed and its zero-overhead bound. Quiet machine, in order.
+# 1. cadence candidates with the 2x / 3x targets added (earlier evaluations replay from the committed checkpoint);
+#    astraea-3x copied to src/vdit_accel/presets/ (the greedy one it replaces: docs/results/astraea/presets-joint-d4/)
+$PY benchmarks/cadence_candidates.py --threads 2 --out docs/results/astraea/cadence-timestep --presets-out runs/presets-cadence11
+# 2. the new astraea-3x beside TaylorSeer's interval 3 and 4 (alone on the machine, ~9 min)
+$VA bench --methods dense,astraea-3x,taylorseer-i3-o1,taylorseer-i3-o2,taylorseer-i4-o1 --prompts bench --seeds 2 --steps 50 --step-costs docs/results/bench-step/latency-kv/bench-step.json --latency-model docs/results/bench-step/latency-kv/latency.json --out docs/results/bench-v5/astraea-3x-cadence --overwrite
+# 3. the W2 step table, 7 repeats in rotated order, paired ratios (~13 min)
+$VA bench-step --out docs/results/bench-step/cpu-paired --layers 2 --target-layers 30 --latent 4 48 80 --text-len 512 --dtype float32 --device auto --repeats 7 --warmup 1 --budgets 0.2 0.4 0.6 --kv-reuse both --orders 0 1 2 --seed 0 --quiet --overwrite
+# 4. TimeRipple's presets on W1 (run with --out /tmp/bench-tr and copied: results.json, results.md, pareto.png)
+$VA bench --methods dense,timeripple-op1.3x,timeripple-op1.5x --prompts bench --seeds 2 --steps 50 --out docs/results/timeripple/bench-w1 --overwrite
+$PY benchmarks/timeripple_w1_bound.py --out docs/results/timeripple/w1-bound
+# 5. Astraea's W1 efficiency, eager (budgets 0.4) and under regional compile (budgets on row buckets)
+$PY benchmarks/astraea_w1.py --out docs/results/astraea/w1-s11 --budgets 0.4
+$PY benchmarks/astraea_w1.py --out docs/results/astraea/w1-compiled --budgets 0.25 0.375 0.625 --compile
+# 6. the scaling model with xDiT's HunyuanVideo report (H100, H20, L20) and the fixed-overhead cross-check
+$PY benchmarks/parallel_scaling.py model --measured docs/results/parallel/measured.json --out docs/results/parallel/scaling-model.json
