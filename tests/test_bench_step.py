@@ -77,6 +77,28 @@ def test_cli_tiny_smoke_writes_json_markdown_and_latency_model(tmp_path):
     assert measured_orders == ({0, 1, 2} if unsupported(Setting(0.0, order=1)) is None else {0})
 
 
+def test_timed_steps_average_several_steps_into_one_sample(tmp_path, monkeypatch):
+    from vdit_accel.bench.step import StepBench
+
+    calls = []
+    original = StepBench._call
+
+    def counting(self, i, steps):
+        calls.append((i, steps))
+        return original(self, i, steps)
+
+    monkeypatch.setattr(StepBench, "_call", counting)
+    assert _run(tmp_path, "--out", str(tmp_path / "res"), "--kv-reuse", "off", "--timed-steps", "3") == 0
+    res = json.loads((tmp_path / "res" / "bench-step.json").read_text())
+    assert " --timed-steps 3" in res["command"] and res["config"]["timed_steps"] == 3
+    dense_runs = [c for c in calls if c[1] == 3]  # dense: no fill, --warmup 0, 3 timed steps -> 3-step runs
+    assert dense_runs and {i for i, _ in dense_runs} == {0, 1, 2}
+    for r in res["settings"]:  # the sample is the per-step mean: the parts still add up to the step
+        assert r["step_measured_s"] == pytest.approx(sum(r["blocks_s"]) + r["overhead_s"], rel=0.5)
+    with pytest.raises(ConfigError, match="timed_steps"):
+        StepBenchConfig(timed_steps=0)
+
+
 def test_rotated_order_and_paired_ratios():
     settings = ["dense", "a", "b"]
     orders = [rotated(settings, r) for r in range(3)]

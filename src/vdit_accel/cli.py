@@ -364,6 +364,7 @@ def cmd_bench_step(a) -> int:
         validate.check_output_path(a.latency_model, (".json",), overwrite=a.overwrite, name="--latency-model")
     cfg = StepBenchConfig(layers=a.layers, target_layers=a.target_layers, latent=tuple(a.latent), text_len=a.text_len,
                           dtype=a.dtype, device=a.device, repeats=a.repeats, warmup=a.warmup, budgets=tuple(a.budgets),
+                          timed_steps=a.timed_steps,
                           kv_reuse=a.kv_reuse, orders=tuple(a.orders), seed=a.seed, full=a.full, tiny=a.tiny)
     settings = latency_settings(a.latency_kv_reuse) if a.latency_model else None
     results = run_step_bench(cfg, a.out, settings=settings, command=_bench_step_command(a), progress=not a.quiet)
@@ -555,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"timed steps per setting, round-robin (default {sb.repeats})")
     s.add_argument("--warmup", type=int_arg("warmup", 0, MAX_COUNT), default=sb.warmup,
                    help=f"untimed steps at each setting before the timed one (default {sb.warmup})")
+    s.add_argument("--timed-steps", type=int_arg("timed_steps", 1, MAX_COUNT), default=sb.timed_steps,
+                   help=f"consecutive steps timed per sample, averaged (default {sb.timed_steps})")
     s.add_argument("--budgets", type=float_arg("budgets", 0.0, 1.0), nargs="+", default=list(sb.budgets),
                    help=f"Astraea uniform budgets (default {' '.join(map(str, sb.budgets))})")
     s.add_argument("--kv-reuse", default=sb.kv_reuse, choices=KV_CHOICES,

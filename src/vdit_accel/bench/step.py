@@ -6,8 +6,9 @@ with step index and step count). For every setting (:class:`~vdit_accel.bench.fl
 budgets with/without K/V reuse, forecast-only steps) and every repeat, round-robin over settings in one process:
 
 1. the method is applied (dense: nothing), ``1 + order`` dense steps fill its caches, ``warmup`` steps run at the
-   setting, then one step at the setting is timed; the method is removed;
-2. during the timed step, forward hooks time every block (CUDA synchronised), so the step splits into per-block
+   setting, then ``timed_steps`` consecutive steps at the setting (default 1) are timed and averaged into one sample;
+   the method is removed;
+2. during the timed steps, forward hooks time every block (CUDA synchronised), so the step splits into per-block
    times and the non-block overhead (patch/condition embedding, head): ``overhead = step - sum(blocks)``.
 
 The reported step cost is **composed** for ``target_layers`` layers (default 30) from those measured parts:
@@ -75,6 +76,7 @@ class StepBenchConfig:
         device (`str`, defaults "auto"): "auto" (CUDA when present), "cpu" or "cuda".
         repeats (`int`, defaults 3): timed steps per setting (round-robin over settings).
         warmup (`int`, defaults 1): untimed steps at the setting before the timed one.
+        timed_steps (`int`, defaults 1): consecutive steps timed per sample (their mean is the sample).
         budgets (`tuple[float, ...]`, defaults (0.2, 0.4, 0.6)): Astraea uniform budgets.
         kv_reuse (`str`, defaults "both"): Astraea settings without ("off"), with ("on") or with both K/V modes.
         orders (`tuple[int, ...]`, defaults (0, 1, 2)): forecast orders of the forecast-only (budget 0) steps.
@@ -91,6 +93,7 @@ class StepBenchConfig:
     device: str = "auto"
     repeats: int = 3
     warmup: int = 1
+    timed_steps: int = 1
     budgets: tuple[float, ...] = (0.2, 0.4, 0.6)
     kv_reuse: str = "both"
     orders: tuple[int, ...] = (0, 1, 2)
@@ -99,7 +102,7 @@ class StepBenchConfig:
     tiny: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("layers", "target_layers", "text_len", "repeats"):
+        for name in ("layers", "target_layers", "text_len", "repeats", "timed_steps"):
             check_range(name, getattr(self, name), lo=1)
         check_range("warmup", self.warmup, lo=0)
         check_choice("dtype", self.dtype, DTYPES)
@@ -277,28 +280,30 @@ class StepBench:
         from vdit_accel.registry import apply
 
         warm = 1 + setting.order if not setting.dense else 0
-        steps = warm + self.cfg.warmup + 1
+        timed = self.cfg.timed_steps
+        steps = warm + self.cfg.warmup + timed
         handle = None if setting.dense else apply(self.model, astraea_config(setting, warm, steps))
         try:
             self.model._reset_stateful_cache()
-            for i in range(steps - 1):
+            for i in range(steps - timed):
                 self._call(i, steps)
             self.block_timer.reset()
             self.attn1_timer.reset()
             self.block_timer.active = self.attn1_timer.active = True
             _sync(self.device)
             t0 = time.perf_counter()
-            self._call(steps - 1, steps)
+            for i in range(steps - timed, steps):
+                self._call(i, steps)
             _sync(self.device)
-            step_s = time.perf_counter() - t0
+            step_s = (time.perf_counter() - t0) / timed
         finally:
             self.block_timer.active = self.attn1_timer.active = False
             self.model._reset_stateful_cache()
             if handle is not None:
                 handle.remove()
-        blocks = list(self.block_timer.times)
+        blocks = [t / timed for t in self.block_timer.times]
         return {"step_s": step_s, "blocks_s": blocks, "overhead_s": step_s - sum(blocks),
-                "attn1_module_s": list(self.attn1_timer.times)}
+                "attn1_module_s": [t / timed for t in self.attn1_timer.times]}
 
     @torch.no_grad()
     def attention_op_s(self, setting: Setting, repeats: int) -> float:
