@@ -168,6 +168,8 @@ $PY benchmarks/cadence_candidates.py --threads 2 --out docs/results/astraea/cade
 $VA bench --methods dense,astraea-3x,taylorseer-i3-o1,taylorseer-i3-o2,taylorseer-i4-o1 --prompts bench --seeds 2 --steps 50 --step-costs docs/results/bench-step/latency-kv/bench-step.json --latency-model docs/results/bench-step/latency-kv/latency.json --out docs/results/bench-v5/astraea-3x-cadence --overwrite
 # 3. the W2 step table, 7 repeats in rotated order, paired ratios (~13 min)
 $VA bench-step --out docs/results/bench-step/cpu-paired --layers 2 --target-layers 30 --latent 4 48 80 --text-len 512 --dtype float32 --device auto --repeats 7 --warmup 1 --budgets 0.2 0.4 0.6 --kv-reuse both --orders 0 1 2 --seed 0 --quiet --overwrite
+#    and with three timed steps per sample
+$VA bench-step --out docs/results/bench-step/cpu-paired-3steps --layers 2 --target-layers 30 --latent 4 48 80 --text-len 512 --dtype float32 --device auto --repeats 5 --warmup 1 --timed-steps 3 --budgets 0.2 0.4 0.6 --kv-reuse both --orders 0 --seed 0 --quiet --overwrite
 # 4. TimeRipple's presets on W1 (run twice; the committed JSON is the second run)
 $VA bench --methods dense,timeripple-op1.3x,timeripple-op1.5x --prompts bench --seeds 2 --steps 50 --out docs/results/timeripple/bench-w1 --overwrite
 $PY benchmarks/timeripple_w1_bound.py --out docs/results/timeripple/w1-bound
