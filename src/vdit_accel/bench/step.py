@@ -17,7 +17,7 @@ forecast-only step forms the output there), or ``overhead + target_layers·block
 numbers (step at ``layers``; block and overhead) stay in the JSON next to the composed one. Each repeat runs the
 settings in a rotated order (:func:`rotated`). Per setting: the median over repeats, speedup against dense composed
 in the same process (ratio of the medians), the paired speedup (median and quartiles of the per-repeat ratios
-against the dense step of the same pass, :func:`paired_ratios`), the FLOP ceiling
+against the dense step of the same pass, :func:`~vdit_accel.bench.timing.paired_speedups`), the FLOP ceiling
 (:mod:`vdit_accel.bench.flops`, at ``target_layers``), efficiency = speedup / ceiling, and the self-attention
 share: the setting's attention op (dense: ``F.scaled_dot_product_attention``; Astraea:
 :func:`~vdit_accel.ops.attention.row_subset_attention` of ``k`` rows over ``N`` keys) timed alone at the same shapes,
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vdit_accel.bench.flops import Setting, WanGeometry, ceiling, step_flops
+from vdit_accel.bench.timing import paired_speedups
 from vdit_accel.errors import ConfigError, check_choice, check_range
 from vdit_accel.validate import atomic_write
 
@@ -378,28 +379,6 @@ def rotated(items: list, r: int) -> list:
     return items[k:] + items[:k]
 
 
-def paired_ratios(dense_s: list[float], setting_s: list[float]) -> list[float]:
-    """Per-repeat speedups ``dense_s[i] / setting_s[i]``: both were timed in the same round-robin pass, minutes
-    apart at most, so a slow drift of the machine's speed cancels in each ratio (the ratio of the medians does
-    not cancel it when the slow and fast passes differ between the two lists).
-
-    Example:
-        >>> paired_ratios([4.0, 8.0], [2.0, 2.0])
-        [2.0, 4.0]
-    """
-    if len(dense_s) != len(setting_s) or not dense_s:
-        raise ConfigError(f"paired ratios need as many dense samples as setting samples, got {len(dense_s)} and "
-                          f"{len(setting_s)}")
-    return [d / t for d, t in zip(dense_s, setting_s)]
-
-
-def _quartiles(xs: list[float]) -> list[float]:
-    if len(xs) < 2:
-        return [xs[0], xs[0]]
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return [q[0], q[2]]
-
-
 def _median_of(samples: list[dict], key: str) -> float:
     return statistics.median(s[key] for s in samples)
 
@@ -466,10 +445,10 @@ def run_step_bench(cfg: StepBenchConfig, out_dir: str | Path | None, *, settings
         row["speedup"] = dense["step_composed_s"] / row["step_composed_s"]
         row["speedup_measured_layers"] = dense["step_measured_s"] / row["step_measured_s"]
         row["efficiency"] = row["speedup"] / row["flop_ceiling"]
-        paired = paired_ratios(dense["step_composed_samples_s"], row["step_composed_samples_s"])
-        row["speedup_paired_samples"] = paired
-        row["speedup_paired"] = statistics.median(paired)
-        row["speedup_paired_iqr"] = _quartiles(paired)
+        paired = paired_speedups(dense["step_composed_samples_s"], row["step_composed_samples_s"])
+        row["speedup_paired_samples"] = paired["speedup_ratios"]
+        row["speedup_paired"] = paired["speedup"]
+        row["speedup_paired_iqr"] = [paired["speedup_q25"], paired["speedup_q75"]]
         row["efficiency_paired"] = row["speedup_paired"] / row["flop_ceiling"]
     inner = dense["blocks_s"][:-1] or dense["blocks_s"]
     results = {
