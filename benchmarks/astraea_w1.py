@@ -33,7 +33,7 @@ from vdit_accel.bench.harness import machine_info, prompt_sets
 from vdit_accel.bench.metrics import psnr
 from vdit_accel.instrument.model import EmbeddedModel
 from vdit_accel.instrument.sampler import GenerationConfig, Sampler
-from vdit_accel.methods.astraea import ROW_BUCKETS, AstraeaConfig, apply_astraea
+from vdit_accel.methods.astraea import ROW_BUCKETS, AstraeaConfig, apply_astraea, row_bucket
 
 
 def schedule_ceiling(geo: WanGeometry, cfg: AstraeaConfig | None) -> float:
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks (module docstring)")
     a = p.parse_args(argv)
     if a.compile:
-        off = [b for b in a.budgets if abs(b * ROW_BUCKETS - round(b * ROW_BUCKETS)) > 1e-9]
+        off = [b for b in a.budgets if row_bucket(b) / ROW_BUCKETS != b]  # compiled runs round up to a bucket
         if off:
             p.error(f"--compile needs budgets that are multiples of 1/{ROW_BUCKETS} (row buckets), got {off}")
         torch._dynamo.config.recompile_limit = 64
