@@ -392,6 +392,111 @@ def test_four_ranks_ulysses_and_hybrid():
         _assert_timeripple_ring_refused(rank, ring=2)
 
 
+# ------------------------------------------------------------------------------------------- LTX-Video
+def _ltx_calls() -> list[dict]:
+    """Four root calls of the tiny LTX model (CFG batch 2, 2x4x4 = 32 tokens, 6 text tokens, the last one masked:
+    the text mask matters) at falling timesteps."""
+    from tiny_pipelines import ltx_inputs
+
+    return [ltx_inputs(seed=i, text=6) | {"timestep": torch.tensor([900 - 200 * i] * 2)} for i in range(4)]
+
+
+@torch.no_grad()
+def _ltx_run(model) -> list[torch.Tensor]:
+    return [model(**kw)[0] for kw in _ltx_calls()]
+
+
+def _ltx_single(config=None) -> tuple[list[torch.Tensor], dict | None]:
+    """One process: dense, Astraea selecting as 2 ranks would, or TimeRipple; the outputs and the method's stats."""
+    from tiny_pipelines import tiny_ltx
+
+    model = tiny_ltx()
+    if config is None:
+        return _ltx_run(model), None
+    handle = vdit_accel.apply(model, config)
+    if isinstance(config, AstraeaConfig):
+        simulate_rank_selection(handle.applied[0][2], 2)
+    try:
+        return _ltx_run(model), handle.stats
+    finally:
+        handle.remove()
+
+
+def _scenarios_ltx(rank: int, world: int) -> dict:
+    """LTX-Video under Ulysses: dense, Astraea before / after ``enable_context_parallel``, TimeRipple in the op;
+    diffusers' own LTX plan on a masked prompt; a family without a plan."""
+    from diffusers import ContextParallelConfig
+    from tiny_pipelines import tiny_hunyuan_video, tiny_ltx
+
+    from vdit_accel.parallel import enable_context_parallel
+
+    def cp_model():
+        m = tiny_ltx()
+        enable_context_parallel(m, ulysses=world)
+        return m
+
+    out: dict = {"dense": _ltx_run(cp_model())}
+    m = tiny_ltx()
+    h = vdit_accel.apply(m, SPARSE)
+    enable_context_parallel(m, ulysses=world)
+    out["sparse_before"] = _ltx_run(m)
+    out["kept"] = h.stats["astraea"]["kept_ratio"]
+    h.remove()
+    out["after_remove"] = _ltx_run(m)
+    for name, config in (("sparse_after", SPARSE), ("sparse_kv", SPARSE_KV), ("tr", TR),
+                         ("tr_tokens", TR_TOKENS)):
+        m = cp_model()
+        with vdit_accel.apply(m, config) as h:
+            out[name] = _ltx_run(m)
+            if name.startswith("tr"):
+                out[name + "_stats"] = {k: h.stats["timeripple"][k] for k in TR_STATS}
+    m = tiny_ltx()  # diffusers' own plan splits the text over the ranks: fails on a masked prompt
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (1, world), mesh_dim_names=("ring", "ulysses"))
+    with cpu_workarounds():
+        m.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world, mesh=mesh))
+        try:
+            _ltx_run(m)
+            out["stock_plan"] = "no error"
+        except RuntimeError as err:
+            out["stock_plan"] = str(err)
+    try:
+        enable_context_parallel(tiny_hunyuan_video(), ulysses=world)
+        out["no_plan"] = "no error"
+    except ParallelError as err:
+        out["no_plan"] = str(err)
+    return out
+
+
+def test_ltx_ulysses_dense_astraea_timeripple_equal_one_process():
+    """LTX-Video (diffusers' other family with a CP plan), 2 Ulysses ranks, masked text: with the adapter's plan
+    (text unsplit, cross-attention local) dense CP, Astraea (per-rank selection; applied before or after CP; with K/V
+    reuse + forecast) and TimeRipple inside the Ulysses op (exact_sim with LTX's per-head RoPE channel masks, and
+    the tokens variant) all equal one process bit for bit; each method acts."""
+    ranks = spawn(_scenarios_ltx, 2, timeout=240)
+    dense, _ = _ltx_single()
+    sparse, _ = _ltx_single(SPARSE)
+    sparse_kv, _ = _ltx_single(SPARSE_KV)
+    tr, tr_stats = _ltx_single(TR)
+    tr_tokens, tr_tokens_stats = _ltx_single(TR_TOKENS)
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    assert not same(sparse, dense) and not same(sparse_kv, sparse) and not same(tr, dense)
+    for r in ranks:
+        assert same(r["dense"], dense) and same(r["after_remove"], dense)
+        assert same(r["sparse_before"], sparse) and same(r["sparse_after"], sparse) and same(r["sparse_kv"], sparse_kv)
+        assert r["kept"] == pytest.approx(0.5625)  # (1 + 0.5 + 0.25 + 0.5) / 4 of the rows over the 4 calls
+        assert same(r["tr"], tr) and same(r["tr_tokens"], tr_tokens)
+        assert "doesn't match the broadcast shape" in r["stock_plan"]
+        assert "has no context-parallel plan" in r["no_plan"] and "'hunyuan_video'" in r["no_plan"]
+    for name, single in (("tr_stats", tr_stats), ("tr_tokens_stats", tr_tokens_stats)):
+        assert single["timeripple"]["q_reuse_active"] > 0.1  # reuse really happens
+        for key in ("q_reuse_active", "qk_savings_active"):  # each rank records its heads: their mean is one process
+            mean = sum(r[name][key] for r in ranks) / len(ranks)
+            assert mean == pytest.approx(single["timeripple"][key], abs=1e-4)  # the summary rounds to 4 decimals
+
+
 # ----------------------------------------------------------------------------------------------- the CLI
 def test_generate_argv_forwards_every_flag_but_nproc():
     from vdit_accel.cli import build_parser

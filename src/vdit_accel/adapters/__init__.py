@@ -257,8 +257,30 @@ class ModelAdapter(ABC):
                 "stream and would return the wrong structure; it must use adapter.block_stream / block_output")
         return self.block_stream(args, kwargs)
 
+    # ------------------------------------------------------------------------------- context parallelism
+    def context_parallel_plan(self, model: torch.nn.Module) -> tuple[dict | None, list[torch.nn.Module]]:
+        """How diffusers' context parallelism should shard ``model``: ``(cp_plan, local_attentions)``.
+
+        ``cp_plan``: the plan handed to ``enable_parallelism(cp_plan=...)`` (``None``: the model's own ``_cp_plan``);
+        ``local_attentions``: attention modules that must run *without* the context-parallel op (their processor's
+        ``_parallel_config`` is cleared after ``enable_parallelism``), e.g. a cross-attention whose text the plan
+        does not split: each rank's query shard then meets the whole text, as on one process. Default: the
+        model's own plan, nothing local.
+        """
+        return None, []
+
     def _name(self) -> str:
         return self.family or type(self).__name__
+
+
+def context_parallel_world(model: torch.nn.Module) -> int:
+    """The number of context-parallel ranks a model with diffusers' ``enable_parallelism`` shards its sequence
+    over (``ulysses_degree * ring_degree``), 1 without it: a root-call hook inside the split sees ``1 / world`` of
+    the tokens."""
+    cp = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
+    if cp is None:
+        return 1
+    return int(cp.ulysses_degree) * int(cp.ring_degree)
 
 
 _SIGNED: dict[tuple[type, type], type] = {}

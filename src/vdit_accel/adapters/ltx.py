@@ -22,7 +22,7 @@ import torch
 from diffusers import LTXVideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
-from vdit_accel.adapters import AttentionCall, ModelAdapter, TokenLayout, register_adapter
+from vdit_accel.adapters import AttentionCall, ModelAdapter, TokenLayout, context_parallel_world, register_adapter
 from vdit_accel.adapters.wan import _rows
 from vdit_accel.errors import ConfigError
 
@@ -42,12 +42,28 @@ class LTXAdapter(ModelAdapter):
 
     def layout(self, model, args, kwargs) -> TokenLayout:
         values = _bind(_ROOT_ARGS, args, kwargs)
-        x = values["hidden_states"]  # [B, S, C] packed
+        x = values["hidden_states"]  # [B, S, C] packed; under context parallelism this rank's S / P shard
         grid = tuple(int(values[n]) if values.get(n) is not None else -1 for n in ("num_frames", "height", "width"))
-        if min(grid) < 1 or grid[0] * grid[1] * grid[2] != x.shape[1]:
-            raise ConfigError(f"num_frames/height/width={grid} do not describe the {x.shape[1]} packed tokens: pass "
-                              "the latent token grid, as LTXPipeline does")
+        world = context_parallel_world(model)  # the CP plan splits the root's hidden_states, not the grid arguments
+        if min(grid) < 1 or grid[0] * grid[1] * grid[2] not in {x.shape[1], x.shape[1] * world}:
+            shard = f" (a 1/{world} context-parallel shard)" if world > 1 else ""
+            raise ConfigError(f"num_frames/height/width={grid} do not describe the {x.shape[1]} packed tokens{shard}: "
+                              "pass the latent token grid, as LTXPipeline does")
         return TokenLayout(grid, 0, 0, x.shape[0])
+
+    def context_parallel_plan(self, model):
+        """diffusers' LTX plan without its text split, and the cross-attentions (``attn2``) local.
+
+        diffusers 0.42.1's plan splits ``encoder_hidden_states`` and ``encoder_attention_mask`` over the ranks and
+        runs cross-attention through the Ulysses op; the stock processor then views the text mask with *all* heads
+        against the op's local heads and a text shard against the gathered text, and the call fails on any masked
+        prompt (as ``LTXPipeline`` always passes). Unsplit text with a local cross-attention (each rank's queries
+        against the whole text, as Wan's plan and processor do) is the one-process computation exactly, with no
+        all-to-all for the text.
+        """
+        plan = dict(model._cp_plan)
+        plan[""] = {k: v for k, v in plan[""].items() if k == "hidden_states"}
+        return plan, [block.attn2 for block in model.transformer_blocks]
 
     def timestep(self, args, kwargs):
         return _bind(_ROOT_ARGS, args, kwargs).get("timestep")

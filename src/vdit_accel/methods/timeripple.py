@@ -533,10 +533,11 @@ class TimeRippleProcessor:
         """
         cfg = self.config
         theta = ctx.theta
+        groups = self.rope_groups if heads is None else heads.local_groups(self.rope_groups)
         kw = dict(
             grid=ctx.grid, thresholds=self._thresholds(theta, q, heads), window=cfg.window, axes=cfg.axes,
             priority=cfg.priority, text_prefix=call.text_prefix, text_suffix=call.text_suffix, reuse_q=cfg.reuse_q,
-            reuse_k=cfg.reuse_k, rope_groups=self.rope_groups,
+            reuse_k=cfg.reuse_k, rope_groups=groups,
         )
         if cfg.variant == "tokens":
             if heads is not None:  # every rank decides on all heads: the per-token spread sums are all-reduced

@@ -269,6 +269,11 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int = 1, r
         raise ParallelError(f"cfg={_cfg} x ulysses={ulysses} x ring={ring} = {ulysses * ring * _cfg} ranks, but the "
                             f"world size is {world}: the degrees must multiply to the world size")
     adapter = adapter or resolve_adapter(transformer)
+    plan, local = adapter.context_parallel_plan(transformer)
+    if plan is None and getattr(transformer, "_cp_plan", None) is None:
+        raise ParallelError(f"{type(transformer).__name__} has no context-parallel plan (diffusers defines none for "
+                            f"the {adapter.family!r} family and its adapter gives none): context parallelism works "
+                            "on the families diffusers plans (Wan, LTX-Video); run this model on one process")
     if ring > 1:  # before any collective: every rank refuses alike
         _refuse_timeripple_under_ring(transformer, adapter, ring)
     heads = getattr(transformer.config, "num_attention_heads", None)
@@ -291,7 +296,9 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int = 1, r
             attn.set_processor(LSEAttnProcessor(attn.get_processor()))
     with cpu_workarounds():
         transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring,
-                                                                    mesh=mesh))
+                                                                    mesh=mesh), cp_plan=plan)
+    for attn in local:  # the adapter's local attentions (e.g. LTX's cross-attention on unsplit text)
+        attn.processor._parallel_config = None
     if heads is not None:
         hook = _TokenCheckHook(ulysses, ring, heads, adapter)
         transformer._vdit_cp_check = transformer.register_forward_pre_hook(hook, with_kwargs=True)

@@ -37,10 +37,24 @@ class HeadGroup:
     Args:
         group: the ``torch.distributed`` process group of the Ulysses mesh.
         size (`int`): its rank count ``P``.
+        rank (`int`): this rank's place in it (which ``H/P`` heads the all-to-all gives it).
     """
 
     group: Any
     size: int
+    rank: int = 0
+
+    def local_groups(self, groups: dict) -> dict:
+        """RoPE groups for this rank's heads: bool `[H, D]` masks (per-head channel maps, e.g. LTX's) keep the rows
+        of the ``H/P`` heads the Ulysses all-to-all gives this rank (the ``rank``-th contiguous share); head-dim
+        slices (the same channels in every head) pass unchanged."""
+        def rows(g):
+            if not isinstance(g, torch.Tensor):
+                return g
+            share = g.shape[0] // self.size
+            return g[self.rank * share:(self.rank + 1) * share]
+
+        return {name: rows(g) for name, g in groups.items()}
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` summed over the group's ranks (a new tensor; every rank gets the same one)."""
@@ -111,7 +125,7 @@ def ulysses_timeripple_attention(processor, call, plan) -> torch.Tensor:
         raise ParallelError("TimeRipple under context parallelism takes no attention mask (a family whose "
                             "self-attention is masked, e.g. HunyuanVideo's text padding): run it on one process")
     cp = config.context_parallel_config
-    heads = HeadGroup(cp._ulysses_mesh.get_group(), cp.ulysses_degree)
+    heads = HeadGroup(cp._ulysses_mesh.get_group(), cp.ulysses_degree, cp._ulysses_mesh.get_local_rank())
 
     def forward_op(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
                    _save_ctx=True, _parallel_config=None):
