@@ -12,6 +12,7 @@ import dataclasses
 
 import pytest
 import torch
+from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
 import vdit_accel
 from vdit_accel.instrument.model import EmbeddedConfig, EmbeddedModel
@@ -29,6 +30,8 @@ DENSE_BUDGET = AstraeaConfig(budgets=(1.0, 1.0, 1.0, 1.0), num_steps=4)
 TR = TimeRippleConfig(theta_min=0.2, theta_max=0.5, i_min=1, i_max=2, num_steps=4)  # exact_sim: ~45% q reuse
 TR_PER_CHANNEL = dataclasses.replace(TR, threshold_mode="per_channel")
 TR_TOKENS = TimeRippleConfig(theta_min=0.3, theta_max=0.6, i_min=1, i_max=2, num_steps=4, variant="tokens")
+TAYLORSEER = TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, max_order=1,
+                                   cache_identifiers=[r"^blocks\.\d+$"])
 TR_STATS = ("q_reuse_active", "k_reuse_active", "qk_savings_active", "active_calls", "dense_calls")
 
 
@@ -119,6 +122,15 @@ def _scenarios_ulysses(rank: int, world: int, heads: int) -> dict:
         out["tr_astraea"] = "no error"
     except ParallelError as err:
         out["tr_astraea"] = str(err)
+    # diffusers' caches through vdit_accel.apply after CP: TaylorSeer (fixed schedule) per rank; FBC refused
+    m = cp_model()
+    with vdit_accel.apply(m.transformer, TAYLORSEER):
+        out["taylorseer"] = _generate(m)
+    try:
+        vdit_accel.apply(cp_model().transformer, FirstBlockCacheConfig(threshold=0.3))
+        out["fbc"] = "no error"
+    except ParallelError as err:
+        out["fbc"] = str(err)
     # uneven token count: 3x3x3 = 27 tokens on `world` ranks
     try:
         _generate(cp_model(), GEN.replace(frames=6, height=12, width=12))
@@ -194,8 +206,11 @@ def ulysses2():
 
 @pytest.fixture(scope="module")
 def single2():
+    model = _model(2)
+    with vdit_accel.apply(model.transformer, TAYLORSEER):
+        taylorseer = _generate(model)
     return {"dense": _single(2), "sparse_global": _single(2, SPARSE), "sparse_rank2": _single(2, SPARSE, 2),
-            "sparse_kv_rank2": _single(2, SPARSE_KV, 2)}
+            "sparse_kv_rank2": _single(2, SPARSE_KV, 2), "taylorseer": taylorseer}
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +301,15 @@ def test_ulysses_dense_is_bit_exact(ulysses2, single2):
     for rank in ulysses2:
         assert torch.equal(rank["dense"], single2["dense"])
         assert torch.equal(rank["after_remove"], single2["dense"])
+
+
+def test_ulysses_diffusers_caches(ulysses2, single2):
+    """diffusers' TaylorSeer applied after CP (through ``vdit_accel.apply``, inside the CP hooks) caches each rank's
+    shard: bit-exact vs one process, and it acts; First-Block Cache (a per-rank data-dependent skip) is refused."""
+    assert not torch.equal(single2["taylorseer"], single2["dense"])
+    for rank in ulysses2:
+        assert torch.equal(rank["taylorseer"], single2["taylorseer"])
+        assert "First-Block Cache under context parallelism is not supported" in rank["fbc"]
 
 
 @pytest.mark.slow

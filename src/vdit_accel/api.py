@@ -136,6 +136,12 @@ class AccelHandle:
 def _check_parallel(target: Any, names: list[str]) -> list[torch.nn.Module]:
     """The denoisers with diffusers' context parallelism enabled; refuse methods that cannot run on its shards."""
     parallel = [m for m in denoisers(target).values() if cp_config_of(m) is not None]
+    if parallel and "fbc" in names:
+        raise ParallelError("First-Block Cache under context parallelism is not supported: each rank would decide "
+                            "to skip from its own shard's first-block residual, the ranks could decide differently, "
+                            "and the ones that compute would wait in the attention collectives for the ones that "
+                            "skip. Step caches with a fixed schedule (TaylorSeer, MagCache) or Astraea work under "
+                            "context parallelism")
     if parallel and "timeripple" in names:
         from vdit_accel.parallel.timeripple import check_parallel_config
 
@@ -161,8 +167,8 @@ def apply(target: Any, spec: Any, *, steps: int | None = None, adapter: Any = No
         ConfigError: an unknown spec, the same method twice, a schedule for another step count without
             resampling, an ``adapter`` that is not a ``ModelAdapter``; CompositionError: an order that cannot
             work (from the method itself); ParallelError: a method that cannot run under the model's context
-            parallelism (TimeRipple under Ring, or with Astraea); UnsupportedModelError: no adapter for the model
-            (pass ``adapter=``).
+            parallelism (TimeRipple under Ring, or with Astraea; First-Block Cache); UnsupportedModelError: no
+            adapter for the model (pass ``adapter=``).
     """
     import inspect
 
