@@ -105,3 +105,32 @@ def test_measure_op_speedup_runs_and_counts_reuse():
     rec = {"grid": (2, 2, 2), "text_prefix": 0, "spread": {a: torch.zeros(1, 8) for a in "thw"}}
     m = measure_op_speedup([rec], 0.5, TimeRippleConfig(variant="tokens"), OpGeometry((2, 4, 4), 2, 8), repeats=1)
     assert m["reused"] == 7 / 8 and m["attn_work"] == pytest.approx(1 / 64) and m["speedup"] > 0
+
+
+def test_speed_calibration_cli_passes_key_merge_and_refuses_it_alone(tmp_path, monkeypatch, capsys):
+    """``calibrate timeripple --target-speedup S --keys-only --key-merge mean`` calibrates a mean-key config and names
+    the preset by it; ``--key-merge`` without ``--target-speedup`` is refused before any compute."""
+    import vdit_accel.search.calibrate as cal
+    import vdit_accel.search.cli as search_cli
+    from vdit_accel.cli import main
+
+    seen = {}
+
+    def fake(sampler, prompts, target, gen, *, geometry, base):
+        seen["base"] = base
+        return dataclasses.replace(base, fixed_threshold=0.2), {"achieved_speedup": target}
+
+    model = tiny_model()
+    monkeypatch.setattr(cal, "calibrate_timeripple_speed", fake)
+    monkeypatch.setattr(search_cli, "_model_and_sampler", lambda a: (model, Sampler(model)))
+    out = tmp_path / "p.json"
+    assert main(["calibrate", "timeripple", "--target-speedup", "1.5", "--keys-only", "--key-merge", "mean",
+                 "--steps", "4", "--out", str(out)]) == 0
+    assert seen["base"].key_merge == "mean" and not seen["base"].reuse_q
+    data = json.loads(out.read_text())
+    assert data["config"]["key_merge"] == "mean" and "-k-mean-op1.5x-" in data["record"]["name"]
+    assert load_preset(out).key_merge == "mean"
+    assert main(["calibrate", "timeripple", "--target", "0.8", "--key-merge", "mean",
+                 "--out", str(tmp_path / "q.json")]) == 2
+    assert "--key-merge applies to --target-speedup only" in capsys.readouterr().err
+    assert not (tmp_path / "q.json").exists()

@@ -112,13 +112,14 @@ ROW_RAMPS = {"exact_rows": (1.0, 3.0), "token_rows": (1.0, 3.0), "tokens": (0.6,
 
 
 @pytest.mark.slow  # compiles (Dynamo tracing, 5-20 s on a loaded 2-core machine)
-@pytest.mark.parametrize("variant", sorted(ROW_RAMPS))
-def test_timeripple_row_removing_variants_regional_fullgraph(variant):
+@pytest.mark.parametrize("variant,key_merge", [(v, "root") for v in sorted(ROW_RAMPS)] + [("tokens", "mean")])
+def test_timeripple_row_removing_variants_regional_fullgraph(variant, key_merge):
     """The variants that remove rows and keys compile with fullgraph=True: one opaque op per call
     (ops.timeripple_compile), exact against eager (the op runs the eager function: tolerance 0), stats equal,
-    rows and keys removed in counts that vary across calls, and the same COMPILED_VARIANTS graphs for all of them."""
+    rows and keys removed in counts that vary across calls, and the same COMPILED_VARIANTS graphs for all of them
+    ("tokens" also with mean-key merging, which reaches the op as an argument)."""
     lo, hi = ROW_RAMPS[variant]
-    kw = dict(variant=variant, theta_min=lo, theta_max=hi)
+    kw = dict(variant=variant, theta_min=lo, theta_max=hi) | ({"key_merge": key_merge} if key_merge != "root" else {})
     eager, eager_stats, _, _, _ = _run("timeripple", None, **kw)
     outs, stats, breaks, graphs, handle = _run("timeripple", "regional", **kw)
     assert breaks == {}

@@ -5,6 +5,7 @@ import torch
 
 from vdit_accel.errors import ConfigError
 from vdit_accel.ops.timeripple_tokens import (
+    substitute_keys,
     token_decisions,
     token_decisions_reference,
     token_dedup_attention,
@@ -72,6 +73,37 @@ def test_token_dedup_attention_equals_reference(reuse_q, reuse_k):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     assert (st.rows_removed > 0) == reuse_q and (st.keys_removed > 0) == reuse_k
     assert 0 < st.attn_work < 1
+
+
+@pytest.mark.parametrize("reuse_q", [False, True])
+def test_mean_key_merge_equals_reference_and_beats_root_keys(reuse_q):
+    """``key_merge="mean"``: the merged computation equals its twin (every key substituted by its group's mean key,
+    dense float64 attention) on a case built to merge (keys really removed); and against exact attention on the
+    unmerged keys its error is below the root-key merge's (the first-order logit error cancels)."""
+    grid = (3, 5, 3)
+    q, k, v = (_smooth(2, grid, 2, 8, s, 1, 2, noise=0.05) for s in (0, 1, 2))
+    dec = token_decisions([k], grid, 0.3, text_prefix=1, text_suffix=2)
+    assert 0.3 < dec.reused < 0.875
+    qr = dec.root if reuse_q else None
+    out, st = token_dedup_attention(q, k, v, qr, dec.root, key_merge="mean")
+    torch.testing.assert_close(out, token_dedup_attention_reference(q, k, v, qr, dec.root, key_merge="mean"),
+                               rtol=1e-10, atol=1e-12)
+    assert st.keys_removed == pytest.approx(dec.reused) and (st.rows_removed > 0) == reuse_q
+    exact = token_dedup_attention_reference(q, k, v, qr, None)  # the same queries, every key as it is
+    root, _ = token_dedup_attention(q, k, v, qr, dec.root)
+    assert (out - exact).norm() < 0.5 * (root - exact).norm()
+
+
+def test_substitute_keys_means_of_groups():
+    k = torch.randn(2, 6, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    root = torch.tensor([[0, 0, 2, 2, 2, 5], [0, 1, 2, 3, 4, 5]])
+    out = substitute_keys(k, root, "mean")
+    torch.testing.assert_close(out[0, 1], k[0, :2].mean(0))
+    torch.testing.assert_close(out[0, 3], k[0, 2:5].mean(0))
+    assert torch.equal(out[0, 5], k[0, 5]) and torch.equal(out[1], k[1])  # singletons unchanged
+    assert torch.equal(substitute_keys(k, root, "root")[0, 4], k[0, 2])
+    with pytest.raises(ConfigError, match="key_merge='centroid' is not accepted"):
+        substitute_keys(k, root, "centroid")
 
 
 def test_no_roots_is_dense_sdpa():

@@ -255,6 +255,30 @@ def test_rows_attention_tokens_reuses_keys_only():
     assert out.shape == q.shape and lse.shape == (1, 24, 2)
 
 
+def test_tokens_mean_key_merge_acts_and_is_refused_where_it_would_do_nothing(tiny_model):
+    """``key_merge="mean"``: the same decisions (same keys removed) and another output than the root-key merge, in the
+    processor and in the rows path Astraea calls; refused where nothing merges keys."""
+    keys = dict(fixed_threshold=0.7, variant="tokens", reuse_q=False, **RAMP)  # 2x2x2 tokens: several groups
+    root, h_root = _run(tiny_model, TimeRippleConfig(**keys))
+    mean, h_mean = _run(tiny_model, TimeRippleConfig(key_merge="mean", **keys))
+    assert not torch.equal(root, mean)
+    for name in ("keys_removed_active", "rows_removed_active"):
+        assert h_mean.stats.summary()[name] == h_root.stats.summary()[name]
+    assert 0.2 < h_mean.stats.summary()["keys_removed_active"] < 0.8
+    q, k, v = _qkv_grid(0, 24)
+    idx = torch.arange(24).view(1, 24)
+    rows = {m: _processor(TimeRippleConfig(key_merge=m, **(keys | {"fixed_threshold": 2.0}))).rows_attention(
+        q, idx, k, v)[0]
+            for m in ("root", "mean")}
+    assert not torch.equal(rows["root"], rows["mean"])
+    with pytest.raises(ConfigError, match="key_merge='mean' is not accepted with variant='exact_sim'"):
+        TimeRippleConfig(key_merge="mean")
+    with pytest.raises(ConfigError, match="reuse_k=False"):
+        TimeRippleConfig(key_merge="mean", variant="tokens", reuse_k=False)
+    with pytest.raises(ConfigError, match="key_merge='centroid' is not accepted"):
+        TimeRippleConfig(key_merge="centroid", variant="tokens")
+
+
 # ---------------------------------------------------------------------------------- step count, double apply
 def test_resampled_scales_ramp_and_keeps_thresholds():
     cfg = TimeRippleConfig(theta_min=0.1, theta_max=0.3)  # 10..20 of 50

@@ -593,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="head dim of the speed target (default: W2, 128)")
     s.add_argument("--keys-only", action="store_true", help="with --target-speedup: merge keys only, queries "
                    "untouched (reuse_q=False; better fidelity at the same speed on the embedded model; default off)")
+    s.add_argument("--key-merge", choices=("root", "mean"), default=None,
+                   help="with --target-speedup: the key a group of merged keys attends with, 'root' (TimeRipple's "
+                   "K substitution) or 'mean' (the group's mean key; higher fidelity at the same speed; default root)")
     s.add_argument("--prompts", default="calib", help="prompt set (quick, bench, heldout, calib) or file")
     s.add_argument("--n-prompts", type=int_arg("n_prompts", 1, MAX_COUNT), default=None,
                    help="use only the first N prompts of the set (default: all)")

@@ -82,7 +82,12 @@ from vdit_accel.ops.timeripple_structured import (
     row_masks,
     structured_timeripple_attention,
 )
-from vdit_accel.ops.timeripple_tokens import token_decisions, tokens_timeripple_attention
+from vdit_accel.ops.timeripple_tokens import (
+    KEY_MERGES,
+    substitute_keys,
+    token_decisions,
+    tokens_timeripple_attention,
+)
 from vdit_accel.registry import Method, register_method
 from vdit_accel.search.presets import preset_operating_point
 from vdit_accel.transaction import drop_empty_created, transactional
@@ -126,6 +131,10 @@ class TimeRippleConfig:
             ``ops.timeripple_tokens``; threshold_mode must be "shared").
         row_fraction (`float | None`, defaults None): for "token_rows", the share of a row's channels that must
             pass along an axis for the whole row to reuse, in (0, 1]; None means 0.9. Rejected for other variants.
+        key_merge (`str`, defaults "root"): for "tokens" with ``reuse_k``, the key a group of merged keys attends
+            with: "root" (the root's key, TimeRipple's K̃ substitution) or "mean" (the group's mean key, centroid
+            merging: the first-order logit error cancels; ``ops.timeripple_tokens.token_dedup_attention``).
+            "mean" is rejected where it would do nothing (another variant, or no key reuse).
     """
 
     theta_min: float = 0.2
@@ -145,6 +154,7 @@ class TimeRippleConfig:
     reuse_k: bool = True
     variant: str = "exact_sim"
     row_fraction: float | None = None
+    key_merge: str = "root"
 
     def __post_init__(self) -> None:
         for name in ("theta_min", "theta_max"):
@@ -186,6 +196,10 @@ class TimeRippleConfig:
                 raise ConfigError(f"row_fraction={self.row_fraction!r} is not accepted with variant={self.variant!r}: "
                                   "only 'token_rows' takes row decisions")
             check_row_fraction(self.row_fraction)
+        check_str("key_merge", self.key_merge, KEY_MERGES)
+        if self.key_merge != "root" and (self.variant != "tokens" or not self.reuse_k):
+            raise ConfigError(f"key_merge={self.key_merge!r} is not accepted with variant={self.variant!r}, "
+                              f"reuse_k={self.reuse_k}: only the 'tokens' variant with key reuse merges keys")
         if self.variant == "tokens" and self.threshold_mode != "shared":
             raise ConfigError(f"threshold_mode={self.threshold_mode!r} is not accepted with variant='tokens': its "
                               "one relative threshold is shared by every axis and channel ('shared')")
@@ -540,6 +554,7 @@ class TimeRippleProcessor:
             reuse_k=cfg.reuse_k, rope_groups=groups,
         )
         if cfg.variant == "tokens":
+            kw["key_merge"] = cfg.key_merge
             if heads is not None:  # every rank decides on all heads: the per-token spread sums are all-reduced
                 xs = [x for x, on in ((q, cfg.reuse_q), (k, cfg.reuse_k)) if on]
                 kw["decisions"] = token_decisions(xs, ctx.grid, theta, window=cfg.window, axes=cfg.axes,
@@ -588,7 +603,7 @@ class TimeRippleProcessor:
         out, packed = timeripple_rows_attention(
             q, k, v, plan.theta_t, group_masks(self.rope_groups, q.shape[2], q.shape[3], q.device), list(plan.grid),
             cfg.variant, cfg.threshold_mode, list(cfg.axis_scale), cfg.row_fraction, cfg.window, "".join(cfg.axes),
-            cfg.priority, call.text_prefix, call.text_suffix, cfg.reuse_q, cfg.reuse_k)
+            cfg.priority, call.text_prefix, call.text_suffix, cfg.reuse_q, cfg.reuse_k, cfg.key_merge)
         plan.slot.packed = packed
         plan.slot.shape = tuple(q.shape)
         return out
@@ -667,7 +682,7 @@ class TimeRippleProcessor:
                 return row_subset_attention(q_sel, k, v, scale=scale, key_mask=key_mask)
             dec = token_decisions([k], grid, theta, window=cfg.window, axes=cfg.axes, priority=cfg.priority,
                                   text_prefix=ctx.text_prefix, text_suffix=ctx.text_suffix)
-            k = k.gather(1, dec.root[..., None, None].expand(k.shape))
+            k = substitute_keys(k, dec.root, cfg.key_merge)
             out, lse = row_subset_attention(q_sel, k, v, scale=scale, key_mask=key_mask)
             r = dec.reused
             self.stats.record(ctx.branch, ctx.step, self.layer, ReuseStats(

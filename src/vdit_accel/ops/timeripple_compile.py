@@ -112,6 +112,7 @@ def timeripple_rows_attention(
     text_suffix: int,
     reuse_q: bool,
     reuse_k: bool,
+    key_merge: str = "root",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One TimeRipple attention call of any variant, opaque to ``torch.compile``.
 
@@ -125,6 +126,7 @@ def timeripple_rows_attention(
         row_fraction (`float | None`): "token_rows" only (see ``structured_timeripple_attention``).
         window, priority, text_prefix, text_suffix, reuse_q, reuse_k: see ``timeripple_attention``.
         axes (`str`): the axes checked, e.g. ``"thw"``.
+        key_merge (`str`): "tokens" only, the merged key (``ops.timeripple_tokens.token_dedup_attention``).
 
     Returns:
         out: `[B, S, H, Dv]` contiguous, `v.dtype`; stats: float64 CPU `[stats_size(len(axes), G, H)]`
@@ -144,7 +146,7 @@ def timeripple_rows_attention(
               text_prefix=text_prefix, text_suffix=text_suffix, reuse_q=reuse_q, reuse_k=reuse_k,
               rope_groups=None if groups is None else dict(zip(names, groups.unbind(0))))
     if variant == "tokens":
-        out, stats, _ = tokens_timeripple_attention(q, k, v, **kw)
+        out, stats, _ = tokens_timeripple_attention(q, k, v, key_merge=key_merge, **kw)
     else:
         out, stats = structured_timeripple_attention(q, k, v, variant=variant, row_fraction=row_fraction, **kw)
     return out.contiguous(), pack_stats(stats, tuple(axes), names, q.shape[2])
@@ -152,7 +154,7 @@ def timeripple_rows_attention(
 
 @timeripple_rows_attention.register_fake
 def _(q, k, v, theta, groups, grid, variant, threshold_mode, axis_scale, row_fraction, window, axes, priority,
-      text_prefix, text_suffix, reuse_q, reuse_k):
+      text_prefix, text_suffix, reuse_q, reuse_k, key_merge="root"):
     n_groups = 0 if groups is None else groups.shape[0]
     out = v.new_empty((*q.shape[:3], v.shape[3]))
     return out, torch.empty(stats_size(len(axes), n_groups, q.shape[2]), dtype=torch.float64, device="cpu")

@@ -383,6 +383,37 @@ class TokenDedupStats:
     attn_work: float
 
 
+KEY_MERGES = ("root", "mean")
+"""How the keys of one root's group merge into one key: the root's key (TimeRipple's K̃), or the group's mean."""
+
+
+
+
+def substitute_keys(k: torch.Tensor, root: torch.Tensor, key_merge: str = "root") -> torch.Tensor:
+    """`k̃` `[B, S, H, D]`: every key replaced by its root's key (``"root"``) or by the mean key of its root's group
+    (``"mean"``), the keys a merged-key attention attends with, in full (no keys removed).
+
+    Args:
+        k (`torch.Tensor`): `[B, S, H, D]`; root (`torch.Tensor`): `[B, S]` long roots (`TokenDecisions.root`).
+        key_merge (`str`): one of :data:`KEY_MERGES`.
+
+    Example:
+        >>> k = torch.arange(4.0).view(1, 4, 1, 1)
+        >>> root = torch.tensor([[0, 0, 2, 2]])
+        >>> substitute_keys(k, root, "mean").flatten().tolist()
+        [0.5, 0.5, 2.5, 2.5]
+    """
+    check_choice("key_merge", key_merge, KEY_MERGES)
+    at = root[..., None, None].expand(k.shape)
+    if key_merge == "root":
+        return k.gather(1, at)
+    acc = torch.promote_types(k.dtype, torch.float32)  # group sums by root, over the group sizes, read at each root
+    sums = torch.zeros(k.shape, dtype=acc, device=k.device).scatter_add_(1, at, k.to(acc))
+    counts = torch.zeros(root.shape, dtype=acc, device=k.device).scatter_add_(
+        1, root, torch.ones(root.shape, dtype=acc, device=k.device))
+    return (sums / counts.clamp(min=1)[..., None, None]).gather(1, at).to(k.dtype)
+
+
 def _check_root(root: torch.Tensor | None, b: int, s: int, name: str) -> None:
     if root is None:
         return
@@ -399,12 +430,16 @@ def token_dedup_attention(
     *,
     scale: float | None = None,
     backend: str = "auto",
+    key_merge: str = "root",
 ) -> tuple[torch.Tensor, TokenDedupStats]:
     """Attention on unique query tokens against merged keys (all heads at once), gathered back.
 
     Equals dense attention on `q̃[b, s] = q[b, q_root[b, s]]`, `k̃[b, s] = k[b, k_root[b, s]]` and `v` up to float
     rounding: duplicate queries copy their root's output; the keys of one root merge into the root's key with the
-    mean value and `+log(count)` on its logit (additive `attn_mask`).
+    mean value and `+log(count)` on its logit (additive `attn_mask`). With ``key_merge="mean"`` the merged key is
+    the mean key of the root's group instead (`k̃[b, s]` = that mean for every member): the logits' first-order
+    error over the group cancels, ``Σ_i exp(q·k_i) v_i ≈ n exp(q·k̄) v̄`` up to second order in the spread, where the
+    root's key leaves a first-order error (see ``docs/timeripple.md``).
 
     Args:
         q, k (`torch.Tensor`): `[B, S, H, D]`.
@@ -414,6 +449,8 @@ def token_dedup_attention(
         scale (`float | None`, defaults to `None`): score scale, `1/sqrt(D)` when `None`.
         backend (`str`, defaults to `"auto"`): `"torch"` (SDPA with an additive `attn_mask`), `"triton"` (the
             biased flash kernel of `ops.timeripple_triton`, float32 bias) or `"auto"` (see `resolve_tokens_backend`).
+        key_merge (`str`, defaults to `"root"`): the merged key of a group, `"root"` (the root's key: TimeRipple's
+            K̃ substitution) or `"mean"` (the group's mean key, one more `index_add_` over `[S, H, D]`).
 
     Returns:
         out: `[B, S, H, Dv]` in `v.dtype`; stats (`TokenDedupStats`).
@@ -435,6 +472,7 @@ def token_dedup_attention(
     b, s = q.shape[:2]
     _check_root(q_root, b, s, "q_root")
     _check_root(k_root, b, s, "k_root")
+    check_choice("key_merge", key_merge, KEY_MERGES)
     chosen, forced = _resolve(backend, q.device)
     ar = torch.arange(s, device=q.device)
     outs, nq_all, nk_all, work = [], 0, 0, 0.0
@@ -458,7 +496,12 @@ def token_dedup_attention(
                 vsum = torch.zeros((u.numel(),) + vb.shape[1:], dtype=acc, device=v.device).index_add_(
                     0, k_pos, vb.to(acc))
                 vb = (vsum / count.view(-1, 1, 1)).to(v.dtype)
-                kb = kb.index_select(0, u)
+                if key_merge == "mean":
+                    ksum = torch.zeros((u.numel(),) + kb.shape[1:], dtype=acc, device=k.device).index_add_(
+                        0, k_pos, kb.to(acc))
+                    kb = (ksum / count.view(-1, 1, 1)).to(k.dtype)
+                else:
+                    kb = kb.index_select(0, u)
                 bias = count.log()  # [Uk]
         out = _attend_unique(qb, kb, vb, bias, scale, chosen == "triton", forced)  # [Uq, H, Dv]
         if q_pos is not None:
@@ -478,8 +521,10 @@ def token_dedup_attention_reference(
     k_root: torch.Tensor | None,
     *,
     scale: float | None = None,
+    key_merge: str = "root",
 ) -> torch.Tensor:
-    """Plain-PyTorch twin of `token_dedup_attention`: substitute the roots' q/k, then float64 dense attention.
+    """Plain-PyTorch twin of `token_dedup_attention`: substitute the roots' q/k (``key_merge="mean"``: every key by
+    the mean key of its root's group), then float64 dense attention.
 
     Example:
         >>> q = k = v = torch.ones(1, 4, 2, 3)
@@ -492,7 +537,7 @@ def token_dedup_attention_reference(
     qr = q_root if q_root is not None else ident
     kr = k_root if k_root is not None else ident
     qt = q.double().gather(1, qr[..., None, None].expand(q.shape))
-    kt = k.double().gather(1, kr[..., None, None].expand(k.shape))
+    kt = substitute_keys(k.double(), kr, key_merge)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     scores = torch.einsum("bihd,bjhd->bhij", qt, kt) * scale
     out = torch.einsum("bhij,bjhe->bihe", scores.softmax(-1), v.double())
@@ -532,6 +577,7 @@ def tokens_timeripple_attention(
     rope_groups: dict[str, slice] | None = None,
     decisions: TokenDecisions | None = None,
     backend: str = "auto",
+    key_merge: str = "root",
 ) -> tuple[torch.Tensor, ReuseStats, TokenDecisions | None]:
     """The ``"tokens"`` variant end to end: `token_decisions` on the sides that reuse, then `token_dedup_attention`.
 
@@ -545,6 +591,7 @@ def tokens_timeripple_attention(
         decisions (`TokenDecisions | None`, defaults to `None`): decisions to use instead of computing them (e.g.
             kept from an earlier call); their root must be `[B, S]`.
         backend (`str`, defaults to `"auto"`): attention backend, see `token_dedup_attention`.
+        key_merge (`str`, defaults to `"root"`): the merged key of a group, see `token_dedup_attention`.
 
     Returns:
         out `[B, S, H, Dv]`, stats (`ReuseStats` with `rows_removed`, `keys_removed`, `attn_work`), and the
@@ -571,5 +618,5 @@ def tokens_timeripple_attention(
         _check_tokens([q], grid, window, axes, priority, text_prefix, text_suffix, thresholds)
     root = None if dec is None else dec.root
     out, dstats = token_dedup_attention(q, k, v, root if reuse_q else None, root if reuse_k else None, scale=scale,
-                                        backend=backend)
+                                        backend=backend, key_merge=key_merge)
     return out, token_stats(dec, q.shape, axes, reuse_q, reuse_k, dstats, rope_groups), dec

@@ -204,9 +204,10 @@ def measure_op_speedup(records: list[dict], theta: float, config: TimeRippleConf
     """Attention-op speedup of the "tokens" variant at `geometry`, decision time included, vs dense SDPA.
 
     For each recorded call: roots resampled to `geometry` (`resampled_roots`), seeded random q/k/v there; the timed
-    variant is `token_decisions` on q and k (its cost does not depend on the values) plus `token_dedup_attention`
-    with the resampled roots; dense is `F.scaled_dot_product_attention` on the same tensors (median of `repeats`,
-    interleaved). Returns the geometric-mean speedup, the mean reused fraction and attention work share.
+    variant is `token_decisions` on the sides that reuse (its cost does not depend on the values) plus
+    `token_dedup_attention` with the resampled roots and the config's ``key_merge``; dense is
+    `F.scaled_dot_product_attention` on the same tensors (median of `repeats`, interleaved). Returns the
+    geometric-mean speedup, the mean reused fraction and attention work share.
     """
     from vdit_accel.ops.timeripple_tokens import token_decisions, token_dedup_attention
 
@@ -222,10 +223,11 @@ def measure_op_speedup(records: list[dict], theta: float, config: TimeRippleConf
     for rec in records:
         root = resampled_roots(rec, theta, geometry, config)
 
-        def variant(root=root):
-            token_decisions([q, k], geometry.grid, theta, window=config.window, axes=config.axes,
-                            priority=config.priority)
-            return token_dedup_attention(q, k, v, root if config.reuse_q else None, root if config.reuse_k else None)
+        def variant(root=root):  # the decisions on the sides that reuse, as the method takes them
+            token_decisions([x for x, on in ((q, config.reuse_q), (k, config.reuse_k)) if on], geometry.grid, theta,
+                            window=config.window, axes=config.axes, priority=config.priority)
+            return token_dedup_attention(q, k, v, root if config.reuse_q else None, root if config.reuse_k else None,
+                                         key_merge=config.key_merge)
 
         t = _median_time(variant, repeats)
         d = _median_time(dense, max(1, repeats // 2))

@@ -71,8 +71,10 @@ def calibrate_cli(a) -> int:
     _check_model_flags(a, "calibrate timeripple")
     if getattr(a, "target_speedup", None) is not None:
         return _calibrate_speed_cli(a, prompts, gen)
-    if getattr(a, "keys_only", False):
-        raise ConfigError("--keys-only applies to --target-speedup only (the 'tokens' variant): add --target-speedup")
+    for flag in ("keys_only", "key_merge"):
+        if getattr(a, flag, None):
+            raise ConfigError(f"--{flag.replace('_', '-')} applies to --target-speedup only (the 'tokens' variant): "
+                              "add --target-speedup")
     if a.target is None:
         raise ConfigError("calibrate timeripple needs --target (QK savings in (0, 1), e.g. 0.85) or --target-speedup")
     from vdit_accel.search.calibrate import calibrate_timeripple
@@ -97,12 +99,13 @@ def _calibrate_speed_cli(a, prompts, gen) -> int:
     from vdit_accel.methods.timeripple import TimeRippleConfig
 
     g = geometry
-    name = (f"timeripple-tokens{'-k' if a.keys_only else ''}-op{a.target_speedup:g}x-{g.heads}x{g.head_dim}-"
-            f"{g.grid[0]}x{g.grid[1]}x{g.grid[2]}")
+    merge = getattr(a, "key_merge", None) or "root"
+    name = (f"timeripple-tokens{'-k' if a.keys_only else ''}{'-mean' if merge == 'mean' else ''}"
+            f"-op{a.target_speedup:g}x-{g.heads}x{g.head_dim}-{g.grid[0]}x{g.grid[1]}x{g.grid[2]}")
     out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"{name}.json"
     _check_out(out, a)  # before any compute
     model, sampler = _model_and_sampler(a)
-    base = TimeRippleConfig(variant="tokens", reuse_q=not a.keys_only)
+    base = TimeRippleConfig(variant="tokens", reuse_q=not a.keys_only, key_merge=merge)
     cfg, record = calibrate_timeripple_speed(sampler, prompts, a.target_speedup, gen, geometry=geometry, base=base)
     save_preset(out, "timeripple", cfg, model_id=model.config.model_id, geometry=list(sampler.geometry(gen)),
                 steps=gen.steps, seed=gen.seed, record={"name": name, "calibration": record})
