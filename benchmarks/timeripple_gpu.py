@@ -10,7 +10,7 @@ bfloat16, batch 1) it times, with CUDA events (``--warmup`` calls, then the medi
    bias, for each ``--configs`` block configuration ``BM,BN,warps,stages``: sanity vs flash (max abs error of the
    output and of the LSE against ``aten._scaled_dot_product_flash_attention``'s) and the speed of the kernel itself.
    The fastest configuration is used below (``--configs`` with one entry fixes it).
-3. For each preset in ``--presets`` (``timeripple-op1.3x``, ``timeripple-op1.5x``: the "tokens" variant, keys only),
+3. For each preset in ``--presets`` (``timeripple-op1.5x`` ... ``timeripple-op3x``: the "tokens" variant, keys only),
    q/k are synthesised so that the preset's own threshold removes the fraction of keys its record holds
    (``record.calibration.reused``, measured on the embedded model's recorded calls): random bf16 tokens (relative
    windowed spread ~0.7, never reused) where a seeded random subset of tokens of odd frames copies its previous
@@ -118,6 +118,7 @@ def preset_case(name: str) -> dict:
                          f"{cfg['window']}, axes {cfg['axes']})")
     return dict(name=name, theta=float(cfg["fixed_threshold"]), fraction=float(cal["reused"]), sides=sides,
                 window=int(cfg["window"]), axes=tuple(cfg["axes"]), priority=cfg["priority"],
+                key_merge=cfg.get("key_merge", "root"),
                 recorded_speedup_cpu=cal.get("achieved_speedup"), op_geometry=cal.get("op_geometry"))
 
 
@@ -189,7 +190,7 @@ def run(args) -> dict:
     for c in cases:
         q, k, v = synth_qkv(grid, heads, hd, dtype, device, c["fraction"], c["sides"], args.seed + 1)
         call = dict(grid=grid, thresholds=c["theta"], window=c["window"], axes=c["axes"], priority=c["priority"],
-                    reuse_q="q" in c["sides"], reuse_k="k" in c["sides"])
+                    reuse_q="q" in c["sides"], reuse_k="k" in c["sides"], key_merge=c["key_merge"])
         xs = [x for x, side in ((q, "q"), (k, "k")) if side in c["sides"]]
         dec = token_decisions(xs, grid, c["theta"], window=c["window"], axes=c["axes"], priority=c["priority"])
         out_tri, st, _ = tokens_timeripple_attention(q, k, v, backend="triton", decisions=dec, **call)
@@ -206,7 +207,12 @@ def run(args) -> dict:
             cnt = torch.zeros(u.numel(), device=device).index_add_(0, pos, torch.ones(s, device=device))
             vm = (torch.zeros(u.numel(), heads, hd, device=device).index_add_(0, pos, v[0].float())
                   / cnt.view(-1, 1, 1)).to(dtype)[None]
-            km, bias = k[:, u], cnt.log()[None]
+            if c["key_merge"] == "mean":  # the group's mean key, as token_dedup_attention merges them
+                km = (torch.zeros(u.numel(), heads, hd, device=device).index_add_(0, pos, k[0].float())
+                      / cnt.view(-1, 1, 1)).to(dtype)[None]
+            else:
+                km = k[:, u]
+            bias = cnt.log()[None]
         else:
             km, vm, bias = k, v, None
         cfg = dict(kw_best)
@@ -268,7 +274,7 @@ def versions(device: torch.device) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
-    p.add_argument("--presets", nargs="+", default=["timeripple-op1.3x", "timeripple-op1.5x"])
+    p.add_argument("--presets", nargs="+", default=["timeripple-op1.5x", "timeripple-op2x", "timeripple-op3x"])
     p.add_argument("--grid", type=int, nargs=3, default=list(WAN13_GRID), metavar=("T", "H", "W"))
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=128)

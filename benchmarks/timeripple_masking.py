@@ -2,8 +2,8 @@
 
 TimeRipple's central claim is that reusing similar tokens beats masking or skipping the same amount of attention.
 This benchmark puts the shipped structured variant (``variant="tokens"``, keys merged, queries untouched: the
-``timeripple-op1.3x`` / ``timeripple-op1.5x`` presets) next to the baselines of ``ops.sparse_baselines`` on a speed
-axis. Every number is computed at run time; nothing is hard-coded.
+``timeripple-op1.3x-root`` / ``timeripple-op1.5x-root`` presets) next to the baselines of
+``ops.sparse_baselines`` on a speed axis. Every number is computed at run time; nothing is hard-coded.
 
 Part ``op`` (timed; run it on a quiet machine):
     1. Runs the model dense (``--steps``) and captures the post-RoPE q/k/v of the cond-branch self-attention calls at
@@ -321,7 +321,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=("embedded", "tiny"), default="embedded")
     p.add_argument("--parts", nargs="+", choices=("op", "e2e"), default=["op", "e2e"])
-    p.add_argument("--presets", nargs="*", default=["timeripple-op1.3x", "timeripple-op1.5x"],
+    p.add_argument("--presets", nargs="*", default=["timeripple-op1.3x-root", "timeripple-op1.5x-root"],
                    help="TimeRipple keys-only 'tokens' presets; their θ join --thetas / --e2e-thetas")
     p.add_argument("--thetas", type=float, nargs="*", default=[0.11, 0.14],
                    help="extra TimeRipple θ (op part) beyond the presets'; the counted baselines match each")

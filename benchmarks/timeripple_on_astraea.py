@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", default="bench")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--astraea", default="astraea-4x", help="Astraea preset (whole-step or token-wise)")
-    p.add_argument("--timeripple", nargs="+", default=["timeripple-op1.3x", "timeripple-op1.5x"])
+    p.add_argument("--timeripple", nargs="+", default=["timeripple-op1.5x", "timeripple-op2x", "timeripple-op3x"])
     p.add_argument("--step-costs", default="docs/results/bench-step/latency-kv/bench-step.json")
     p.add_argument("--latency-model", default="docs/results/bench-step/latency-kv/latency.json")
     p.add_argument("--op-repeats", type=int, default=3)

@@ -11,7 +11,7 @@ Two measurements, one process, interleaved repeats:
 
 The bound on the end-to-end speedup of a variant that keeps a fraction ``f`` of the keys, if deciding and merging
 cost nothing, is ``1 / (1 - share * (1 - ratio(f)))``. The kept fractions default to the shipped presets' measured
-key removal on the bench prompts (``timeripple-op1.3x``: 0.290 removed, ``timeripple-op1.5x``: 0.344).
+key removal on the bench prompts (``timeripple-op1.3x-root``: 0.290 removed, ``timeripple-op1.5x-root``: 0.344).
 
     PYTHONPATH=src OMP_NUM_THREADS=2 .venv/bin/python benchmarks/timeripple_w1_bound.py \
         --out docs/results/timeripple/w1-bound

@@ -791,7 +791,9 @@ def apply_timeripple(transformer: torch.nn.Module, config: TimeRippleConfig,
 register_method(
     Method("timeripple", TimeRippleConfig, apply_timeripple, "TimeRipple partial-score reuse (QK savings)"),
     # the exact simulation (QK savings, not faster) at its highest calibrated savings, and the 'tokens' variant
-    # (keys merged, queries untouched) calibrated for attention-op speedups at W2 width
-    [preset_operating_point("timeripple", name) for name in ("timeripple-85", "timeripple-op1.3x",
-                                                             "timeripple-op1.5x")],
+    # (keys merged, queries untouched) calibrated for attention-op speedups at W2 width: merged keys attend with
+    # their group's mean key, and one point with the root's key (TimeRipple's K̃) for comparison
+    [preset_operating_point("timeripple", name) for name in (
+        "timeripple-85", "timeripple-op1.5x-root", "timeripple-op1.5x", "timeripple-op2x", "timeripple-op2.5x",
+        "timeripple-op3x")],
 )
