@@ -279,6 +279,31 @@ def test_tokens_mean_key_merge_acts_and_is_refused_where_it_would_do_nothing(tin
         TimeRippleConfig(key_merge="centroid", variant="tokens")
 
 
+def test_tokens_decision_interval_keeps_decisions_between_steps(tiny_model, monkeypatch):
+    """``decision_interval=N``: a layer's decisions are taken on every N-th reuse step of each branch and kept in
+    between (fewer decision passes, the same keys merged on the kept steps), afresh in each generation; refused for
+    variants that keep nothing."""
+    import vdit_accel.methods.timeripple as tr
+
+    calls = []
+    real = tr.token_decisions
+    monkeypatch.setattr(tr, "token_decisions", lambda *a, **k: calls.append(1) or real(*a, **k))
+    keys = dict(fixed_threshold=0.7, variant="tokens", reuse_q=False, key_merge="mean", **RAMP)
+    every, h_every = _run(tiny_model, TimeRippleConfig(**keys))
+    n_every = len(calls)
+    kept, h_kept = _run(tiny_model, TimeRippleConfig(decision_interval=2, **keys))
+    n_kept = len(calls) - n_every
+    active = h_every.stats.summary()["active_calls"]
+    assert n_every == active and 0 < n_kept < n_every  # 4 steps, interval 2: two of them decide
+    assert h_kept.stats.summary()["keys_removed_active"] > 0.2 and h_kept.stats.summary()["active_calls"] == active
+    again, _ = _run(tiny_model, TimeRippleConfig(decision_interval=2, **keys))  # a new generation decides afresh
+    assert torch.equal(again, kept)
+    with pytest.raises(ConfigError, match="decision_interval=2 is not accepted with variant='exact_sim'"):
+        TimeRippleConfig(decision_interval=2)
+    with pytest.raises(ConfigError, match="decision_interval"):
+        TimeRippleConfig(decision_interval=0, variant="tokens")
+
+
 # ---------------------------------------------------------------------------------- step count, double apply
 def test_resampled_scales_ramp_and_keeps_thresholds():
     cfg = TimeRippleConfig(theta_min=0.1, theta_max=0.3)  # 10..20 of 50

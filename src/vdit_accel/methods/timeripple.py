@@ -84,6 +84,7 @@ from vdit_accel.ops.timeripple_structured import (
 )
 from vdit_accel.ops.timeripple_tokens import (
     KEY_MERGES,
+    TokenDecisions,
     substitute_keys,
     token_decisions,
     tokens_timeripple_attention,
@@ -135,6 +136,11 @@ class TimeRippleConfig:
             with: "root" (the root's key, TimeRipple's K̃ substitution) or "mean" (the group's mean key, centroid
             merging: the first-order logit error cancels; ``ops.timeripple_tokens.token_dedup_attention``).
             "mean" is rejected where it would do nothing (another variant, or no key reuse).
+        decision_interval (`int`, defaults 1): for "tokens", recompute a layer's per-token decisions (which tokens
+            merge into which root) on every ``decision_interval``-th reuse step of each CFG branch and reuse them in
+            between (the merge still sums the current keys and values); 1 decides on every call. Decisions are also
+            recomputed whenever θ, the grid or the shape changes, and at every new generation. Rejected (> 1) for
+            other variants, where nothing would be reused.
     """
 
     theta_min: float = 0.2
@@ -155,6 +161,7 @@ class TimeRippleConfig:
     variant: str = "exact_sim"
     row_fraction: float | None = None
     key_merge: str = "root"
+    decision_interval: int = 1
 
     def __post_init__(self) -> None:
         for name in ("theta_min", "theta_max"):
@@ -200,6 +207,10 @@ class TimeRippleConfig:
         if self.key_merge != "root" and (self.variant != "tokens" or not self.reuse_k):
             raise ConfigError(f"key_merge={self.key_merge!r} is not accepted with variant={self.variant!r}, "
                               f"reuse_k={self.reuse_k}: only the 'tokens' variant with key reuse merges keys")
+        check_int("decision_interval", self.decision_interval, lo=1, hi=MAX_STEPS)
+        if self.decision_interval > 1 and self.variant != "tokens":
+            raise ConfigError(f"decision_interval={self.decision_interval} is not accepted with variant="
+                              f"{self.variant!r}: only the 'tokens' variant keeps its decisions between steps")
         if self.variant == "tokens" and self.threshold_mode != "shared":
             raise ConfigError(f"threshold_mode={self.threshold_mode!r} is not accepted with variant='tokens': its "
                               "one relative threshold is shared by every axis and channel ('shared')")
@@ -474,6 +485,22 @@ class TimeRippleProcessor:
         self.adapter = adapter
         self.decision_log: dict | None = None  # set by TimeRippleHandle.record_decisions ("tokens" variant)
         self.plan: _CallPlan | None = None  # set before every transformer call by the planner (host side)
+        self._kept: dict = {}  # "tokens" decisions kept between steps (config.decision_interval): key -> (step, dec)
+
+    def _token_decisions(self, key: tuple, ctx: _CallPlan, shape: tuple[int, int], compute) -> TokenDecisions:
+        """The "tokens" decisions of a call with ``[B, S]`` tokens: ``compute()`` on every ``decision_interval``-th
+        reuse step per ``key`` (branch and path), the kept ones in between; kept decisions are used only at the same
+        θ, grid and shape and within the same generation (a step index that went back decides afresh)."""
+        interval = self.config.decision_interval
+        if interval == 1:
+            return compute()
+        state = (ctx.theta, tuple(ctx.grid), tuple(shape))
+        kept = self._kept.get(key)
+        if kept is not None and 0 <= ctx.step - kept[0] < interval and kept[1] == state:
+            return kept[2]
+        dec = compute()
+        self._kept[key] = (ctx.step, state, dec)
+        return dec
 
     def _theta(self, ctx) -> float:
         cfg = self.config
@@ -554,12 +581,13 @@ class TimeRippleProcessor:
             reuse_k=cfg.reuse_k, rope_groups=groups,
         )
         if cfg.variant == "tokens":
+            xs = [x for x, on in ((q, cfg.reuse_q), (k, cfg.reuse_k)) if on]
             kw["key_merge"] = cfg.key_merge
-            if heads is not None:  # every rank decides on all heads: the per-token spread sums are all-reduced
-                xs = [x for x, on in ((q, cfg.reuse_q), (k, cfg.reuse_k)) if on]
-                kw["decisions"] = token_decisions(xs, ctx.grid, theta, window=cfg.window, axes=cfg.axes,
-                                                  priority=cfg.priority, text_prefix=call.text_prefix,
-                                                  text_suffix=call.text_suffix, channel_sum=heads.sum)
+            # under Ulysses every rank decides on all heads: the per-token spread sums are all-reduced (channel_sum)
+            kw["decisions"] = self._token_decisions(("attention", ctx.branch), ctx, tuple(q.shape[:2]), lambda: (
+                token_decisions(xs, ctx.grid, theta, window=cfg.window, axes=cfg.axes, priority=cfg.priority,
+                                text_prefix=call.text_prefix, text_suffix=call.text_suffix,
+                                channel_sum=None if heads is None else heads.sum)))
             out, stats, dec = tokens_timeripple_attention(q, k, v, **kw)
             if self.decision_log is not None and dec is not None:
                 self.decision_log[(ctx.branch, ctx.step, self.layer)] = dict(
@@ -600,6 +628,9 @@ class TimeRippleProcessor:
         if self.decision_log is not None:
             raise ConfigError("record_decisions() is not supported under torch.compile: the 'tokens' decisions "
                               "are inside an opaque op; record them on an eager run")
+        if cfg.decision_interval > 1:
+            raise ConfigError(f"decision_interval={cfg.decision_interval} is not supported under torch.compile: the "
+                              "'tokens' decisions are taken inside an opaque op on every call; use 1, or run eager")
         out, packed = timeripple_rows_attention(
             q, k, v, plan.theta_t, group_masks(self.rope_groups, q.shape[2], q.shape[3], q.device), list(plan.grid),
             cfg.variant, cfg.threshold_mode, list(cfg.axis_scale), cfg.row_fraction, cfg.window, "".join(cfg.axes),
@@ -680,8 +711,9 @@ class TimeRippleProcessor:
             if not cfg.reuse_k:
                 self.stats.dense_calls += 1
                 return row_subset_attention(q_sel, k, v, scale=scale, key_mask=key_mask)
-            dec = token_decisions([k], grid, theta, window=cfg.window, axes=cfg.axes, priority=cfg.priority,
-                                  text_prefix=ctx.text_prefix, text_suffix=ctx.text_suffix)
+            dec = self._token_decisions(("rows", ctx.branch), ctx, tuple(k.shape[:2]), lambda: token_decisions(
+                [k], grid, theta, window=cfg.window, axes=cfg.axes, priority=cfg.priority,
+                text_prefix=ctx.text_prefix, text_suffix=ctx.text_suffix))
             k = substitute_keys(k, dec.root, cfg.key_merge)
             out, lse = row_subset_attention(q_sel, k, v, scale=scale, key_mask=key_mask)
             r = dec.reused
