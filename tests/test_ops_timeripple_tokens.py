@@ -139,3 +139,18 @@ def test_structured_entry_point_tokens_fast_equals_reference():
     assert fst.qk_savings == pytest.approx(rst.qk_savings)
     with pytest.raises(ConfigError, match="tokens"):
         structured_timeripple_attention(q, k, v, **kw, row_fraction=0.5)
+
+
+def test_index_cache_kept_with_decisions_gives_the_same_output_on_new_values():
+    """Decisions used again on new q/k/v (``decision_interval``): the unique tokens and counts kept in
+    ``TokenDecisions.index_cache`` give exactly what deriving them again gives."""
+    grid = (3, 5, 3)
+    q, k, v = (_smooth(2, grid, 2, 8, s, 1, 2, noise=0.05) for s in (0, 1, 2))
+    dec = token_decisions([q, k], grid, 0.3, text_prefix=1, text_suffix=2)
+    assert dec.reused > 0.3 and not dec.index_cache
+    first, _ = token_dedup_attention(q, k, v, dec.root, dec.root, key_merge="mean", index_cache=dec.index_cache)
+    assert dec.index_cache  # filled on first use
+    q2, k2, v2 = (_smooth(2, grid, 2, 8, s, 1, 2, noise=0.05) for s in (3, 4, 5))
+    kept, st = token_dedup_attention(q2, k2, v2, dec.root, dec.root, key_merge="mean", index_cache=dec.index_cache)
+    fresh, st2 = token_dedup_attention(q2, k2, v2, dec.root, dec.root, key_merge="mean")
+    assert torch.equal(kept, fresh) and st == st2 and not torch.equal(kept, first)

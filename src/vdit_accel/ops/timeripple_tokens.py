@@ -34,7 +34,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +177,9 @@ class TokenDecisions:
     spread: dict[str, torch.Tensor]
     anchor: dict[str, torch.Tensor]
     theta: float
+    index_cache: dict = field(default_factory=dict, compare=False, repr=False)
+    """What `token_dedup_attention` derives from `root` alone (unique tokens, positions, counts), kept with the
+    decisions so that decisions used again (``TimeRippleConfig.decision_interval``) do not derive it again."""
 
     @property
     def reused(self) -> float:
@@ -431,6 +434,7 @@ def token_dedup_attention(
     scale: float | None = None,
     backend: str = "auto",
     key_merge: str = "root",
+    index_cache: dict | None = None,
 ) -> tuple[torch.Tensor, TokenDedupStats]:
     """Attention on unique query tokens against merged keys (all heads at once), gathered back.
 
@@ -451,6 +455,9 @@ def token_dedup_attention(
             biased flash kernel of `ops.timeripple_triton`, float32 bias) or `"auto"` (see `resolve_tokens_backend`).
         key_merge (`str`, defaults to `"root"`): the merged key of a group, `"root"` (the root's key: TimeRipple's
             K̃ substitution) or `"mean"` (the group's mean key, one more `index_add_` over `[S, H, D]`).
+        index_cache (`dict | None`, defaults to `None`): where to keep (and find) what the roots alone determine
+            (unique tokens, each token's position among them, the key counts); valid only for these very roots,
+            e.g. `TokenDecisions.index_cache`. `None`: derived on every call.
 
     Returns:
         out: `[B, S, H, Dv]` in `v.dtype`; stats (`TokenDedupStats`).
@@ -476,33 +483,45 @@ def token_dedup_attention(
     chosen, forced = _resolve(backend, q.device)
     ar = torch.arange(s, device=q.device)
     outs, nq_all, nk_all, work = [], 0, 0, 0.0
+    acc = torch.promote_types(v.dtype, torch.float32)
+    cache = {} if index_cache is None else index_cache
+
+    def unique(side: str, bi: int, root: torch.Tensor):
+        """(unique tokens u, each token's index into u, the count of each unique token, its log) of one item's
+        roots, or None when every token is its own root."""
+        key = (side, bi, acc)
+        if key not in cache:
+            is_root = root == ar
+            u = is_root.nonzero().squeeze(1)
+            if u.numel() == s:
+                cache[key] = None
+            else:
+                pos = (is_root.cumsum(0) - 1).gather(0, root)  # index into u of every token's root
+                count = torch.zeros(u.numel(), dtype=acc, device=v.device).index_add_(
+                    0, pos, torch.ones(s, dtype=acc, device=v.device))
+                cache[key] = (u, pos, count, count.log())
+        return cache[key]
+
     for bi in range(b):  # B is 1 or 2 (CFG); unique counts differ per item, so no padding is needed this way
         qb, kb, vb = q[bi], k[bi], v[bi]  # [S, H, *]
         q_pos = None
-        if q_root is not None and not torch.equal(q_root[bi], ar):
-            is_root = q_root[bi] == ar
-            u = is_root.nonzero().squeeze(1)
-            q_pos = (is_root.cumsum(0) - 1).gather(0, q_root[bi])  # index into u of every token's root
+        found = None if q_root is None else unique("q", bi, q_root[bi])
+        if found is not None:
+            u, q_pos = found[:2]
             qb = qb.index_select(0, u)
         bias = None
-        if k_root is not None:
-            is_root = k_root[bi] == ar
-            u = is_root.nonzero().squeeze(1)
-            if u.numel() < s:
-                k_pos = (is_root.cumsum(0) - 1).gather(0, k_root[bi])
-                acc = torch.promote_types(v.dtype, torch.float32)
-                count = torch.zeros(u.numel(), dtype=acc, device=v.device).index_add_(
-                    0, k_pos, torch.ones(s, dtype=acc, device=v.device))
-                vsum = torch.zeros((u.numel(),) + vb.shape[1:], dtype=acc, device=v.device).index_add_(
-                    0, k_pos, vb.to(acc))
-                vb = (vsum / count.view(-1, 1, 1)).to(v.dtype)
-                if key_merge == "mean":
-                    ksum = torch.zeros((u.numel(),) + kb.shape[1:], dtype=acc, device=k.device).index_add_(
-                        0, k_pos, kb.to(acc))
-                    kb = (ksum / count.view(-1, 1, 1)).to(k.dtype)
-                else:
-                    kb = kb.index_select(0, u)
-                bias = count.log()  # [Uk]
+        found = None if k_root is None else unique("k", bi, k_root[bi])
+        if found is not None:
+            u, k_pos, count, bias = found  # bias: log(count) [Uk]
+            vsum = torch.zeros((u.numel(),) + vb.shape[1:], dtype=acc, device=v.device).index_add_(
+                0, k_pos, vb.to(acc))
+            vb = (vsum / count.view(-1, 1, 1)).to(v.dtype)
+            if key_merge == "mean":
+                ksum = torch.zeros((u.numel(),) + kb.shape[1:], dtype=acc, device=k.device).index_add_(
+                    0, k_pos, kb.to(acc))
+                kb = (ksum / count.view(-1, 1, 1)).to(k.dtype)
+            else:
+                kb = kb.index_select(0, u)
         out = _attend_unique(qb, kb, vb, bias, scale, chosen == "triton", forced)  # [Uq, H, Dv]
         if q_pos is not None:
             out = out.index_select(0, q_pos)
@@ -618,5 +637,6 @@ def tokens_timeripple_attention(
         _check_tokens([q], grid, window, axes, priority, text_prefix, text_suffix, thresholds)
     root = None if dec is None else dec.root
     out, dstats = token_dedup_attention(q, k, v, root if reuse_q else None, root if reuse_k else None, scale=scale,
-                                        backend=backend, key_merge=key_merge)
+                                        backend=backend, key_merge=key_merge,
+                                        index_cache=None if dec is None else dec.index_cache)
     return out, token_stats(dec, q.shape, axes, reuse_q, reuse_k, dstats, rope_groups), dec
