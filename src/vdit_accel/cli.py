@@ -596,6 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--key-merge", choices=("root", "mean"), default=None,
                    help="with --target-speedup: the key a group of merged keys attends with, 'root' (TimeRipple's "
                    "K substitution) or 'mean' (the group's mean key; higher fidelity at the same speed; default root)")
+    s.add_argument("--decision-interval", type=int_arg("decision_interval", 1, validate.MAX_STEPS), default=None,
+                   help="with --target-speedup: decide every N reuse steps and keep the decisions in between (the "
+                   "op timing amortises the decision pass over N calls; default 1)")
     s.add_argument("--prompts", default="calib", help="prompt set (quick, bench, heldout, calib) or file")
     s.add_argument("--n-prompts", type=int_arg("n_prompts", 1, MAX_COUNT), default=None,
                    help="use only the first N prompts of the set (default: all)")

@@ -205,7 +205,8 @@ def measure_op_speedup(records: list[dict], theta: float, config: TimeRippleConf
 
     For each recorded call: roots resampled to `geometry` (`resampled_roots`), seeded random q/k/v there; the timed
     variant is `token_decisions` on the sides that reuse (its cost does not depend on the values) plus
-    `token_dedup_attention` with the resampled roots and the config's ``key_merge``; dense is
+    `token_dedup_attention` with the resampled roots and the config's ``key_merge`` (with ``decision_interval``
+    N > 1: one such call and N - 1 calls on kept decisions, their index cache included, averaged); dense is
     `F.scaled_dot_product_attention` on the same tensors (median of `repeats`, interleaved). Returns the
     geometric-mean speedup, the mean reused fraction and attention work share.
     """
@@ -223,13 +224,19 @@ def measure_op_speedup(records: list[dict], theta: float, config: TimeRippleConf
     for rec in records:
         root = resampled_roots(rec, theta, geometry, config)
 
-        def variant(root=root):  # the decisions on the sides that reuse, as the method takes them
-            token_decisions([x for x, on in ((q, config.reuse_q), (k, config.reuse_k)) if on], geometry.grid, theta,
-                            window=config.window, axes=config.axes, priority=config.priority)
+        def variant(root=root, cache=None):  # the decisions on the sides that reuse, as the method takes them
+            if cache is None:
+                token_decisions([x for x, on in ((q, config.reuse_q), (k, config.reuse_k)) if on], geometry.grid,
+                                theta, window=config.window, axes=config.axes, priority=config.priority)
             return token_dedup_attention(q, k, v, root if config.reuse_q else None, root if config.reuse_k else None,
-                                         key_merge=config.key_merge)
+                                         key_merge=config.key_merge, index_cache=cache)
 
         t = _median_time(variant, repeats)
+        if config.decision_interval > 1:  # decided on one call in `decision_interval`, kept on the others
+            cache: dict = {}
+            variant(cache=cache)
+            kept = _median_time(lambda root=root, cache=cache: variant(root, cache), repeats)
+            t = (t + (config.decision_interval - 1) * kept) / config.decision_interval
         d = _median_time(dense, max(1, repeats // 2))
         dense_s = min(dense_s, d)
         _, st = variant()
@@ -295,7 +302,7 @@ def calibrate_timeripple_speed(sampler: Sampler, prompts: list[str], target_spee
                                num_steps=gen_cfg.steps, i_min=0, i_max=0, fixed_threshold=RECORD_THETA)
     for p in prompts:
         sampler.model.encode_prompts([p])
-    records = record_token_decisions(sampler, prompts, gen_cfg, base)
+    records = record_token_decisions(sampler, prompts, gen_cfg, dataclasses.replace(base, decision_interval=1))
     tried: list[tuple[float, dict]] = []
     bar = tqdm(total=max_iterations, disable=not progress, desc=f"calibrate {target_speedup:.2f}x")
 

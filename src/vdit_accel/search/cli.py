@@ -71,7 +71,7 @@ def calibrate_cli(a) -> int:
     _check_model_flags(a, "calibrate timeripple")
     if getattr(a, "target_speedup", None) is not None:
         return _calibrate_speed_cli(a, prompts, gen)
-    for flag in ("keys_only", "key_merge"):
+    for flag in ("keys_only", "key_merge", "decision_interval"):
         if getattr(a, flag, None):
             raise ConfigError(f"--{flag.replace('_', '-')} applies to --target-speedup only (the 'tokens' variant): "
                               "add --target-speedup")
@@ -100,12 +100,14 @@ def _calibrate_speed_cli(a, prompts, gen) -> int:
 
     g = geometry
     merge = getattr(a, "key_merge", None) or "root"
+    interval = getattr(a, "decision_interval", None) or 1
     name = (f"timeripple-tokens{'-k' if a.keys_only else ''}{'-mean' if merge == 'mean' else ''}"
+            f"{f'-d{interval}' if interval > 1 else ''}"
             f"-op{a.target_speedup:g}x-{g.heads}x{g.head_dim}-{g.grid[0]}x{g.grid[1]}x{g.grid[2]}")
     out = Path(a.out) if a.out else RUNS_DIR / "presets" / f"{name}.json"
     _check_out(out, a)  # before any compute
     model, sampler = _model_and_sampler(a)
-    base = TimeRippleConfig(variant="tokens", reuse_q=not a.keys_only, key_merge=merge)
+    base = TimeRippleConfig(variant="tokens", reuse_q=not a.keys_only, key_merge=merge, decision_interval=interval)
     cfg, record = calibrate_timeripple_speed(sampler, prompts, a.target_speedup, gen, geometry=geometry, base=base)
     save_preset(out, "timeripple", cfg, model_id=model.config.model_id, geometry=list(sampler.geometry(gen)),
                 steps=gen.steps, seed=gen.seed, record={"name": name, "calibration": record})
