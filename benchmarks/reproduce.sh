@@ -155,7 +155,7 @@ $VA bench --methods dense,astraea,taylorseer-i4-o1,taylorseer-i5-o1,taylorseer-i
 $VA bench --methods dense,astraea-4x,taylorseer-i5-o1 --prompts bench --seeds 2 --steps 50 --step-costs docs/results/bench-step/latency-kv/bench-step.json --latency-model docs/results/bench-step/latency-kv/latency.json --out docs/results/bench-v5/astraea-4x-cadence --overwrite
 $VA bench --methods dense,astraea-6x,taylorseer-i8-o1 --prompts bench --seeds 2 --steps 50 --step-costs docs/results/bench-step/latency-kv/bench-step.json --latency-model docs/results/bench-step/latency-kv/latency.json --out docs/results/bench-v5/astraea-6x --overwrite
 # 5. TimeRipple's keys-merged presets on top of astraea-4x (W1 interleaved, W2 priced from measured parts)
-$PY benchmarks/timeripple_on_astraea.py --threads 2 --out docs/results/timeripple/on-astraea
+$PY benchmarks/timeripple_on_astraea.py --threads 2 --timeripple timeripple-op1.3x-root timeripple-op1.5x-root --out docs/results/timeripple/on-astraea
 # 6. TimeRipple under θ schedules (partial: the first five settings ran)
 $PY benchmarks/timeripple_theta_schedules.py docs/results/timeripple/theta-schedules/sweep.json
 
@@ -171,10 +171,21 @@ $VA bench-step --out docs/results/bench-step/cpu-paired --layers 2 --target-laye
 #    and with three timed steps per sample
 $VA bench-step --out docs/results/bench-step/cpu-paired-3steps --layers 2 --target-layers 30 --latent 4 48 80 --text-len 512 --dtype float32 --device auto --repeats 5 --warmup 1 --timed-steps 3 --budgets 0.2 0.4 0.6 --kv-reuse both --orders 0 --seed 0 --quiet --overwrite
 # 4. TimeRipple's presets on W1 (run twice; the committed JSON is the second run)
-$VA bench --methods dense,timeripple-op1.3x,timeripple-op1.5x --prompts bench --seeds 2 --steps 50 --out docs/results/timeripple/bench-w1 --overwrite
+$VA bench --methods dense,timeripple-op1.3x-root,timeripple-op1.5x-root --prompts bench --seeds 2 --steps 50 --out docs/results/timeripple/bench-w1 --overwrite   # then named timeripple-op1.3x / op1.5x
 $PY benchmarks/timeripple_w1_bound.py --out docs/results/timeripple/w1-bound
 # 5. Astraea's W1 efficiency, eager (budgets 0.4) and under regional compile (budgets on row buckets)
 $PY benchmarks/astraea_w1.py --out docs/results/astraea/w1-s11 --budgets 0.4
 $PY benchmarks/astraea_w1.py --out docs/results/astraea/w1-compiled --budgets 0.25 0.375 0.625 --compile
 # 6. the scaling model with xDiT's HunyuanVideo report (H100, H20, L20) and the fixed-overhead cross-check
 $PY benchmarks/parallel_scaling.py model --measured docs/results/parallel/measured.json --out docs/results/parallel/scaling-model.json
+
+# ---- Session 12: TimeRipple's merged keys take their group's mean key; decisions kept between steps. Quiet machine.
+# 1. the mean-key presets (each copied to src/vdit_accel/presets/ as timeripple-op${s}x.json; ~2.5 min each; logs in
+#    docs/results/timeripple/calibrate-mean/)
+for s in 1.5 2 2.5 3; do $VA calibrate timeripple --target-speedup $s --keys-only --key-merge mean --out runs/presets/timeripple-op${s}x.json --overwrite; done
+for s in 2 2.5; do $VA calibrate timeripple --target-speedup $s --keys-only --key-merge mean --decision-interval 4 --out runs/presets/timeripple-op${s}x-d4.json --overwrite; done
+# 2. end to end on W1 (~15 min, then ~10 min)
+$VA bench --methods dense,timeripple-op1.5x-root,timeripple-op1.5x,timeripple-op2x,timeripple-op2.5x,timeripple-op3x --prompts bench --seeds 2 --steps 50 --out docs/results/timeripple/bench-mean --overwrite
+$VA bench --methods dense,timeripple-op2x,timeripple-op2x-d4,timeripple-op2.5x-d4 --prompts bench --seeds 2 --steps 50 --out docs/results/timeripple/bench-d4 --overwrite
+# 3. on top of astraea-4x (~8 min)
+$PY benchmarks/timeripple_on_astraea.py --threads 2 --timeripple timeripple-op1.5x timeripple-op2x timeripple-op2.5x --out docs/results/timeripple/on-astraea-mean

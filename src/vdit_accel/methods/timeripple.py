@@ -824,8 +824,8 @@ register_method(
     Method("timeripple", TimeRippleConfig, apply_timeripple, "TimeRipple partial-score reuse (QK savings)"),
     # the exact simulation (QK savings, not faster) at its highest calibrated savings, and the 'tokens' variant
     # (keys merged, queries untouched) calibrated for attention-op speedups at W2 width: merged keys attend with
-    # their group's mean key, and one point with the root's key (TimeRipple's K̃) for comparison
+    # their group's mean key (-d4: decisions kept for 4 steps), and one point with the root's key (TimeRipple's K̃)
     [preset_operating_point("timeripple", name) for name in (
         "timeripple-85", "timeripple-op1.5x-root", "timeripple-op1.5x", "timeripple-op2x", "timeripple-op2.5x",
-        "timeripple-op3x")],
+        "timeripple-op3x", "timeripple-op2x-d4", "timeripple-op2.5x-d4")],
 )
