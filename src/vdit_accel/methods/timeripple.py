@@ -136,11 +136,12 @@ class TimeRippleConfig:
             with: "root" (the root's key, TimeRipple's K̃ substitution) or "mean" (the group's mean key, centroid
             merging: the first-order logit error cancels; ``ops.timeripple_tokens.token_dedup_attention``).
             "mean" is rejected where it would do nothing (another variant, or no key reuse).
-        decision_interval (`int`, defaults 1): for "tokens", recompute a layer's per-token decisions (which tokens
-            merge into which root) on every ``decision_interval``-th reuse step of each CFG branch and reuse them in
-            between (the merge still sums the current keys and values); 1 decides on every call. Decisions are also
-            recomputed whenever θ, the grid or the shape changes, and at every new generation. Rejected (> 1) for
-            other variants, where nothing would be reused.
+        decision_interval (`int`, defaults 1): for "tokens", the per-token decisions (which tokens merge into which
+            root) a layer takes at a reuse step of a CFG branch are kept for the reuse calls of the next
+            ``decision_interval - 1`` denoising steps (counted in steps, not in reuse calls: under a whole-step
+            Astraea cadence that computes every 4th step, 4 keeps nothing); the merge still sums the current keys
+            and values; 1 decides on every call. Decisions are also taken afresh whenever θ, the grid or the shape
+            changes, and at every new generation. Rejected (> 1) for other variants, where nothing would be kept.
     """
 
     theta_min: float = 0.2
@@ -488,9 +489,9 @@ class TimeRippleProcessor:
         self._kept: dict = {}  # "tokens" decisions kept between steps (config.decision_interval): key -> (step, dec)
 
     def _token_decisions(self, key: tuple, ctx: _CallPlan, shape: tuple[int, int], compute) -> TokenDecisions:
-        """The "tokens" decisions of a call with ``[B, S]`` tokens: ``compute()`` on every ``decision_interval``-th
-        reuse step per ``key`` (branch and path), the kept ones in between; kept decisions are used only at the same
-        θ, grid and shape and within the same generation (a step index that went back decides afresh)."""
+        """The "tokens" decisions of a call with ``[B, S]`` tokens: the ones kept for ``key`` (branch and path) when
+        they were taken fewer than ``decision_interval`` steps ago at the same θ, grid and shape, else ``compute()``
+        (kept for the next calls); a step index that went back (a new generation) decides afresh."""
         interval = self.config.decision_interval
         if interval == 1:
             return compute()
