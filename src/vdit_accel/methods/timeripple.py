@@ -486,7 +486,7 @@ class TimeRippleProcessor:
         self.adapter = adapter
         self.decision_log: dict | None = None  # set by TimeRippleHandle.record_decisions ("tokens" variant)
         self.plan: _CallPlan | None = None  # set before every transformer call by the planner (host side)
-        self._kept: dict = {}  # "tokens" decisions kept between steps (config.decision_interval): key -> (step, dec)
+        self._kept: dict = {}  # "tokens" decisions kept between steps (decision_interval): key -> (step, state, dec)
 
     def _token_decisions(self, key: tuple, ctx: _CallPlan, shape: tuple[int, int], compute) -> TokenDecisions:
         """The "tokens" decisions of a call with ``[B, S]`` tokens: the ones kept for ``key`` (branch and path) when

@@ -390,8 +390,6 @@ KEY_MERGES = ("root", "mean")
 """How the keys of one root's group merge into one key: the root's key (TimeRipple's K̃), or the group's mean."""
 
 
-
-
 def substitute_keys(k: torch.Tensor, root: torch.Tensor, key_merge: str = "root") -> torch.Tensor:
     """`k̃` `[B, S, H, D]`: every key replaced by its root's key (``"root"``) or by the mean key of its root's group
     (``"mean"``), the keys a merged-key attention attends with, in full (no keys removed).
@@ -487,8 +485,8 @@ def token_dedup_attention(
     cache = {} if index_cache is None else index_cache
 
     def unique(side: str, bi: int, root: torch.Tensor):
-        """(unique tokens u, each token's index into u, the count of each unique token, its log) of one item's
-        roots, or None when every token is its own root."""
+        """(unique tokens u, each token's index into u; for keys also the count of each unique token and its log)
+        of one item's roots, or None when every token is its own root."""
         key = (side, bi, acc)
         if key not in cache:
             is_root = root == ar
@@ -497,9 +495,11 @@ def token_dedup_attention(
                 cache[key] = None
             else:
                 pos = (is_root.cumsum(0) - 1).gather(0, root)  # index into u of every token's root
-                count = torch.zeros(u.numel(), dtype=acc, device=v.device).index_add_(
-                    0, pos, torch.ones(s, dtype=acc, device=v.device))
-                cache[key] = (u, pos, count, count.log())
+                cache[key] = (u, pos)
+                if side == "k":  # merged keys weigh by their counts; unique queries need none
+                    count = torch.zeros(u.numel(), dtype=acc, device=v.device).index_add_(
+                        0, pos, torch.ones(s, dtype=acc, device=v.device))
+                    cache[key] += (count, count.log())
         return cache[key]
 
     for bi in range(b):  # B is 1 or 2 (CFG); unique counts differ per item, so no padding is needed this way
@@ -507,7 +507,7 @@ def token_dedup_attention(
         q_pos = None
         found = None if q_root is None else unique("q", bi, q_root[bi])
         if found is not None:
-            u, q_pos = found[:2]
+            u, q_pos = found
             qb = qb.index_select(0, u)
         bias = None
         found = None if k_root is None else unique("k", bi, k_root[bi])
