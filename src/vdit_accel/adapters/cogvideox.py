@@ -26,8 +26,8 @@ from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 
 from vdit_accel.adapters import AttentionCall, ModelAdapter, TokenLayout, register_adapter
-from vdit_accel.adapters.wan import _rows
 from vdit_accel.errors import ConfigError, UnsupportedModelError
+from vdit_accel.ops.rows import gather_rows, scatter_rows_
 
 _ROOT_ARGS = ("hidden_states", "encoder_hidden_states", "timestep")
 _PROC_ARGS = ("hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb")
@@ -136,8 +136,8 @@ class CogVideoXAdapter(ModelAdapter):
             raise ConfigError("kv='cache' needs a RowCache")
         attn, n_text = block.attn1, text.shape[1]
         heads = attn.heads
-        x_rows = _rows(x, idx)
-        rope_rows = None if rope is None else tuple(_rows(r.unsqueeze(0), idx).unsqueeze(2) for r in rope)
+        x_rows = gather_rows(x, idx)
+        rope_rows = None if rope is None else tuple(gather_rows(r.unsqueeze(0), idx).unsqueeze(2) for r in rope)
         norm_rows, norm_text, gate, enc_gate = block.norm1(x_rows, text, temb)
 
         def split(t: torch.Tensor) -> torch.Tensor:
@@ -156,9 +156,8 @@ class CogVideoXAdapter(ModelAdapter):
             if kv == "cache":
                 text_pos = torch.arange(n_text, device=idx.device).expand(idx.shape[0], n_text)
                 pos = torch.cat([text_pos, idx + n_text], dim=1)
-                at = pos[:, :, None, None].expand(-1, -1, *k.shape[2:])
-                cache.k.scatter_(1, at, k.to(cache.k.dtype))
-                cache.v.scatter_(1, at, v.to(cache.v.dtype))
+                scatter_rows_(cache.k, pos, k)
+                scatter_rows_(cache.v, pos, v)
                 k, v = cache.k.to(k.dtype), cache.v.to(v.dtype)
         else:
             norm_x, _, _, _ = block.norm1(x, text, temb)

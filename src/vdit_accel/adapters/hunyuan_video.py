@@ -33,8 +33,8 @@ from diffusers.models.transformers.transformer_hunyuan_video import (
 )
 
 from vdit_accel.adapters import AttentionCall, ModelAdapter, TokenLayout, register_adapter
-from vdit_accel.adapters.wan import _rows
 from vdit_accel.errors import UnsupportedModelError
+from vdit_accel.ops.rows import gather_rows
 
 _ROOT_ARGS = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")
 _PROC_ARGS = ("hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb")
@@ -135,8 +135,8 @@ class HunyuanVideoAdapter(ModelAdapter):
 
             def attention_fn(q, k, v):
                 return fn(q, k, v, key_mask=key_mask)
-        rope_rows = None if rope is None else tuple(_rows(r.unsqueeze(0), idx)[:, :, None, :] for r in rope)
-        x_rows = _rows(x, idx)
+        rope_rows = None if rope is None else tuple(gather_rows(r.unsqueeze(0), idx)[:, :, None, :] for r in rope)
+        x_rows = gather_rows(x, idx)
         if isinstance(block, HunyuanVideoTransformerBlock):
             rows, text_out, lse = _dual_rows(block, x, x_rows, text, temb, rope, rope_rows, attention_fn, mask)
         else:
@@ -251,7 +251,7 @@ def _single_rows(block, x, x_rows, idx, text, temb, rope, rope_rows, attention_f
     tokens = torch.cat([x, text], dim=1)
     norm_all, gate = block.norm(tokens, emb=temb)
     norm_x, norm_text = norm_all[:, :-n_text], norm_all[:, -n_text:]
-    norm_rows = _rows(norm_x, idx)
+    norm_rows = gather_rows(norm_x, idx)
     _, k, v = _project(attn, norm_x, norm_text, rope)
     q, _, _ = _project(attn, norm_rows, norm_text, None, rope_video=rope_rows)
     n = x_rows.shape[1]

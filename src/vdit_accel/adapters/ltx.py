@@ -23,8 +23,8 @@ from diffusers import LTXVideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
 from vdit_accel.adapters import AttentionCall, ModelAdapter, TokenLayout, context_parallel_world, register_adapter
-from vdit_accel.adapters.wan import _rows
 from vdit_accel.errors import ConfigError
+from vdit_accel.ops.rows import gather_rows, scatter_rows_
 
 _ROOT_ARGS = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_attention_mask", "num_frames", "height",
               "width")
@@ -111,20 +111,19 @@ class LTXAdapter(ModelAdapter):
         table = block.scale_shift_table
         ada = table[None, None].to(temb.device) + temb.reshape(b, temb.size(1), table.shape[0], -1)
         full = ada.unbind(dim=2)  # each [B, 1 or S, C]
-        sub = [m if m.shape[1] == 1 else _rows(m, idx) for m in full]
+        sub = [m if m.shape[1] == 1 else gather_rows(m, idx) for m in full]
         shift, scale = full[0], full[1]
         s_shift, s_scale, s_gate, s_shift_mlp, s_scale_mlp, s_gate_mlp = sub
         attn = block.attn1
-        x_rows = _rows(x, idx)
-        rope_rows = None if rope is None else tuple(_rows(r, idx) for r in rope)
+        x_rows = gather_rows(x, idx)
+        rope_rows = None if rope is None else tuple(gather_rows(r, idx) for r in rope)
         norm_rows = block.norm1(x_rows) * (1 + s_scale) + s_shift
         q, k_rows, v_rows = _project(attn, norm_rows, rope_rows)
         if kv == "rows":
             k, v = k_rows, v_rows
         elif kv == "cache" and cache.k is not None:
-            at = idx[:, :, None, None].expand(-1, -1, *k_rows.shape[2:])
-            cache.k.scatter_(1, at, k_rows.to(cache.k.dtype))
-            cache.v.scatter_(1, at, v_rows.to(cache.v.dtype))
+            scatter_rows_(cache.k, idx, k_rows)
+            scatter_rows_(cache.v, idx, v_rows)
             k, v = cache.k.to(q.dtype), cache.v.to(q.dtype)
         else:
             norm_x = block.norm1(x) * (1 + scale) + shift

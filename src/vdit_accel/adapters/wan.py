@@ -24,6 +24,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get
 
 from vdit_accel.adapters import AttentionCall, ModelAdapter, RowCache, TokenLayout, register_adapter
 from vdit_accel.errors import ConfigError, UnsupportedModelError
+from vdit_accel.ops.rows import gather_rows, scatter_rows_
 
 
 def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -150,18 +151,10 @@ def _modulation(block, temb: torch.Tensor, idx: torch.Tensor | None):
         mods = (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)
         mods = [m.squeeze(2) for m in mods]  # [B, S, C]
         full = mods
-        sub = mods if idx is None else [torch.gather(m, 1, idx[..., None].expand(-1, -1, m.shape[-1])) for m in mods]
+        sub = mods if idx is None else [gather_rows(m, idx) for m in mods]
         return full, sub
     mods = (block.scale_shift_table + temb.float()).chunk(6, dim=1)  # [B, 1, C] each
     return mods, mods
-
-
-def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Gather rows ``idx`` `[B, k]` of ``x`` `[B, S, ...]` (rotary tables `[1, S, 1, D]` broadcast over B)."""
-    if x.shape[0] == 1 and idx.shape[0] > 1:
-        x = x.expand(idx.shape[0], *x.shape[1:])
-    shape = idx.shape + (1,) * (x.ndim - 2)
-    return torch.gather(x, 1, idx.view(shape).expand(*idx.shape, *x.shape[2:]))
 
 
 def _cross_attention(attn, x: torch.Tensor, encoder_hidden_states: torch.Tensor, cache: RowCache | None):
@@ -231,20 +224,19 @@ def wan_block_rows_forward(block, hidden_states: torch.Tensor, encoder_hidden_st
     (shift, scale, gate, c_shift, c_scale, c_gate), sub = _modulation(block, temb, idx)
     s_shift, s_scale, s_gate, s_c_shift, s_c_scale, s_c_gate = sub
     attn = block.attn1
-    x_rows = _rows(hidden_states, idx)
-    rope_rows = None if rotary_emb is None else tuple(_rows(r, idx) for r in rotary_emb)
+    x_rows = gather_rows(hidden_states, idx)
+    rope_rows = None if rotary_emb is None else tuple(gather_rows(r, idx) for r in rotary_emb)
     if kv == "rows" or (kv == "cache" and cache.k is not None):
         norm_rows = (block.norm1(x_rows.float()) * (1 + s_scale) + s_shift).type_as(hidden_states)
         q, k, v = wan_qkv(attn, norm_rows, rope_rows)
         if kv == "cache":
-            at = idx[:, :, None, None].expand(-1, -1, *k.shape[2:])
-            cache.k.scatter_(1, at, k.to(cache.k.dtype))
-            cache.v.scatter_(1, at, v.to(cache.v.dtype))
+            scatter_rows_(cache.k, idx, k)
+            scatter_rows_(cache.v, idx, v)
             k, v = cache.k.to(q.dtype), cache.v.to(q.dtype)
     else:
         norm_x = (block.norm1(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
         k, v = _fresh_kv(attn, norm_x, rotary_emb)
-        q = attn.norm_q(attn.to_q(_rows(norm_x, idx))).unflatten(2, (attn.heads, -1))
+        q = attn.norm_q(attn.to_q(gather_rows(norm_x, idx))).unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
             q = _apply_rotary_emb(q, *rope_rows)
         if kv == "cache":

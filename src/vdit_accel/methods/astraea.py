@@ -78,6 +78,7 @@ from vdit_accel.ops.astraea import (
     update_skips,
 )
 from vdit_accel.ops.attention import probe_fast_path, row_subset_attention
+from vdit_accel.ops.rows import gather_rows, scatter_rows_
 from vdit_accel.ops.schedule import MAX_STEPS, resample_mean, resample_nearest
 from vdit_accel.parallel.cp import (
     TIMERIPPLE_IN_ASTRAEA_ROWS,
@@ -522,13 +523,20 @@ class AstraeaBlockHook(ModelHook):
         kv = "rows" if self.config.kv == "selected" else ("cache" if settings["kv_reuse"] else "all")
         attention = _attention_through(module, self.adapter, idx + ctx.text_prefix)
         rows, lse = self.adapter.block_rows_forward(module, args, kwargs, idx, attention, kv=kv, cache=state.rows)
-        if count == n:  # every row computed (idx is arange(n))
+        # order 0 from the output cache: the output is the cache once the rows are in (one row write, not a copy
+        # plus two); the same bits, unless the cache is stored in another dtype
+        into_cache = (count < n and state.out is not None and self.config.cache == "output" and order == 0
+                      and state.out.dtype == hidden_states.dtype)
+        if count == n or into_cache:  # count == n: every row computed (idx is arange(n))
             out = rows
         else:  # a fresh tensor from _reused, so the rows go in in place
             base = hidden_states.new_empty(hidden_states.shape) if state.out is None else self._reused(
                 state, hidden_states, step, order)
-            out = base.scatter_(1, idx[..., None].expand(-1, -1, rows.shape[-1]), rows)
+            out = scatter_rows_(base, idx, rows)
         self._update(state, hidden_states, idx, rows, lse, step, settings["order"])
+        if into_cache:  # only the next block reads it before this block's next call rewrites it (the last block's
+            # goes to the output norm); a foreign hook around the blocks may keep outputs: a copy then
+            out = state.out if settings["shortcut"] else state.out.clone()
         self.stats.record(ctx.branch, step, self.index, count / n)
         self._account()
         return self.adapter.block_output(args, kwargs, out, state.rows)
@@ -568,30 +576,29 @@ class AstraeaBlockHook(ModelHook):
         differences over steps (orders up to ``max_order``), the step and how often each row was computed."""
         b, n, c = x.shape
         store = CACHE_DTYPES.get(self.config.cache_dtype, x.dtype)
-        at = idx[..., None].expand(-1, -1, c)
         if state.out is None:  # first computation: every row (budget forced to 1)
-            state.out = torch.empty(b, n, c, dtype=store, device=x.device).scatter_(1, at, rows.to(store))
+            state.out = scatter_rows_(torch.empty(b, n, c, dtype=store, device=x.device), idx, rows)
             state.last = (step.expand(b, n).clone() if isinstance(step, torch.Tensor)  # traced: a device step
                           else torch.full((b, n), step, dtype=torch.long, device=x.device))
             state.hist = torch.ones(b, n, dtype=torch.long, device=x.device)
             return
         if max_order > 0:
-            gap = self._gap(step, torch.gather(state.last, 1, idx))[..., None]  # [B, k, 1]
-            hist = torch.gather(state.hist, 1, idx)[..., None]
-            d1_new = (rows.float() - torch.gather(state.out, 1, at).float()) / gap
+            gap = self._gap(step, gather_rows(state.last, idx))[..., None]  # [B, k, 1]
+            hist = gather_rows(state.hist, idx)
+            d1_new = (rows.float() - gather_rows(state.out, idx).float()) / gap
             if state.d1 is None:
                 state.d1 = torch.zeros(b, n, c, dtype=store, device=x.device)
-            d1_old = torch.gather(state.d1, 1, at).float()
+            d1_old = gather_rows(state.d1, idx).float()
             if max_order > 1:
                 if state.d2 is None:
                     state.d2 = torch.zeros(b, n, c, dtype=store, device=x.device)
-                d2_new = torch.where(hist >= 2, (d1_new - d1_old) / gap, 0.0)
-                state.d2.scatter_(1, at, d2_new.to(store))
-            state.d1.scatter_(1, at, d1_new.to(store))
-            state.hist.scatter_(1, idx, torch.gather(state.hist, 1, idx).clamp_max(2) + 1)
-            state.last.scatter_(1, idx, step.expand_as(idx) if isinstance(step, torch.Tensor)
-                                else torch.full_like(idx, step))
-        state.out.scatter_(1, at, rows.to(store))
+                d2_new = torch.where(hist[..., None] >= 2, (d1_new - d1_old) / gap, 0.0)
+                scatter_rows_(state.d2, idx, d2_new)
+            scatter_rows_(state.d1, idx, d1_new)
+            scatter_rows_(state.hist, idx, hist.clamp_max(2) + 1)
+            scatter_rows_(state.last, idx, step.expand_as(idx) if isinstance(step, torch.Tensor)
+                          else torch.full_like(idx, step))
+        scatter_rows_(state.out, idx, rows)
 
     def _update(self, state: BlockState, x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, lse: torch.Tensor,
                 step: int, max_order: int) -> None:
@@ -604,9 +611,8 @@ class AstraeaBlockHook(ModelHook):
             state.inp, state.lse = x.to(store).clone(), red
             state.skips = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
         else:
-            at = idx[..., None].expand(-1, -1, x.shape[-1])
-            state.inp.scatter_(1, at, torch.gather(x, 1, at).to(store))
-            state.lse = state.lse.scatter(1, idx, red.to(state.lse.dtype))
+            scatter_rows_(state.inp, idx, gather_rows(x, idx))
+            scatter_rows_(state.lse, idx, red)
         state.skips = update_skips(state.skips, idx)
 
     def _lean_forward(self, original, args, kwargs, x: torch.Tensor, ctx, state: BlockState, settings: dict):
@@ -680,7 +686,7 @@ class AstraeaBlockHook(ModelHook):
             out = rows
         else:
             base = x.new_empty(x.shape) if state.out is None else self._reused(state, x, step, plan.order)
-            out = base.scatter_(1, idx[..., None].expand(-1, -1, rows.shape[-1]), rows)
+            out = scatter_rows_(base, idx, rows)
         self._update(state, x, idx, rows, lse, step, plan.max_order)
         return self.adapter.block_output(args, kwargs, out, state.rows)
 
