@@ -1,10 +1,13 @@
 """Astraea on the embedded model (W1): wall-clock speedup of uniform budgets against their FLOP ceiling.
 
 For each uniform budget (first step dense) with and without K/V reuse, and for dense, this generates the same
-(prompt, seed) jobs round-robin in one process (``--repeats`` passes), takes the median latency, and divides
-the measured speedup by the schedule's FLOP ceiling (:mod:`vdit_accel.bench.flops` at the embedded model's
-geometry: ``sum_steps dense / sum_steps setting``). Efficiency = measured / ceiling: what the implementation's
-per-token overheads (scoring, gathers, scatters) cost on a dim-128 model. Also records PSNR vs dense.
+(prompt, seed) jobs round-robin in one process (``--repeats`` passes; each job starts at another setting), takes
+the median latency, and divides the measured speedup by the schedule's FLOP ceiling
+(:mod:`vdit_accel.bench.flops` at the embedded model's geometry: ``sum_steps dense / sum_steps setting``).
+Efficiency = measured / ceiling: what the implementation's per-token overheads (scoring, gathers, scatters) cost
+on a dim-128 model. Beside the ratio of medians, the paired speedup: the median (and quartiles) of per-job
+``dense / setting`` ratios, robust to the machine's drift between jobs (``bench.timing.paired_speedups``, as the
+bench uses). Also records PSNR vs dense.
 
     PYTHONPATH=src OMP_NUM_THREADS=2 .venv/bin/python benchmarks/astraea_w1.py --out docs/results/astraea/w1
 
@@ -31,6 +34,8 @@ import torch
 from vdit_accel.bench.flops import Setting, WanGeometry, step_flops
 from vdit_accel.bench.harness import machine_info, prompt_sets
 from vdit_accel.bench.metrics import psnr
+from vdit_accel.bench.step import rotated
+from vdit_accel.bench.timing import paired_speedups
 from vdit_accel.instrument.model import EmbeddedModel
 from vdit_accel.instrument.sampler import GenerationConfig, Sampler
 from vdit_accel.methods.astraea import ROW_BUCKETS, AstraeaConfig, apply_astraea, row_bucket
@@ -86,9 +91,11 @@ def main(argv=None) -> int:
     sampler(prompts[0], gen.replace(steps=2), progress=False)  # warm-up
     lat = {k: [] for k in configs}
     videos: dict[str, list] = {k: [None] * len(prompts) for k in configs}
-    for _ in range(a.repeats):
+    labels = list(configs)
+    for r in range(a.repeats):
         for j, prompt in enumerate(prompts):
-            for label, cfg in configs.items():
+            for label in rotated(labels, r * len(prompts) + j):  # no setting always runs first or after dense
+                cfg = configs[label]
                 handle = apply_astraea(model.transformer, cfg) if cfg is not None else None
                 t0 = time.perf_counter()
                 videos[label][j] = sampler(prompt, gen.replace(seed=0), progress=False)
@@ -99,6 +106,7 @@ def main(argv=None) -> int:
     rows = []
     for label, cfg in configs.items():
         speed = dense / float(np.median(lat[label]))
+        paired = paired_speedups(lat["dense"], lat[label])
         ceil = schedule_ceiling(geo, cfg)
         ps = [psnr(v, r) for v, r in zip(videos[label], videos["dense"])]
         rows.append({"label": label, "budget_mean": 1.0 if cfg is None else round(cfg.mean_budget, 4),
@@ -106,6 +114,9 @@ def main(argv=None) -> int:
                      "latency_median_s": round(float(np.median(lat[label])), 4),
                      "latencies_s": [round(x, 4) for x in lat[label]], "speedup": round(speed, 4),
                      "flop_ceiling": round(ceil, 4), "efficiency": round(speed / ceil, 4),
+                     "speedup_paired": round(paired["speedup"], 4),
+                     "speedup_paired_iqr": [round(paired["speedup_q25"], 4), round(paired["speedup_q75"], 4)],
+                     "efficiency_paired": round(paired["speedup"] / ceil, 4),
                      "psnr_mean": round(float(np.mean(ps)), 3) if all(np.isfinite(ps)) else float("inf")})
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,8 +126,9 @@ def main(argv=None) -> int:
               "prompts": prompts, "repeats": a.repeats, "rows": rows}
     (out / "astraea_w1.json").write_text(json.dumps(result, indent=1))
     for r in rows:
-        print(f"{r['label']:>18} speedup {r['speedup']:.2f}x ceiling {r['flop_ceiling']:.2f}x "
-              f"efficiency {r['efficiency']:.2f} psnr {r['psnr_mean']}")
+        print(f"{r['label']:>18} speedup {r['speedup']:.2f}x (paired {r['speedup_paired']:.2f}x, IQR "
+              f"{r['speedup_paired_iqr'][0]:.2f}-{r['speedup_paired_iqr'][1]:.2f}) ceiling {r['flop_ceiling']:.2f}x "
+              f"efficiency {r['efficiency']:.2f} (paired {r['efficiency_paired']:.2f}) psnr {r['psnr_mean']}")
     return 0
 
 
