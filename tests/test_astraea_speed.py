@@ -319,3 +319,52 @@ def test_forecast_axis_is_validated(tiny_model):
     cfg = AstraeaConfig(num_steps=4, forecast=(0, 1, 2, 1), forecast_axis="timestep")
     assert AstraeaConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.resampled(8).forecast_axis == "timestep"
+
+
+def test_fast_rope_of_row_subsets_is_the_stock_formula():
+    from vdit_accel.adapters.wan import _apply_rotary_emb, _rope_rows, _rope_table
+    g = torch.Generator().manual_seed(0)
+    for d in (8, 16, 64, 128):
+        x = torch.randn(2, 7, 3, d, generator=g)
+        cos = torch.randn(1, 7, 1, d // 2, generator=g).repeat_interleave(2, -1)
+        sin = torch.randn(1, 7, 1, d // 2, generator=g).repeat_interleave(2, -1)
+        ref = _apply_rotary_emb(x, cos, sin)
+        torch.testing.assert_close(_rope_rows(x, cos, sin, _rope_table(cos, sin)), ref, atol=2e-6, rtol=1e-6)
+        assert torch.equal(_rope_rows(x, cos, sin, None), ref)  # no table: the stock op itself
+        strided = x.transpose(1, 2).contiguous().transpose(1, 2)  # not contiguous: the stock op
+        assert torch.equal(_rope_rows(strided, cos, sin, _rope_table(cos, sin)), ref)
+    assert _rope_table(cos.half(), sin.half()) is None  # no complex path for half tables
+
+
+def test_order0_output_is_the_cache_only_when_nothing_wraps_the_blocks(tiny_model):
+    """The order-0 output of a sparse step is the block's output cache itself (no copy): safe because only the next
+    block reads it before the block's next call rewrites it. A hook that wraps a block (registered after Astraea)
+    may keep outputs across steps, so it gets a copy: what it kept must not change afterwards."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class Keep(ModelHook):
+        def __init__(self):
+            super().__init__()
+            self.kept = []
+
+        def post_forward(self, module, output):
+            astraea = module._diffusers_hook.get_hook("vdit_accel.astraea")
+            self.kept.append((output, output.clone(), astraea.shared["settings"]["shortcut"]))
+            return output
+
+    cfg = AstraeaConfig(budgets=(1.0, 0.5, 0.5, 0.5), num_steps=4)
+    gen = dataclasses.replace(GEN, steps=4)
+    ref, _ = _run(tiny_model, cfg, gen)
+    handle = apply_astraea(tiny_model.transformer, cfg)
+    keep = Keep()
+    HookRegistry.check_if_exists_or_initialize(tiny_model.transformer.blocks[0]).register_hook(keep, "spy")
+    try:
+        out = Sampler(tiny_model)(TINY_PROMPT, gen, progress=False)
+    finally:
+        HookRegistry.check_if_exists_or_initialize(tiny_model.transformer.blocks[0]).remove_hook("spy")
+        handle.remove()
+    assert torch.equal(out, ref)  # the copy changes nothing in the result
+    assert len(keep.kept) == 8 and not any(shortcut for _, _, shortcut in keep.kept)  # Astraea saw the wrapper
+    assert all(torch.equal(o, c) for o, c, _ in keep.kept)  # nothing kept was overwritten
+    ptrs = [o.data_ptr() for o, _, _ in keep.kept]
+    assert len(set(ptrs)) == len(ptrs)
