@@ -189,3 +189,13 @@ $VA bench --methods dense,timeripple-op1.5x-root,timeripple-op1.5x,timeripple-op
 $VA bench --methods dense,timeripple-op2x,timeripple-op2x-d4,timeripple-op2.5x-d4 --prompts bench --seeds 2 --steps 50 --out docs/results/timeripple/bench-d4 --overwrite
 # 3. on top of astraea-4x (~8 min)
 $PY benchmarks/timeripple_on_astraea.py --threads 2 --timeripple timeripple-op1.5x timeripple-op2x timeripple-op2.5x --out docs/results/timeripple/on-astraea-mean
+
+# ---- Session 13: Astraea's row path without its own overheads (row moves, selection, merge, RoPE). Quiet machine.
+# 1. W1 efficiency, eager (all budgets; rotated order, paired ratios) and under regional compile (row buckets)
+$PY benchmarks/astraea_w1.py --out docs/results/astraea/w1-s13 --repeats 3
+$PY benchmarks/astraea_w1.py --compile --budgets 0.375 0.625 --repeats 3 --out docs/results/astraea/w1-compiled-s13
+#    (run twice; the second run is in docs/results/astraea/w1-compiled-s13/confirm/)
+# 2. the W2 step table again with the new row path (3 timed steps x 5 repeats, rotated, paired; ~12 min)
+$VA bench-step --out docs/results/bench-step/cpu-paired-s13 --layers 2 --target-layers 30 --latent 4 48 80 --text-len 512 --dtype float32 --device auto --repeats 5 --warmup 1 --timed-steps 3 --budgets 0.2 0.4 0.6 --kv-reuse both --orders 0 --seed 0 --quiet --overwrite
+# 3. W1 eager on one thread (the protocol: one thread, interleaved, one process)
+OMP_NUM_THREADS=1 $PY benchmarks/astraea_w1.py --out docs/results/astraea/w1-s13-1thread --budgets 0.4 0.6 --repeats 3
