@@ -243,11 +243,12 @@ def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
         raise ConfigError(f"scores.shape={tuple(scores.shape)} is not accepted: expected [B, N]")
     n = scores.shape[-1]
     _check_k(k, n)
-    if 0 < k < n and not torch.compiler.is_compiling():
-        # The stable sort's first k, without the full sort (~2x faster at N = 2048): every score above the k-th
-        # largest, then the lowest-index ties of the k-th largest (ties are common: a token whose input did not
-        # move since it was last computed scores exactly its staleness penalty). A NaN kept by topk (it ranks NaN
-        # highest, as the sort does) makes the k-th largest NaN: the sort below decides.
+    if 0 < k < n and scores.device.type == "cpu" and not torch.compiler.is_compiling():
+        # On CPU, the stable sort's first k without the full sort (~2x faster at N = 2048): every score above the
+        # k-th largest, then the lowest-index ties of the k-th largest (ties are common: a token whose input did
+        # not move since it was last computed scores exactly its staleness penalty). A NaN kept by topk (it ranks
+        # NaN highest, as the sort does) makes the k-th largest NaN: the sort below decides. Not on accelerators:
+        # the check and nonzero() would sync the host every block call, where the sort does not.
         kth = torch.topk(scores, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # [B, 1]
         if not bool(kth.isnan().any()):
             above = scores > kth
