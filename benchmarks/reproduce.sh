@@ -199,3 +199,5 @@ $PY benchmarks/astraea_w1.py --compile --budgets 0.375 0.625 --repeats 3 --out d
 $VA bench-step --out docs/results/bench-step/cpu-paired-s13 --layers 2 --target-layers 30 --latent 4 48 80 --text-len 512 --dtype float32 --device auto --repeats 5 --warmup 1 --timed-steps 3 --budgets 0.2 0.4 0.6 --kv-reuse both --orders 0 --seed 0 --quiet --overwrite
 # 3. W1 eager on one thread (the protocol: one thread, interleaved, one process)
 OMP_NUM_THREADS=1 $PY benchmarks/astraea_w1.py --out docs/results/astraea/w1-s13-1thread --budgets 0.4 0.6 --repeats 3
+#    (a second one-thread run at budget 0.4, to /tmp, copied to docs/results/astraea/w1-s13-1thread/confirm/)
+OMP_NUM_THREADS=1 $PY benchmarks/astraea_w1.py --out docs/results/astraea/w1-s13-1thread/confirm --budgets 0.4 --repeats 3
