@@ -252,11 +252,11 @@ def wan_block_rows_forward(block, hidden_states: torch.Tensor, encoder_hidden_st
     # a subset: the complex-product RoPE (same formula, ~3x faster; bit-equal on CPU from D = 16 up)
     fast_rope = idx.shape[1] < hidden_states.shape[1]
     rope_rows = None if rotary_emb is None else tuple(gather_rows(r, idx) for r in rotary_emb)
+    table = _rope_table(*rope_rows) if fast_rope and rope_rows is not None else None  # the rows' complex table
     if kv == "rows" or (kv == "cache" and cache.k is not None):
         norm_rows = (block.norm1(x_rows.float()) * (1 + s_scale) + s_shift).type_as(hidden_states)
         q, k, v = wan_qkv(attn, norm_rows, None)
         if rope_rows is not None:
-            table = _rope_table(*rope_rows) if fast_rope else None
             q, k = _rope_rows(q, *rope_rows, table), _rope_rows(k, *rope_rows, table)
         if kv == "cache":
             scatter_rows_(cache.k, idx, k)
@@ -267,7 +267,7 @@ def wan_block_rows_forward(block, hidden_states: torch.Tensor, encoder_hidden_st
         k, v = _fresh_kv(attn, norm_x, rotary_emb, fast_rope)
         q = attn.norm_q(attn.to_q(gather_rows(norm_x, idx))).unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
-            q = _rope_rows(q, *rope_rows, _rope_table(*rope_rows) if fast_rope else None)
+            q = _rope_rows(q, *rope_rows, table)
         if kv == "cache":
             dtype = cache.dtype or k.dtype
             cache.k, cache.v = k.to(dtype).clone(), v.to(dtype).clone()
