@@ -137,7 +137,9 @@ $VA bench --methods dense,astraea,taylorseer-i4-o1,taylorseer-i5-o1,taylorseer-i
 # 3. TimeRipple vs masking / skipping / static windows at equal measured attention-op speed (docs/timeripple.md)
 $PY benchmarks/timeripple_masking.py --parts op e2e --e2e-prompts 1 --threads 2 --out docs/results/timeripple/masking
 # 4. context parallelism, 2 ranks at W2 width, and the scaling model (docs/parallel.md)
-OMP_NUM_THREADS=1 $PY benchmarks/parallel_scaling.py measure --nproc 2 --out docs/results/parallel/measured.json
+#    (session 9's run, now docs/results/parallel/s9/measured.json, was made by that session's script: separate 1- and
+#     2-process runs; since session 14 the measurement interleaves its runs and this line is the session-14 block's)
+# OMP_NUM_THREADS=1 $PY benchmarks/parallel_scaling.py measure --nproc 2 --out docs/results/parallel/measured.json
 $PY benchmarks/parallel_scaling.py model --measured docs/results/parallel/measured.json --out docs/results/parallel/scaling-model.json
 # GPU only (prepared, not run: no GPU was lent): benchmarks/timeripple_gpu.py, benchmarks/compile_gpu.py
 
@@ -201,3 +203,11 @@ $VA bench-step --out docs/results/bench-step/cpu-paired-s13 --layers 2 --target-
 OMP_NUM_THREADS=1 $PY benchmarks/astraea_w1.py --out docs/results/astraea/w1-s13-1thread --budgets 0.4 0.6 --repeats 3
 #    (a second one-thread run at budget 0.4, to /tmp, copied to docs/results/astraea/w1-s13-1thread/confirm/)
 OMP_NUM_THREADS=1 $PY benchmarks/astraea_w1.py --out docs/results/astraea/w1-s13-1thread/confirm --budgets 0.4 --repeats 3
+
+# ---- Session 14: the 2-rank CPU check interleaved (CP ranks, whole copies, one process: step by step in one set of
+#      processes) with the replicated work timed; the GPU model with the replicated FLOPs and the serial-seconds
+#      cross-check. Quiet machine (~9 min per measurement).
+OMP_NUM_THREADS=1 $PY benchmarks/parallel_scaling.py measure --nproc 2 --repeats 5 --rounds 2 --out docs/results/parallel/measured.json
+#    (run twice; the second run is docs/results/parallel/measured-confirm.json)
+OMP_NUM_THREADS=1 $PY benchmarks/parallel_scaling.py measure --nproc 2 --repeats 5 --rounds 2 --out docs/results/parallel/measured-confirm.json
+$PY benchmarks/parallel_scaling.py model --measured docs/results/parallel/measured.json --out docs/results/parallel/scaling-model.json

@@ -22,6 +22,13 @@ def ps():
     return mod
 
 
+def test_implied_serial_seconds_meet_the_published_pair(ps):
+    s = ps.implied_serial_s(100.0, 60.0, 2, 0.0)
+    assert s == pytest.approx(20.0) and (100.0 - s) / 2 + s == pytest.approx(60.0)
+    s = ps.implied_serial_s(100.0, 30.0, 4, 5.0)  # with communication: (100 - S)/4 + S + 5 = 30
+    assert (100.0 - s) / 4 + s + 5.0 == pytest.approx(30.0)
+
+
 def test_comm_volumes(ps):
     kw = dict(bandwidth=1.0, latency=0.0, bytes_per=1)
     assert ps.comm_seconds(8, 4, 3, 1, 1, **kw) == 0.0
@@ -72,9 +79,77 @@ def test_model_labels_predictions_and_reports_validation(ps, tmp_path, monkeypat
         assert c["judged"] and all(other in j["case"] for j in c["judged"])
         for j in c["judged"]:
             assert j["error"] == pytest.approx(j["predicted"] / j["published"] - 1, abs=1e-3)
+    # the serial-seconds cross-check: S fitted on one GPU type's published latencies, judged on the other's
+    serial = d["serial_seconds_cross_check"]
+    assert {"fitted_on_H100", "fitted_on_H20"} <= set(serial)
+    implied = serial["implied_serial_s"]
+    for fit_on, other in (("H100", "H20"), ("H20", "H100")):
+        c = serial[f"fitted_on_{fit_on}"]
+        assert c["serial_s"] == pytest.approx(statistics.median(
+            pt["implied_serial_s"] for pt in implied if pt["gpu"] == fit_on and "xDiT" in pt["case"]), abs=0.02)
+        assert c["judged"] and all(other in j["case"] for j in c["judged"])
+        for j in c["judged"]:
+            pt = next(pt for pt in implied if pt["case"] == j["case"] and pt["gpus"] == j["gpus"])
+            t_p = (pt["t1"] - c["serial_s"]) / pt["gpus"] + c["serial_s"] + pt["comm_s"]
+            assert j["predicted"] == pytest.approx(pt["t1"] / t_p, abs=2e-3)
+    other_impl = next(v for k, v in serial.items() if k.startswith("fitted_on_all_"))
+    assert [j["case"] for j in other_impl["judged"]] == [v["case"] for v in d["validation"]
+                                                         if "L20" in v["case"]]
     wan = d["predictions"]["Wan2.1-T2V-1.3B"]["gpus"]
     assert (wan["8"]["ulysses"], wan["8"]["ring"]) == (4, 2)  # 12 heads: Ulysses 4 x Ring 2 on 8 GPUs
     assert wan["1"]["dense_speedup_vs_1gpu"] == 1.0
     for row in wan.values():  # the two conventions: over 1 dense GPU = over dense on P GPUs x dense scaling
         assert row["astraea_gain_over_1_dense_gpu"] == pytest.approx(
             row["astraea_gain_over_dense_same_gpus"] * row["dense_speedup_vs_1gpu"], rel=2e-3)
+
+
+@pytest.mark.slow
+def test_measure_tiny_runs_three_interleaved_runs_and_checks_the_models(ps, tmp_path, monkeypatch):
+    """2 gloo ranks, tiny width: the three runs step together, the replicated modules are timed, and every model
+    check is its stated formula of the measured inputs."""
+    import json
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the spawned ranks import ``parallel_scaling.rank_measure``
+
+    out = tmp_path / "m.json"
+    assert ps.main(["measure", "--tiny", "--nproc", "2", "--repeats", "2", "--budgets", "0.5",
+                    "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["mesh"] == {"ulysses": 2, "ring": 1}
+    assert set(d["settings"]) == {"dense", "astraea-b0.50"}
+    raw = d["raw"][0]["settings"]
+    assert set(raw) == set(ps.RUNS)
+    for label, v in d["settings"].items():
+        for kind in ps.RUNS:
+            assert len(raw[kind][label]["step_s_all"]) == 2
+        assert raw["single"][label]["a2a_s"] == raw["loaded"][label]["a2a_s"] == 0.0 < v["a2a_s"]
+        assert 0.0 < v["replicated_s"] < v["single_s"]
+        assert 0.0 < v["loaded_replicated_s"] < v["loaded_s"]
+        assert v["single_s"] == pytest.approx(statistics.median(raw["single"][label]["step_s_all"]))
+        assert v["simple_model_parallel_s"] == pytest.approx(v["single_s"] / 2 + v["a2a_s"])
+        assert v["replicated_model_parallel_s"] == pytest.approx(
+            (v["single_s"] - v["replicated_s"]) / 2 + v["replicated_s"] + v["a2a_s"])
+        assert v["loaded_model_parallel_s"] == pytest.approx(
+            (v["loaded_s"] - v["loaded_replicated_s"]) / 2 + v["loaded_replicated_s"] + v["a2a_s"])
+        for name in ps.MODELS:
+            assert v[f"{name}_model_error"] == pytest.approx(v[f"{name}_model_parallel_s"] / v["parallel_s"] - 1)
+        assert v["contention"] == pytest.approx(v["loaded_s"] / v["single_s"])
+    # the summary is a function of the raw steps alone: re-summarised, the same table
+    again = ps.summarize(d["raw"], 2)
+    for label, row in d["settings"].items():
+        assert again[label] == pytest.approx(row)
+
+
+def test_replicated_modules_are_what_a_rank_runs_whole(ps):
+    """The modules named replicated are the ones outside diffusers' Wan split (embeddings, RoPE before its output
+    split, and attn2's text K/V), and none of them is inside the sharded blocks' token path."""
+    from vdit_accel.bench.step import StepBench, StepBenchConfig
+
+    model = StepBench(StepBenchConfig(layers=2, latent=(2, 8, 8), text_len=8, tiny=True)).model
+    mods = ps.replicated_modules(model)
+    names = {m: n for n, m in model.named_modules()}
+    got = [names[m] for m in mods]
+    assert got[:3] == ["patch_embedding", "condition_embedder", "rope"]
+    assert got[3:] == [f"blocks.{i}.attn2.{p}" for i in range(2) for p in ("to_k", "to_v", "norm_k")]
+    split = set(model._cp_plan)  # diffusers' plan: what it splits / gathers
+    assert {"rope", "blocks.0", "proj_out"} <= split

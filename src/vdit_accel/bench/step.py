@@ -204,7 +204,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _Timer:
+class ModuleTimer:
     """Forward pre/post hooks that time modules (with CUDA synchronisation); handles removed on ``close``."""
 
     def __init__(self, modules: list[torch.nn.Module], device: torch.device) -> None:
@@ -262,8 +262,8 @@ class StepBench:
         self.drift = torch.randn(shape, generator=gen).to(self.device, self.dtype)
         self.text = torch.randn(1, cfg.text_len, kw["text_dim"], generator=gen).to(self.device, self.dtype)
         blocks = list(self.model.blocks)
-        self.block_timer = _Timer(blocks, self.device)
-        self.attn1_timer = _Timer([b.attn1 for b in blocks], self.device)
+        self.block_timer = ModuleTimer(blocks, self.device)
+        self.attn1_timer = ModuleTimer([b.attn1 for b in blocks], self.device)
 
     def close(self) -> None:
         self.block_timer.close()
