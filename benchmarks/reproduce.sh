@@ -213,3 +213,5 @@ OMP_NUM_THREADS=1 $PY benchmarks/parallel_scaling.py measure --nproc 2 --repeats
 $PY benchmarks/parallel_scaling.py model --measured docs/results/parallel/measured.json --out docs/results/parallel/scaling-model.json
 #    per-rank vs global top-k at the presets' 50 steps on the 8 bench prompts (~6 min)
 $PY benchmarks/parallel_scaling.py fidelity --steps 50 --prompts 8 --groups 2 4 8 --out docs/results/parallel/fidelity-50steps.json
+#    the measured differences of the tolerance tests (Ring, hybrid, TimeRipple's pooled modes), written by the tests
+VDIT_RECORD_DIFFS=docs/results/parallel/differences.json $PY -m pytest -q tests/test_parallel.py -k "pooled or ring_two or hybrid"
