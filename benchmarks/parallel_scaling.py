@@ -3,13 +3,13 @@
 (a) ``measure``: a ``WanTransformer3DModel`` at Wan2.1-T2V-1.3B width (dim 1536, 12x128 heads, FFN 8960; random
     seeded weights, built by :class:`vdit_accel.bench.step.StepBench`, ``--layers`` blocks, ``--latent`` latent, 512
     text tokens, float32) is stepped as a sampler would (one CFG branch per call) on ``--nproc`` gloo processes, one
-    thread each, in three runs interleaved step by step (:func:`rank_measure`): the ranks under diffusers' Ulysses
-    context parallelism (``vdit_accel.parallel``); every process stepping a whole copy at once (the machine as busy,
-    no communication); one process alone. Per setting (dense, Astraea at each ``--budgets``: 1 dense step fills the
-    caches, 1 warm-up step, ``--repeats`` timed steps) a step is the slowest rank's, median over repeats. Measured
-    apart, as the model's inputs: the Ulysses all-to-alls of one step at its shapes, timed alone on the ranks, and
-    the seconds in the modules every rank runs whole (:func:`replicated_modules`). Checked: ``T_P = T_1/P + t_a2a``
-    and ``T_P = (T_L - r_L)/P + r_L + t_a2a`` (:func:`measure`).
+    thread each, in three runs interleaved step by step (:func:`rank_measure`): the ranks under diffusers' context
+    parallelism (``vdit_accel.parallel``; ``--mesh``: Ulysses, or Ring over all ranks); every process stepping a
+    whole copy at once (the machine as busy, no communication); one process alone. Per setting (dense, Astraea at
+    each ``--budgets``: 1 dense step fills the caches, 1 warm-up step, ``--repeats`` timed steps) a step is the
+    slowest rank's, median over repeats. Measured apart, as the models' inputs: the step's communication at its
+    shapes (Ulysses all-to-alls or Ring K/V all-gathers) timed alone on the ranks, and the seconds in the modules
+    every rank runs whole (:func:`replicated_modules`). The models checked against the CP steps: :data:`MODELS`.
 
 (b) ``model``: per-call time on ``P`` GPUs, ``T(P) = (F - F_r) / (R·P) + F_r / R + comm(P)`` with ``F`` the call's
     FLOPs of :mod:`vdit_accel.bench.flops` at the full geometry, ``F_r`` its replicated part (the structure (a)
@@ -46,8 +46,10 @@ FORMAT = "vdit-accel/parallel-scaling"
 
 
 # ------------------------------------------------------------------------------------------ (a) measurement
-def _a2a_seconds(model, tokens: int, world: int, budget: float) -> float:
-    """The Ulysses all-to-alls of one step at its shapes, timed alone (max over ranks)."""
+def _comm_seconds(model, tokens: int, world: int, budget: float, ring: bool) -> float:
+    """The context-parallel communication of one step at its shapes, timed alone (max over ranks): Ulysses, the
+    all-to-alls of q, k, v and out per layer (q and out carry the budget's rows); Ring, the all-gather of each
+    rank's K and V per layer (one flattened buffer, as diffusers' ``TemplatedRingAttention`` gathers them)."""
     import torch.distributed as dist
 
     from vdit_accel.ops.astraea import budget_to_count
@@ -58,14 +60,19 @@ def _a2a_seconds(model, tokens: int, world: int, budget: float) -> float:
     local = tokens // world
     rows = local if budget >= 1.0 else budget_to_count(budget, local)
     layers = len(model.blocks)
-    shapes = [rows, local, local, rows]  # q, k, v, out
-    bufs = [torch.randn(world * ((n * c + world - 1) // world)) for n in shapes]
     dist.barrier()
     t0 = time.perf_counter()
-    for _ in range(layers):
-        for b in bufs:
-            out = torch.empty_like(b)
-            dist.all_to_all_single(out, b)
+    if ring:
+        kv = torch.randn(2 * local * c)
+        for _ in range(layers):
+            out = torch.empty(world * kv.numel())
+            dist.all_gather_into_tensor(out, kv)
+    else:
+        bufs = [torch.randn(world * ((n * c + world - 1) // world)) for n in (rows, local, local, rows)]
+        for _ in range(layers):
+            for b in bufs:
+                out = torch.empty_like(b)
+                dist.all_to_all_single(out, b)
     t = torch.tensor([time.perf_counter() - t0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
@@ -85,11 +92,13 @@ def replicated_modules(model) -> list[torch.nn.Module]:
 RUNS = ("single", "loaded", "parallel")  # 1 process alone; every process a whole copy at once; the CP ranks
 
 
-def rank_measure(rank: int, world: int, bench_kwargs: dict, budgets: list[float], repeats: int) -> dict:
+def rank_measure(rank: int, world: int, bench_kwargs: dict, budgets: list[float], repeats: int,
+                 ring: bool = False) -> dict:
     """Step times per setting of the three runs of :data:`RUNS`, interleaved step by step on the same ``world``
     processes (so the machine's drifts fall on all three alike):
 
-    - ``parallel``: every rank steps its own model under diffusers' Ulysses CP (the ranks' shards of one call);
+    - ``parallel``: every rank steps its own model under diffusers' CP, Ulysses (``ring=False``) or Ring over all
+      ranks (the ranks' shards of one call);
     - ``loaded``: every rank steps a second, plain model on the whole problem at the same time (``world``
       independent copies: the machine as busy as under CP, no communication);
     - ``single``: rank 0 steps a third, plain model while the other ranks wait (the one-process step).
@@ -104,12 +113,12 @@ def rank_measure(rank: int, world: int, bench_kwargs: dict, budgets: list[float]
     from vdit_accel.parallel import degrees_for, enable_context_parallel
 
     benches = {kind: StepBench(StepBenchConfig(**bench_kwargs)) for kind in RUNS}
-    ulysses, ring = degrees_for(world, benches["parallel"].model.config.num_attention_heads)
-    enable_context_parallel(benches["parallel"].model, ulysses=ulysses, ring=ring)
+    u, r = (1, world) if ring else degrees_for(world, benches["parallel"].model.config.num_attention_heads)
+    enable_context_parallel(benches["parallel"].model, ulysses=u, ring=r)
     timers = {kind: ModuleTimer(replicated_modules(b.model), b.device) for kind, b in benches.items()}
     runs_on = {"single": rank == 0, "loaded": True, "parallel": True}
     first = next(iter(benches.values()))
-    out = {"tokens": first.cfg.tokens, "grid": list(first.cfg.grid), "ulysses": ulysses, "ring": ring,
+    out = {"tokens": first.cfg.tokens, "grid": list(first.cfg.grid), "ulysses": u, "ring": r,
            "settings": {kind: {} for kind in RUNS}}
     try:
         for setting in [Setting()] + [Setting(budget=b) for b in budgets]:
@@ -145,7 +154,8 @@ def rank_measure(rank: int, world: int, bench_kwargs: dict, budgets: list[float]
             for kind in RUNS:
                 out["settings"][kind][setting.label] = {
                     "budget": setting.budget, "step_s_all": times[kind], "replicated_s_all": replicated[kind],
-                    "a2a_s": _a2a_seconds(benches["parallel"].model, first.cfg.tokens, world, setting.budget)
+                    "comm_s": _comm_seconds(benches["parallel"].model, first.cfg.tokens, world, setting.budget,
+                                           ring)
                     if kind == "parallel" else 0.0}
     finally:
         for timer in timers.values():
@@ -159,14 +169,14 @@ def _pooled(results: list[dict], kind: str, label: str) -> dict:
     steps = [t for s in rows for t in s["step_s_all"]]
     return {"step_s": statistics.median(steps),
             "replicated_s": statistics.median(t for s in rows for t in s["replicated_s_all"]),
-            "a2a_s": statistics.median(s["a2a_s"] for s in rows), "step_s_all": steps}
+            "comm_s": statistics.median(s["comm_s"] for s in rows), "step_s_all": steps}
 
 
 MODELS = {
-    "simple": "T_P = T_1/P + t_a2a",
-    "replicated": "T_P = (T_1 - r_1)/P + r_1 + t_a2a (the GPU model's form; r_1: the one-process step's seconds in "
+    "simple": "T_P = T_1/P + t_comm",
+    "replicated": "T_P = (T_1 - r_1)/P + r_1 + t_comm (the GPU model's form; r_1: the one-process step's seconds in "
                   "the modules every rank runs whole)",
-    "loaded": "T_P = (T_L - r_L)/P + r_L + t_a2a (T_L: one process while P-1 whole copies run; r_L: its seconds in "
+    "loaded": "T_P = (T_L - r_L)/P + r_L + t_comm (T_L: one process while P-1 whole copies run; r_L: its seconds in "
               "the replicated modules)",
 }
 
@@ -182,12 +192,12 @@ def summarize(results: list[dict], nproc: int) -> dict:
         s, ld, p = (_pooled(results, kind, label) for kind in RUNS)
         speedup = s["step_s"] / p["step_s"]
         paired = [a / b for a, b in zip(s["step_s_all"], p["step_s_all"], strict=True)]
-        models = {"simple": s["step_s"] / nproc + p["a2a_s"],
-                  "replicated": (s["step_s"] - s["replicated_s"]) / nproc + s["replicated_s"] + p["a2a_s"],
-                  "loaded": (ld["step_s"] - ld["replicated_s"]) / nproc + ld["replicated_s"] + p["a2a_s"]}
+        models = {"simple": s["step_s"] / nproc + p["comm_s"],
+                  "replicated": (s["step_s"] - s["replicated_s"]) / nproc + s["replicated_s"] + p["comm_s"],
+                  "loaded": (ld["step_s"] - ld["replicated_s"]) / nproc + ld["replicated_s"] + p["comm_s"]}
         row = {"budget": s0["budget"], "single_s": s["step_s"], "loaded_s": ld["step_s"], "parallel_s": p["step_s"],
                "speedup": speedup, "speedup_paired_median": statistics.median(paired), "efficiency": speedup / nproc,
-               "a2a_s": p["a2a_s"], "replicated_s": s["replicated_s"],
+               "comm_s": p["comm_s"], "replicated_s": s["replicated_s"],
                "replicated_share": s["replicated_s"] / s["step_s"], "loaded_replicated_s": ld["replicated_s"],
                "contention": ld["step_s"] / s["step_s"],
                "gain_over_dense_same_ranks": dense["parallel"] / p["step_s"],
@@ -201,7 +211,7 @@ def summarize(results: list[dict], nproc: int) -> dict:
 
 def measure(args) -> dict:
     """``--rounds`` spawns of :func:`rank_measure` (each a fresh set of ``--nproc`` processes), summarised by
-    :func:`summarize`. The models checked (:data:`MODELS`): ``simple`` (``T_1/P + t_a2a``, ``T_1`` the one-process
+    :func:`summarize`. The models checked (:data:`MODELS`): ``simple`` (``T_1/P + t_comm``, ``T_1`` the one-process
     step), ``replicated`` (the GPU model's form: the seconds ``r_1`` of the one-process step in
     :func:`replicated_modules` are not divided by ``P``) and ``loaded`` (``T_L``, ``r_L`` from the run in which every
     process steps a whole copy: the machine's compute rate with every core busy)."""
@@ -209,7 +219,8 @@ def measure(args) -> dict:
 
     kw = dict(layers=args.layers, latent=tuple(args.latent), text_len=args.text_len, dtype="float32", device="cpu",
               tiny=args.tiny)
-    results = [spawn(rank_measure, args.nproc, kw, list(args.budgets), args.repeats, timeout=args.timeout,
+    results = [spawn(rank_measure, args.nproc, kw, list(args.budgets), args.repeats, args.mesh == "ring",
+                     timeout=args.timeout,
                      collective_timeout=600)[0] for _ in range(args.rounds)]
     return {
         "format": FORMAT, "kind": "measured", "nproc": args.nproc, "threads_per_rank": 1,
@@ -589,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("measure")
     m.add_argument("--nproc", type=int, default=2)
+    m.add_argument("--mesh", choices=("ulysses", "ring"), default="ulysses",
+                   help="ulysses: as far as the heads divide (degrees_for), ring: Ring over all ranks")
     m.add_argument("--layers", type=int, default=2)
     m.add_argument("--latent", type=int, nargs=3, default=(2, 60, 104), help="latent T H W (grid 2x30x52 = 3120)")
     m.add_argument("--text-len", type=int, default=512)

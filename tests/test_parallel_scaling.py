@@ -104,33 +104,34 @@ def test_model_labels_predictions_and_reports_validation(ps, tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_measure_tiny_runs_three_interleaved_runs_and_checks_the_models(ps, tmp_path, monkeypatch):
-    """2 gloo ranks, tiny width: the three runs step together, the replicated modules are timed, and every model
-    check is its stated formula of the measured inputs."""
+@pytest.mark.parametrize("mesh", ["ulysses", "ring"])
+def test_measure_tiny_runs_three_interleaved_runs_and_checks_the_models(ps, tmp_path, monkeypatch, mesh):
+    """2 gloo ranks, tiny width, Ulysses or Ring: the three runs step together, the replicated modules and the
+    mesh's communication are timed, and every model check is its stated formula of the measured inputs."""
     import json
 
     monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the spawned ranks import ``parallel_scaling.rank_measure``
 
     out = tmp_path / "m.json"
-    assert ps.main(["measure", "--tiny", "--nproc", "2", "--repeats", "2", "--budgets", "0.5",
+    assert ps.main(["measure", "--tiny", "--nproc", "2", "--repeats", "2", "--budgets", "0.5", "--mesh", mesh,
                     "--out", str(out)]) == 0
     d = json.loads(out.read_text())
-    assert d["mesh"] == {"ulysses": 2, "ring": 1}
+    assert d["mesh"] == ({"ulysses": 2, "ring": 1} if mesh == "ulysses" else {"ulysses": 1, "ring": 2})
     assert set(d["settings"]) == {"dense", "astraea-b0.50"}
     raw = d["raw"][0]["settings"]
     assert set(raw) == set(ps.RUNS)
     for label, v in d["settings"].items():
         for kind in ps.RUNS:
             assert len(raw[kind][label]["step_s_all"]) == 2
-        assert raw["single"][label]["a2a_s"] == raw["loaded"][label]["a2a_s"] == 0.0 < v["a2a_s"]
+        assert raw["single"][label]["comm_s"] == raw["loaded"][label]["comm_s"] == 0.0 < v["comm_s"]
         assert 0.0 < v["replicated_s"] < v["single_s"]
         assert 0.0 < v["loaded_replicated_s"] < v["loaded_s"]
         assert v["single_s"] == pytest.approx(statistics.median(raw["single"][label]["step_s_all"]))
-        assert v["simple_model_parallel_s"] == pytest.approx(v["single_s"] / 2 + v["a2a_s"])
+        assert v["simple_model_parallel_s"] == pytest.approx(v["single_s"] / 2 + v["comm_s"])
         assert v["replicated_model_parallel_s"] == pytest.approx(
-            (v["single_s"] - v["replicated_s"]) / 2 + v["replicated_s"] + v["a2a_s"])
+            (v["single_s"] - v["replicated_s"]) / 2 + v["replicated_s"] + v["comm_s"])
         assert v["loaded_model_parallel_s"] == pytest.approx(
-            (v["loaded_s"] - v["loaded_replicated_s"]) / 2 + v["loaded_replicated_s"] + v["a2a_s"])
+            (v["loaded_s"] - v["loaded_replicated_s"]) / 2 + v["loaded_replicated_s"] + v["comm_s"])
         for name in ps.MODELS:
             assert v[f"{name}_model_error"] == pytest.approx(v[f"{name}_model_parallel_s"] / v["parallel_s"] - 1)
         assert v["contention"] == pytest.approx(v["loaded_s"] / v["single_s"])
