@@ -25,7 +25,10 @@
 Usage (the timed run: alone on the machine, ~4 min per round on 2 cores):
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/parallel_scaling.py measure --nproc 2 --repeats 5 \\
         --rounds 2 --out docs/results/parallel/measured.json
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/parallel_scaling.py measure --mesh ring --nproc 2 \\
+        --repeats 5 --rounds 2 --out docs/results/parallel/measured-ring.json
     PYTHONPATH=src python benchmarks/parallel_scaling.py model --measured docs/results/parallel/measured.json \\
+        docs/results/parallel/measured-confirm.json docs/results/parallel/measured-ring.json \\
         --out docs/results/parallel/scaling-model.json
 Smoke (seconds): ``... measure --tiny --out /tmp/m.json`` then ``... model --measured /tmp/m.json --out /tmp/s.json``.
 """
@@ -508,14 +511,17 @@ def model(args) -> dict:
                                          "the model (serial VAE and text encoders included) meet that published "
                                          "point; added to dense and Astraea alike on P > 1 GPUs in the "
                                          "'pessimistic' predictions"}
-    if args.measured:
-        m = json.loads(Path(args.measured).read_text())
-        out["cpu_check"] = {k: {"measured_parallel_s": v["parallel_s"],
-                                **{f"{name}_{what}": v[f"{name}_model_{what}"] for name in MODELS
-                                   for what in ("parallel_s", "error")}}
-                            for k, v in m["settings"].items()}
-        out["cpu_check_within_15pct"] = {name: all(abs(v[f"{name}_model_error"]) <= 0.15
-                                                   for v in m["settings"].values()) for name in MODELS}
+    out["cpu_check"], out["cpu_check_within_15pct"] = {}, {}
+    for path in args.measured:  # one entry per measurement, named by its mesh and file: "ring2: measured-ring.json"
+        m = json.loads(Path(path).read_text())
+        mesh = m.get("mesh", {"ulysses": m["nproc"], "ring": 1})
+        key = "x".join(f"{k}{v}" for k, v in mesh.items() if v > 1) + f": {Path(path).name}"
+        out["cpu_check"][key] = {"file": path, "settings": {
+            k: {"measured_parallel_s": v["parallel_s"],
+                **{f"{name}_{what}": v[f"{name}_model_{what}"] for name in MODELS for what in ("parallel_s", "error")}}
+            for k, v in m["settings"].items()}}
+        out["cpu_check_within_15pct"][key] = {name: all(abs(v[f"{name}_model_error"]) <= 0.15
+                                                        for v in m["settings"].values()) for name in MODELS}
     # predictions
     lm = LatencyModel.load(args.latency_model)
     cfg = load_preset(args.preset, steps=50)
@@ -612,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--tiny", action="store_true", help="smoke: a tiny width (2 heads x 16)")
     m.add_argument("--out", required=True)
     s = sub.add_parser("model")
-    s.add_argument("--measured", default=None, help="the measure JSON (adds the CPU check)")
+    s.add_argument("--measured", nargs="*", default=(), help="measure JSONs (one per mesh; adds the CPU check)")
     s.add_argument("--rate", type=float, default=400e12)
     s.add_argument("--bandwidth", type=float, default=340e9)
     s.add_argument("--latency", type=float, default=20e-6)

@@ -139,6 +139,19 @@ def test_measure_tiny_runs_three_interleaved_runs_and_checks_the_models(ps, tmp_
     again = ps.summarize(d["raw"], 2)
     for label, row in d["settings"].items():
         assert again[label] == pytest.approx(row)
+    # the model's CPU check reads it back under the mesh's name
+    monkeypatch.setattr(ps, "vae_decode_flops", lambda cls, latent, tiling: 1e15)
+    model_out = tmp_path / "s.json"
+    assert ps.main(["model", "--measured", str(out), "--out", str(model_out)]) == 0
+    check = json.loads(model_out.read_text())
+    key = ("ulysses2" if mesh == "ulysses" else "ring2") + ": m.json"
+    assert set(check["cpu_check"]) == {key}
+    for label, v in d["settings"].items():
+        row = check["cpu_check"][key]["settings"][label]
+        assert row["measured_parallel_s"] == v["parallel_s"]
+        assert row["replicated_error"] == v["replicated_model_error"]
+    assert check["cpu_check_within_15pct"][key] == {
+        name: all(abs(v[f"{name}_model_error"]) <= 0.15 for v in d["settings"].values()) for name in ps.MODELS}
 
 
 def test_replicated_modules_are_what_a_rank_runs_whole(ps):
