@@ -1,15 +1,9 @@
 """Context-parallel scaling of dense Wan and of Astraea: (a) measured on CPU ranks, (b) a scaling model for GPUs.
 
-(a) ``measure``: a ``WanTransformer3DModel`` at Wan2.1-T2V-1.3B width (dim 1536, 12x128 heads, FFN 8960; random
-    seeded weights, built by :class:`vdit_accel.bench.step.StepBench`, ``--layers`` blocks, ``--latent`` latent, 512
-    text tokens, float32) is stepped as a sampler would (one CFG branch per call) on ``--nproc`` gloo processes, one
-    thread each, in three runs interleaved step by step (:func:`rank_measure`): the ranks under diffusers' context
-    parallelism (``vdit_accel.parallel``; ``--mesh``: Ulysses, or Ring over all ranks); every process stepping a
-    whole copy at once (the machine as busy, no communication); one process alone. Per setting (dense, Astraea at
-    each ``--budgets``: 1 dense step fills the caches, 1 warm-up step, ``--repeats`` timed steps) a step is the
-    slowest rank's, median over repeats. Measured apart, as the models' inputs: the step's communication at its
-    shapes (Ulysses all-to-alls or Ring K/V all-gathers) timed alone on the ranks, and the seconds in the modules
-    every rank runs whole (:func:`replicated_modules`). The models checked against the CP steps: :data:`MODELS`.
+(a) ``measure``: :func:`vdit_accel.bench.parallel.measure` (also ``vdit-accel bench-parallel``): Wan2.1-1.3B-width
+    blocks stepped on ``--nproc`` gloo ranks under context parallelism (``--mesh`` Ulysses or Ring), on whole copies
+    at once and on one process, interleaved step by step; the communication and the replicated work timed apart;
+    the models of :data:`vdit_accel.bench.parallel.MODELS` checked against the CP steps.
 
 (b) ``model``: per-call time on ``P`` GPUs, ``T(P) = (F - F_r) / (R·P) + F_r / R + comm(P)`` with ``F`` the call's
     FLOPs of :mod:`vdit_accel.bench.flops` at the full geometry, ``F_r`` its replicated part (the structure (a)
@@ -37,203 +31,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-FORMAT = "vdit-accel/parallel-scaling"
+from vdit_accel.bench.parallel import FORMAT, MODELS  # the measurement lives in the library
 
 
 # ------------------------------------------------------------------------------------------ (a) measurement
-def _comm_seconds(model, tokens: int, world: int, budget: float, ring: bool) -> float:
-    """The context-parallel communication of one step at its shapes, timed alone (max over ranks): Ulysses, the
-    all-to-alls of q, k, v and out per layer (q and out carry the budget's rows); Ring, the all-gather of each
-    rank's K and V per layer (one flattened buffer, as diffusers' ``TemplatedRingAttention`` gathers them)."""
-    import torch.distributed as dist
-
-    from vdit_accel.ops.astraea import budget_to_count
-
-    if world == 1:
-        return 0.0
-    c = model.config.num_attention_heads * model.config.attention_head_dim
-    local = tokens // world
-    rows = local if budget >= 1.0 else budget_to_count(budget, local)
-    layers = len(model.blocks)
-    dist.barrier()
-    t0 = time.perf_counter()
-    if ring:
-        kv = torch.randn(2 * local * c)
-        for _ in range(layers):
-            out = torch.empty(world * kv.numel())
-            dist.all_gather_into_tensor(out, kv)
-    else:
-        bufs = [torch.randn(world * ((n * c + world - 1) // world)) for n in (rows, local, local, rows)]
-        for _ in range(layers):
-            for b in bufs:
-                out = torch.empty_like(b)
-                dist.all_to_all_single(out, b)
-    t = torch.tensor([time.perf_counter() - t0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
-
-
-def replicated_modules(model) -> list[torch.nn.Module]:
-    """The modules of a Wan call that every context-parallel rank runs whole (diffusers 0.42's Wan plan splits the
-    sequence at ``blocks.0`` and the RoPE tables at the output of ``rope``): the patch embedding, the condition
-    embedder (timestep and text), RoPE, and each block's text K/V projections of the cross-attention (``attn2``;
-    the text is not split). Everything else of the call runs on the rank's ``1/P`` of the tokens."""
-    mods = [model.patch_embedding, model.condition_embedder, model.rope]
-    for block in model.blocks:
-        mods += [block.attn2.to_k, block.attn2.to_v, block.attn2.norm_k]
-    return mods
-
-
-RUNS = ("single", "loaded", "parallel")  # 1 process alone; every process a whole copy at once; the CP ranks
-
-
-def rank_measure(rank: int, world: int, bench_kwargs: dict, budgets: list[float], repeats: int,
-                 ring: bool = False) -> dict:
-    """Step times per setting of the three runs of :data:`RUNS`, interleaved step by step on the same ``world``
-    processes (so the machine's drifts fall on all three alike):
-
-    - ``parallel``: every rank steps its own model under diffusers' CP, Ulysses (``ring=False``) or Ring over all
-      ranks (the ranks' shards of one call);
-    - ``loaded``: every rank steps a second, plain model on the whole problem at the same time (``world``
-      independent copies: the machine as busy as under CP, no communication);
-    - ``single``: rank 0 steps a third, plain model while the other ranks wait (the one-process step).
-
-    Per step index the three run in an order rotated by the index; each is timed between barriers, and a step ends
-    when its slowest rank ends. Also recorded per timed step: the seconds in :func:`replicated_modules`."""
-    import torch.distributed as dist
-
-    import vdit_accel
-    from vdit_accel.bench.flops import Setting
-    from vdit_accel.bench.step import ModuleTimer, StepBench, StepBenchConfig, astraea_config
-    from vdit_accel.parallel import degrees_for, enable_context_parallel
-
-    benches = {kind: StepBench(StepBenchConfig(**bench_kwargs)) for kind in RUNS}
-    u, r = (1, world) if ring else degrees_for(world, benches["parallel"].model.config.num_attention_heads)
-    enable_context_parallel(benches["parallel"].model, ulysses=u, ring=r)
-    timers = {kind: ModuleTimer(replicated_modules(b.model), b.device) for kind, b in benches.items()}
-    runs_on = {"single": rank == 0, "loaded": True, "parallel": True}
-    first = next(iter(benches.values()))
-    out = {"tokens": first.cfg.tokens, "grid": list(first.cfg.grid), "ulysses": u, "ring": r,
-           "settings": {kind: {} for kind in RUNS}}
-    try:
-        for setting in [Setting()] + [Setting(budget=b) for b in budgets]:
-            warm = 0 if setting.dense else 1
-            steps = warm + 1 + repeats
-            handles = [] if setting.dense else [vdit_accel.apply(b.model, astraea_config(setting, warm, steps))
-                                                for b in benches.values()]
-            times = {kind: [] for kind in RUNS}
-            replicated = {kind: [] for kind in RUNS}
-            try:
-                for b in benches.values():
-                    b.model._reset_stateful_cache()
-                for i in range(steps):
-                    for kind in RUNS[i % 3:] + RUNS[:i % 3]:
-                        timer = timers[kind]
-                        timer.reset()
-                        timer.active = i >= warm + 1
-                        dist.barrier()
-                        t0 = time.perf_counter()
-                        if runs_on[kind]:
-                            benches[kind]._call(i, steps)
-                        t = torch.tensor([time.perf_counter() - t0, sum(timer.times)])
-                        timer.active = False
-                        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                        if i >= warm + 1:
-                            times[kind].append(float(t[0]))
-                            replicated[kind].append(float(t[1]))
-            finally:
-                for b in benches.values():
-                    b.model._reset_stateful_cache()
-                for h in handles:
-                    h.remove()
-            for kind in RUNS:
-                out["settings"][kind][setting.label] = {
-                    "budget": setting.budget, "step_s_all": times[kind], "replicated_s_all": replicated[kind],
-                    "comm_s": _comm_seconds(benches["parallel"].model, first.cfg.tokens, world, setting.budget,
-                                           ring)
-                    if kind == "parallel" else 0.0}
-    finally:
-        for timer in timers.values():
-            timer.close()
-    return out
-
-
-def _pooled(results: list[dict], kind: str, label: str) -> dict:
-    """One run kind's setting pooled over rounds: the median of every timed step of every round."""
-    rows = [r["settings"][kind][label] for r in results]
-    steps = [t for s in rows for t in s["step_s_all"]]
-    return {"step_s": statistics.median(steps),
-            "replicated_s": statistics.median(t for s in rows for t in s["replicated_s_all"]),
-            "comm_s": statistics.median(s["comm_s"] for s in rows), "step_s_all": steps}
-
-
-MODELS = {
-    "simple": "T_P = T_1/P + t_comm",
-    "replicated": "T_P = (T_1 - r_1)/P + r_1 + t_comm (the GPU model's form; r_1: the one-process step's seconds in "
-                  "the modules every rank runs whole)",
-    "loaded": "T_P = (T_L - r_L)/P + r_L + t_comm (T_L: one process while P-1 whole copies run; r_L: its seconds in "
-              "the replicated modules)",
-}
-
-
-def summarize(results: list[dict], nproc: int) -> dict:
-    """Per setting, from the raw results of :func:`rank_measure` (rounds pooled): the three runs' step times, the
-    speedup of the CP ranks over one process (ratio of medians, and the median of the per-step-index ratios), and
-    each model of :data:`MODELS` against the measured CP step (``<model>_model_parallel_s``,
-    ``<model>_model_error``; every input measured apart from the CP steps)."""
-    dense = {kind: _pooled(results, kind, "dense")["step_s"] for kind in RUNS}
-    table = {}
-    for label, s0 in results[0]["settings"]["single"].items():
-        s, ld, p = (_pooled(results, kind, label) for kind in RUNS)
-        speedup = s["step_s"] / p["step_s"]
-        paired = [a / b for a, b in zip(s["step_s_all"], p["step_s_all"], strict=True)]
-        models = {"simple": s["step_s"] / nproc + p["comm_s"],
-                  "replicated": (s["step_s"] - s["replicated_s"]) / nproc + s["replicated_s"] + p["comm_s"],
-                  "loaded": (ld["step_s"] - ld["replicated_s"]) / nproc + ld["replicated_s"] + p["comm_s"]}
-        row = {"budget": s0["budget"], "single_s": s["step_s"], "loaded_s": ld["step_s"], "parallel_s": p["step_s"],
-               "speedup": speedup, "speedup_paired_median": statistics.median(paired), "efficiency": speedup / nproc,
-               "comm_s": p["comm_s"], "replicated_s": s["replicated_s"],
-               "replicated_share": s["replicated_s"] / s["step_s"], "loaded_replicated_s": ld["replicated_s"],
-               "contention": ld["step_s"] / s["step_s"],
-               "gain_over_dense_same_ranks": dense["parallel"] / p["step_s"],
-               "gain_over_dense_one_process": dense["single"] / p["step_s"]}
-        for name, t in models.items():
-            row[f"{name}_model_parallel_s"] = t
-            row[f"{name}_model_error"] = t / p["step_s"] - 1.0
-        table[label] = row
-    return table
-
-
 def measure(args) -> dict:
-    """``--rounds`` spawns of :func:`rank_measure` (each a fresh set of ``--nproc`` processes), summarised by
-    :func:`summarize`. The models checked (:data:`MODELS`): ``simple`` (``T_1/P + t_comm``, ``T_1`` the one-process
-    step), ``replicated`` (the GPU model's form: the seconds ``r_1`` of the one-process step in
-    :func:`replicated_modules` are not divided by ``P``) and ``loaded`` (``T_L``, ``r_L`` from the run in which every
-    process steps a whole copy: the machine's compute rate with every core busy)."""
-    from vdit_accel.parallel import spawn
+    """:func:`vdit_accel.bench.parallel.measure` (``vdit-accel bench-parallel``) with this script's flags."""
+    from vdit_accel.bench.parallel import ParallelBenchConfig
+    from vdit_accel.bench.parallel import measure as measure_ranks
 
-    kw = dict(layers=args.layers, latent=tuple(args.latent), text_len=args.text_len, dtype="float32", device="cpu",
-              tiny=args.tiny)
-    results = [spawn(rank_measure, args.nproc, kw, list(args.budgets), args.repeats, args.mesh == "ring",
-                     timeout=args.timeout,
-                     collective_timeout=600)[0] for _ in range(args.rounds)]
-    return {
-        "format": FORMAT, "kind": "measured", "nproc": args.nproc, "threads_per_rank": 1,
-        "command": "python " + " ".join(sys.argv), "tokens": results[0]["tokens"], "grid": results[0]["grid"],
-        "mesh": {"ulysses": results[0]["ulysses"], "ring": results[0]["ring"]}, "rounds": args.rounds,
-        "bench": {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}, "repeats": args.repeats,
-        "hardware": {"platform": platform.platform(), "cpu": platform.processor(),
-                     "cores": len(__import__("os").sched_getaffinity(0)), "torch": torch.__version__},
-        "models": MODELS, "settings": summarize(results, args.nproc), "raw": results,
-    }
+    cfg = ParallelBenchConfig(nproc=args.nproc, mesh=args.mesh, layers=args.layers, latent=tuple(args.latent),
+                              text_len=args.text_len, budgets=tuple(args.budgets), repeats=args.repeats,
+                              rounds=args.rounds, tiny=args.tiny, timeout=args.timeout)
+    return measure_ranks(cfg)
 
 
 # ------------------------------------------------------------------------------------------ (b) the model
@@ -638,8 +454,6 @@ def main(argv: list[str] | None = None) -> int:
         result = fidelity(a)
     elif a.cmd == "measure":
         a.latent = tuple(a.latent)
-        if a.tiny:
-            a.latent, a.text_len = (2, 8, 8), 8
         result = measure(a)
     else:
         result = model(a)

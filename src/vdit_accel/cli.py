@@ -332,9 +332,9 @@ def cmd_bench(a) -> int:
     return 0
 
 
-def _bench_step_command(a) -> str:
-    """The bench-step command with every option spelled out (reproducible whatever the defaults become)."""
-    parts = ["vdit-accel", "bench-step"]
+def _bench_step_command(a, name: str = "bench-step") -> str:
+    """The bench command ``name`` with every option spelled out (reproducible whatever the defaults become)."""
+    parts = ["vdit-accel", name]
     for key, value in vars(a).items():
         if key in ("fn", "cmd", "verbose") or value is None or value is False:
             continue
@@ -346,6 +346,21 @@ def _bench_step_command(a) -> str:
         else:
             parts += [flag, str(value)]
     return " ".join(parts)
+
+
+def cmd_bench_parallel(a) -> int:
+    from vdit_accel.bench.parallel import RESULT_FILES, ParallelBenchConfig, markdown, run_parallel_bench
+
+    if a.out is None:
+        raise VditAccelError("bench-parallel needs --out DIR: results are written there and nowhere else")
+    cfg = ParallelBenchConfig(nproc=a.nproc, mesh=a.mesh, layers=a.layers, latent=tuple(a.latent),
+                              text_len=a.text_len, budgets=tuple(a.budgets), repeats=a.repeats, rounds=a.rounds,
+                              tiny=a.tiny)
+    _check_out_dir(a.out, RESULT_FILES, a.overwrite)  # no resume: any of its files is an earlier run's result
+    results = run_parallel_bench(cfg, a.out, command=_bench_step_command(a, "bench-parallel"))
+    print(markdown(results))
+    print(f"wrote {a.out}/bench-parallel.json and bench-parallel.md")
+    return 0
 
 
 def cmd_bench_step(a) -> int:
@@ -577,6 +592,33 @@ def build_parser() -> argparse.ArgumentParser:
                    "existing --latency-model (default off: refuse before any compute)")
     s.add_argument("--quiet", action="store_true", help="no per-step progress on stderr (default off)")
     s.set_defaults(fn=cmd_bench_step)
+
+    from vdit_accel.bench.parallel import MESHES, ParallelBenchConfig
+
+    pb = ParallelBenchConfig()
+    s = add_parser("bench-parallel", help="context parallelism on N CPU ranks at Wan2.1-1.3B width: dense and "
+                   "Astraea step times against one process, and the scaling model's form checked (JSON + Markdown)")
+    s.add_argument("--out", default=None, help="results folder (required; nothing is written elsewhere)")
+    s.add_argument("--nproc", type=int_arg("nproc", 2, 64), default=pb.nproc, help=f"ranks (default {pb.nproc})")
+    s.add_argument("--mesh", default=pb.mesh, choices=MESHES,
+                   help=f"ulysses (as far as the heads divide) or ring (over all ranks) (default {pb.mesh})")
+    s.add_argument("--layers", type=int_arg("layers", 1, MAX_SIZE), default=pb.layers,
+                   help=f"blocks timed (default {pb.layers})")
+    s.add_argument("--latent", type=int_arg("latent", 1, MAX_SIZE), nargs=3, default=list(pb.latent),
+                   metavar=("F", "H", "W"),
+                   help=f"latent frames, height, width (default {' '.join(map(str, pb.latent))})")
+    s.add_argument("--text-len", type=int_arg("text_len", 1, MAX_SIZE), default=pb.text_len,
+                   help=f"text tokens (default {pb.text_len})")
+    s.add_argument("--budgets", type=float_arg("budgets", 0.0, 1.0), nargs="+", default=list(pb.budgets),
+                   help=f"Astraea uniform budgets in (0, 1) (default {' '.join(map(str, pb.budgets))})")
+    s.add_argument("--repeats", type=int_arg("repeats", 1, MAX_COUNT), default=pb.repeats,
+                   help=f"timed steps per setting and round (default {pb.repeats})")
+    s.add_argument("--rounds", type=int_arg("rounds", 1, MAX_COUNT), default=pb.rounds,
+                   help=f"fresh sets of processes, pooled (default {pb.rounds})")
+    s.add_argument("--tiny", action="store_true", help="tiny width for smoke tests (default off)")
+    s.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out "
+                   "(default off: refuse before any compute)")
+    s.set_defaults(fn=cmd_bench_parallel)
 
     s = add_parser("calibrate", help="calibrate a method's thresholds into a preset")
     s.add_argument("method", choices=("timeripple", "magcache"), help="the method to calibrate")
