@@ -4,19 +4,14 @@ model of ``benchmarks/parallel_scaling.py``."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 
 from vdit_accel.bench import parallel as bp
 from vdit_accel.cli import main
 from vdit_accel.errors import ConfigError
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "parallel_scaling.py"
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -66,17 +61,9 @@ def test_replicated_modules_are_what_a_rank_runs_whole():
     assert {"rope", "blocks.0", "proj_out"} <= set(model._cp_plan)  # diffusers' plan: what it splits / gathers
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("parallel_scaling", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["parallel_scaling"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["ulysses", "ring"])
-def test_cli_run_interleaves_three_runs_and_checks_the_models(tmp_path, monkeypatch, mesh):
+def test_cli_run_interleaves_three_runs_and_checks_the_models(tmp_path, monkeypatch, mesh, parallel_scaling):
     """2 gloo ranks, tiny width, Ulysses or Ring: the three runs step together, the replicated modules and the
     mesh's communication are timed, every model check is its stated formula of the measured inputs, and the
     scaling model reads the result back under the mesh's name."""
@@ -109,7 +96,7 @@ def test_cli_run_interleaves_three_runs_and_checks_the_models(tmp_path, monkeypa
     for label, row in d["settings"].items():
         assert again[label] == pytest.approx(row)
     # the scaling model's CPU check reads it back under the mesh's name
-    ps = _script()
+    ps = parallel_scaling
     monkeypatch.setattr(ps, "vae_decode_flops", lambda cls, latent, tiling: 1e15)
     model_out = tmp_path / "s.json"
     assert ps.main(["model", "--measured", str(out / "bench-parallel.json"), "--out", str(model_out)]) == 0

@@ -3,23 +3,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "parallel_scaling.py"
-
 
 @pytest.fixture(scope="module")
-def ps():
-    spec = importlib.util.spec_from_file_location("parallel_scaling", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["parallel_scaling"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def ps(parallel_scaling):
+    return parallel_scaling
 
 
 def test_implied_serial_seconds_meet_the_published_pair(ps):

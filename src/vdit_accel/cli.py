@@ -441,6 +441,18 @@ def _add_model_flags(s: argparse.ArgumentParser, what: str) -> None:
     s.add_argument("--device", default="cpu", help="--model's device (cpu, cuda, cuda:N)")
 
 
+def _add_w2_shape_args(s, defaults) -> None:
+    """The W2 benchmarks' model-shape options (``--layers``, ``--latent``, ``--text-len``), defaults from their
+    config (``StepBenchConfig`` / ``ParallelBenchConfig``)."""
+    s.add_argument("--layers", type=int_arg("layers", 1, MAX_SIZE), default=defaults.layers,
+                   help=f"blocks timed (default {defaults.layers})")
+    s.add_argument("--latent", type=int_arg("latent", 1, MAX_SIZE), nargs=3, default=list(defaults.latent),
+                   metavar=("F", "H", "W"),
+                   help=f"latent frames, height, width (default {' '.join(map(str, defaults.latent))})")
+    s.add_argument("--text-len", type=int_arg("text_len", 1, MAX_SIZE), default=defaults.text_len,
+                   help=f"text tokens (default {defaults.text_len})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vdit_accel import __version__
 
@@ -554,15 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = add_parser("bench-step", help="real-width (Wan2.1-1.3B) steady-state step latency per setting, "
                    "speedup, FLOP ceiling and efficiency (JSON + Markdown)")
     s.add_argument("--out", default=None, help="results folder (required; nothing is written elsewhere)")
-    s.add_argument("--layers", type=int_arg("layers", 1, MAX_SIZE), default=sb.layers,
-                   help=f"blocks timed (default {sb.layers})")
+    _add_w2_shape_args(s, sb)
     s.add_argument("--target-layers", type=int_arg("target_layers", 1, MAX_SIZE), default=sb.target_layers,
                    help=f"layers the step cost is composed for (default {sb.target_layers})")
-    s.add_argument("--latent", type=int_arg("latent", 1, MAX_SIZE), nargs=3, default=list(sb.latent),
-                   metavar=("F", "H", "W"),
-                   help=f"latent frames, height, width (default {' '.join(map(str, sb.latent))})")
-    s.add_argument("--text-len", type=int_arg("text_len", 1, MAX_SIZE), default=sb.text_len,
-                   help=f"text tokens (default {sb.text_len})")
     s.add_argument("--dtype", default=sb.dtype, choices=DTYPES,
                    help=f"float32, bfloat16 or float16 (default {sb.dtype})")
     s.add_argument("--device", default=sb.device, choices=("auto", "cpu", "cuda"),
@@ -602,13 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nproc", type=int_arg("nproc", 2, 64), default=pb.nproc, help=f"ranks (default {pb.nproc})")
     s.add_argument("--mesh", default=pb.mesh, choices=MESHES,
                    help=f"ulysses (as far as the heads divide) or ring (over all ranks) (default {pb.mesh})")
-    s.add_argument("--layers", type=int_arg("layers", 1, MAX_SIZE), default=pb.layers,
-                   help=f"blocks timed (default {pb.layers})")
-    s.add_argument("--latent", type=int_arg("latent", 1, MAX_SIZE), nargs=3, default=list(pb.latent),
-                   metavar=("F", "H", "W"),
-                   help=f"latent frames, height, width (default {' '.join(map(str, pb.latent))})")
-    s.add_argument("--text-len", type=int_arg("text_len", 1, MAX_SIZE), default=pb.text_len,
-                   help=f"text tokens (default {pb.text_len})")
+    _add_w2_shape_args(s, pb)
     s.add_argument("--budgets", type=float_arg("budgets", 0.0, 1.0), nargs="+", default=list(pb.budgets),
                    help=f"Astraea uniform budgets in (0, 1) (default {' '.join(map(str, pb.budgets))})")
     s.add_argument("--repeats", type=int_arg("repeats", 1, MAX_COUNT), default=pb.repeats,
