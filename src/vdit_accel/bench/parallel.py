@@ -202,12 +202,11 @@ def rank_measure(rank: int, world: int, bench_kwargs: dict, budgets: list[float]
                     b.model._reset_stateful_cache()
                 for h in handles:
                     h.remove()
+            comm = measured_comm_seconds(benches["parallel"].model, first.cfg.tokens, world, setting.budget, ring)
             for kind in RUNS:
                 out["settings"][kind][setting.label] = {
                     "budget": setting.budget, "step_s_all": times[kind], "replicated_s_all": replicated[kind],
-                    "comm_s": measured_comm_seconds(benches["parallel"].model, first.cfg.tokens, world, setting.budget,
-                                           ring)
-                    if kind == "parallel" else 0.0}
+                    "comm_s": comm if kind == "parallel" else 0.0}
     finally:
         for timer in timers.values():
             timer.close()
