@@ -67,6 +67,8 @@ PRESET_CASES = {  # id: (file content: a JSON-able object, or bytes; error; text
     "geometry_float": (_preset(geometry=[16, 64.5, 64]), WeightsError, "geometry[1]=64.5"),
     "method_number": (_preset(method=3), WeightsError, "method=3"),
     "method_unknown": (_preset(method="nope"), ConfigError, "method 'nope' is unknown"),
+    "method_without_presets": (_preset(method="fbc", config={}), ConfigError,
+                               "method 'fbc', which takes no presets: presets exist for ['astraea'"),
     "model_id_list": (_preset(model_id=["m"]), WeightsError, "model_id=['m']"),
     "config_string": (_preset(config="x"), WeightsError, "config='x'"),
     "config_null": (_preset(config=None), WeightsError, "config=None"),

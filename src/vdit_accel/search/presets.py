@@ -124,12 +124,13 @@ def load_preset(name_or_path: str | Path, *, method: str | None = None, steps: i
     """Load a preset into its method's config class.
 
     Raises:
-        ConfigError: the preset is for another method, or for another step count than ``steps`` and its method
+        ConfigError: the preset is for another method or for a method that takes no presets (diffusers' caches), or
+            for another step count than ``steps`` and its method
             has no normalised-time resampling (``config.resampled(steps)``; Astraea has it), or a field of its
             config is out of range or of the wrong type (the message names it).
         WeightsError: the file is missing or malformed.
     """
-    from vdit_accel.registry import get_method
+    from vdit_accel.registry import get_method, method_names
 
     data = read_preset(name_or_path)
     if method is not None and data["method"] != method:
@@ -138,8 +139,13 @@ def load_preset(name_or_path: str | Path, *, method: str | None = None, steps: i
         logger.warning("preset %s was made for model %s, applied to %s", name_or_path, data["model_id"], model_id)
     import vdit_accel.methods  # noqa: F401  (registers the methods)
 
+    config_cls = get_method(data["method"]).config_cls
+    if not hasattr(config_cls, "from_dict"):  # diffusers' caches: configured by their operating points, not presets
+        takes = [m for m in method_names() if hasattr(get_method(m).config_cls, "from_dict")]
+        raise ConfigError(f"preset {str(name_or_path)!r} is for method {data['method']!r}, which takes no presets: "
+                          f"presets exist for {takes}")
     try:
-        config = get_method(data["method"]).config_cls.from_dict(data["config"])
+        config = config_cls.from_dict(data["config"])
     except ConfigError as e:
         raise ConfigError(f"preset {str(name_or_path)!r}: {e}") from e
     if steps is not None and data["steps"] != steps:
