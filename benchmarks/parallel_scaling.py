@@ -23,7 +23,7 @@ Usage (the timed run: alone on the machine, ~4 min per round on 2 cores):
         --repeats 5 --rounds 2 --out docs/results/parallel/measured-ring.json
     PYTHONPATH=src python benchmarks/parallel_scaling.py model --measured docs/results/parallel/measured.json \\
         docs/results/parallel/measured-confirm.json docs/results/parallel/measured-ring.json \\
-        --out docs/results/parallel/scaling-model.json
+        docs/results/parallel/measured-ring-confirm.json --out docs/results/parallel/scaling-model.json
 Smoke (seconds): ``... measure --tiny --out /tmp/m.json`` then ``... model --measured /tmp/m.json --out /tmp/s.json``.
 """
 

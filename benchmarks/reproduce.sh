@@ -212,7 +212,9 @@ OMP_NUM_THREADS=1 $PY benchmarks/parallel_scaling.py measure --nproc 2 --repeats
 OMP_NUM_THREADS=1 $PY benchmarks/parallel_scaling.py measure --nproc 2 --repeats 5 --rounds 2 --out docs/results/parallel/measured-confirm.json
 #    Ring over both ranks (~10 min)
 OMP_NUM_THREADS=1 $PY benchmarks/parallel_scaling.py measure --mesh ring --nproc 2 --repeats 5 --rounds 2 --out docs/results/parallel/measured-ring.json
-$PY benchmarks/parallel_scaling.py model --measured docs/results/parallel/measured.json docs/results/parallel/measured-confirm.json docs/results/parallel/measured-ring.json --out docs/results/parallel/scaling-model.json
+#    (run twice; the second run is docs/results/parallel/measured-ring-confirm.json)
+OMP_NUM_THREADS=1 $PY benchmarks/parallel_scaling.py measure --mesh ring --nproc 2 --repeats 5 --rounds 2 --out docs/results/parallel/measured-ring-confirm.json
+$PY benchmarks/parallel_scaling.py model --measured docs/results/parallel/measured.json docs/results/parallel/measured-confirm.json docs/results/parallel/measured-ring.json docs/results/parallel/measured-ring-confirm.json --out docs/results/parallel/scaling-model.json
 #    per-rank vs global top-k at the presets' 50 steps on the 8 bench prompts (~6 min)
 $PY benchmarks/parallel_scaling.py fidelity --steps 50 --prompts 8 --groups 2 4 8 --out docs/results/parallel/fidelity-50steps.json
 #    the measured differences of the tolerance tests (Ring, hybrid, TimeRipple's pooled modes), written by the tests
