@@ -196,6 +196,12 @@ def comm_seconds(tokens: int, dim: int, layers: int, ulysses: int, ring: int, *,
     return t * layers
 
 
+def within_15pct(errors) -> str:
+    """``"k of n"``: how many relative errors are within the validation bar of ±15%."""
+    errors = list(errors)
+    return f"{sum(abs(e) <= 0.15 for e in errors)} of {len(errors)}"
+
+
 def fixed_overhead_cross_check(validation: list[dict], family: str = "HunyuanVideo xDiT (USP)") -> dict:
     """Is the model's residual on ``family`` (one implementation, several GPU types) a fixed cost in seconds per call
     that does not shrink with the GPU's speed? Fit it on one GPU type (the median residual of its multi-GPU points),
@@ -214,8 +220,7 @@ def fixed_overhead_cross_check(validation: list[dict], family: str = "HunyuanVid
             judged.append({"case": v["case"], "gpus": v["gpus"], "published": v["published"],
                            "predicted": round(pred, 3), "error": round(pred / v["published"] - 1, 4)})
         result[f"fitted_on_{fit_on}"] = {"fixed_s_per_call": round(c, 4), "judged": judged,
-                                         "within_15pct": f"{sum(abs(j['error']) <= 0.15 for j in judged)} of "
-                                                         f"{len(judged)}"}
+                                         "within_15pct": within_15pct(j["error"] for j in judged)}
     return result
 
 
@@ -257,13 +262,11 @@ def serial_seconds_cross_check(validation: list[dict], family: str = "HunyuanVid
         serial = statistics.median(pt["implied_serial_s"] for pt in fam if pt["gpu"] == fit_on)
         judged = [judge(pt, serial) for pt in fam if pt["gpu"] != fit_on]
         result[f"fitted_on_{fit_on}"] = {"serial_s": round(serial, 2), "judged": judged,
-                                         "within_15pct": f"{sum(abs(j['error']) <= 0.15 for j in judged)} of "
-                                                         f"{len(judged)}"}
+                                         "within_15pct": within_15pct(j["error"] for j in judged)}
     serial = statistics.median(pt["implied_serial_s"] for pt in fam)
     judged = [judge(pt, serial) for pt in points if not pt["case"].startswith(family)]
     result[f"fitted_on_all_{family}"] = {"serial_s": round(serial, 2), "judged": judged,
-                                        "within_15pct": f"{sum(abs(j['error']) <= 0.15 for j in judged)} of "
-                                                        f"{len(judged)}"}
+                                        "within_15pct": within_15pct(j["error"] for j in judged)}
     return result
 
 
@@ -313,7 +316,7 @@ def model(args) -> dict:
     out = {"format": FORMAT, "kind": "model", "inputs": inputs, "validation": validation,
            "serial_parts": serial_parts,
            "validated_within_15pct": all(abs(v["error"]) <= 0.15 for v in validation),
-           "within_15pct": f"{sum(abs(v['error']) <= 0.15 for v in validation)} of {len(validation)}"}
+           "within_15pct": within_15pct(v["error"] for v in validation)}
     out["fixed_overhead_cross_check"] = fixed_overhead_cross_check(validation)
     out["serial_seconds_cross_check"] = serial_seconds_cross_check(validation)
     # the pessimistic variant: the largest residual (after the serial parts above) read as a fixed per-step overhead

@@ -332,7 +332,7 @@ def cmd_bench(a) -> int:
     return 0
 
 
-def _bench_step_command(a, name: str = "bench-step") -> str:
+def _bench_command(a, name: str) -> str:
     """The bench command ``name`` with every option spelled out (reproducible whatever the defaults become)."""
     parts = ["vdit-accel", name]
     for key, value in vars(a).items():
@@ -357,7 +357,7 @@ def cmd_bench_parallel(a) -> int:
                               text_len=a.text_len, budgets=tuple(a.budgets), repeats=a.repeats, rounds=a.rounds,
                               tiny=a.tiny)
     _check_out_dir(a.out, RESULT_FILES, a.overwrite)  # no resume: any of its files is an earlier run's result
-    results = run_parallel_bench(cfg, a.out, command=_bench_step_command(a, "bench-parallel"))
+    results = run_parallel_bench(cfg, a.out, command=_bench_command(a, "bench-parallel"))
     print(markdown(results))
     print(f"wrote {a.out}/bench-parallel.json and bench-parallel.md")
     return 0
@@ -382,7 +382,8 @@ def cmd_bench_step(a) -> int:
                           timed_steps=a.timed_steps,
                           kv_reuse=a.kv_reuse, orders=tuple(a.orders), seed=a.seed, full=a.full, tiny=a.tiny)
     settings = latency_settings(a.latency_kv_reuse) if a.latency_model else None
-    results = run_step_bench(cfg, a.out, settings=settings, command=_bench_step_command(a), progress=not a.quiet)
+    results = run_step_bench(cfg, a.out, settings=settings, command=_bench_command(a, "bench-step"),
+                             progress=not a.quiet)
     from vdit_accel.bench.step import markdown
 
     print(markdown(results))

@@ -164,12 +164,12 @@ def rank_measure(rank: int, world: int, bench_kwargs: dict, budgets: list[float]
     from vdit_accel.parallel import degrees_for, enable_context_parallel
 
     benches = {kind: StepBench(StepBenchConfig(**bench_kwargs)) for kind in RUNS}
-    u, r = (1, world) if ring else degrees_for(world, benches["parallel"].model.config.num_attention_heads)
-    enable_context_parallel(benches["parallel"].model, ulysses=u, ring=r)
+    cp = benches["parallel"]
+    u, r = (1, world) if ring else degrees_for(world, cp.model.config.num_attention_heads)
+    enable_context_parallel(cp.model, ulysses=u, ring=r)
     timers = {kind: ModuleTimer(replicated_modules(b.model), b.device) for kind, b in benches.items()}
     runs_on = {"single": rank == 0, "loaded": True, "parallel": True}
-    first = next(iter(benches.values()))
-    out = {"tokens": first.cfg.tokens, "grid": list(first.cfg.grid), "ulysses": u, "ring": r,
+    out = {"tokens": cp.cfg.tokens, "grid": list(cp.cfg.grid), "ulysses": u, "ring": r,
            "settings": {kind: {} for kind in RUNS}}
     try:
         for setting in [Setting()] + [Setting(budget=b) for b in budgets]:
@@ -202,7 +202,7 @@ def rank_measure(rank: int, world: int, bench_kwargs: dict, budgets: list[float]
                     b.model._reset_stateful_cache()
                 for h in handles:
                     h.remove()
-            comm = measured_comm_seconds(benches["parallel"].model, first.cfg.tokens, world, setting.budget, ring)
+            comm = measured_comm_seconds(cp.model, cp.cfg.tokens, world, setting.budget, ring)
             for kind in RUNS:
                 out["settings"][kind][setting.label] = {
                     "budget": setting.budget, "step_s_all": times[kind], "replicated_s_all": replicated[kind],
