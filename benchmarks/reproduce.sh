@@ -219,3 +219,8 @@ $PY benchmarks/parallel_scaling.py model --measured docs/results/parallel/measur
 $PY benchmarks/parallel_scaling.py fidelity --steps 50 --prompts 8 --groups 2 4 8 --out docs/results/parallel/fidelity-50steps.json
 #    the measured differences of the tolerance tests (Ring, hybrid, TimeRipple's pooled modes), written by the tests
 VDIT_RECORD_DIFFS=docs/results/parallel/differences.json $PY -m pytest -q tests/test_parallel.py -k "pooled or ring_two or hybrid"
+
+# ---- Session 15: the scaling model's published validation widened to 34 points (the Wan2.1 README's T2V-/I2V-14B
+#      table on H800 / H20 / A800 with FSDP's weight all-gather; xDiT's 960x960 L20 row) and its held-out checks per
+#      implementation; a second pessimistic reading from the Wan table's own worst H800 residual (~2 min, no timing)
+$PY benchmarks/parallel_scaling.py model --measured docs/results/parallel/measured.json docs/results/parallel/measured-confirm.json docs/results/parallel/measured-ring.json docs/results/parallel/measured-ring-confirm.json --out docs/results/parallel/scaling-model.json
