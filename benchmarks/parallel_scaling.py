@@ -24,7 +24,8 @@ Usage (the timed run: alone on the machine, ~4 min per round on 2 cores):
         --repeats 5 --rounds 2 --out docs/results/parallel/measured-ring.json
     PYTHONPATH=src python benchmarks/parallel_scaling.py model --measured docs/results/parallel/measured.json \\
         docs/results/parallel/measured-confirm.json docs/results/parallel/measured-ring.json \\
-        docs/results/parallel/measured-ring-confirm.json --out docs/results/parallel/scaling-model.json
+        docs/results/parallel/measured-ring-confirm.json --step-bench \\
+        docs/results/bench-step/cpu-full-geometry/bench-step.json --out docs/results/parallel/scaling-model.json
 Smoke (seconds): ``... measure --tiny --out /tmp/m.json`` then ``... model --measured /tmp/m.json --out /tmp/s.json``.
 """
 
@@ -342,15 +343,27 @@ def serial_seconds_cross_check(validation: list[dict]) -> dict:
     return result
 
 
+def step_cost_model(args, *, kv_reuse: bool):
+    """Astraea's relative step costs for the predictions: from ``--step-bench`` (a ``vdit-accel bench-step`` result,
+    e.g. measured at the full geometry: its settings' composed step times over dense, those of ``kv_reuse``) or else
+    the ``--latency-model`` JSON (the search's latency model, W2 width, 3,840 tokens)."""
+    from vdit_accel.bench.step import latency_model_from
+    from vdit_accel.search.latency import LatencyModel
+
+    if args.step_bench:
+        return latency_model_from(json.loads(Path(args.step_bench).read_text()), kv_reuse)
+    return LatencyModel.load(args.latency_model)
+
+
 def model(args) -> dict:
     from vdit_accel.bench.flops import Setting, WanGeometry, step_flops
     from vdit_accel.parallel import degrees_for
-    from vdit_accel.search.latency import LatencyModel, StepChoice
+    from vdit_accel.search.latency import StepChoice
     from vdit_accel.search.presets import load_preset
 
     rate, bw, lat = args.rate, args.bandwidth, args.latency
     inputs = {"rate_flops_per_gpu": rate, "bandwidth_bytes_per_s": bw, "latency_s": lat, "bytes_per_element": 2,
-              "overlap": "none", "latency_model": args.latency_model, "preset": args.preset,
+              "overlap": "none", "preset": args.preset,
               "notes": "rate: achieved bf16 throughput per H100 (assumed ~40% of the 989 TFLOP/s dense peak); "
                        "bandwidth: achieved NCCL all-to-all/all-gather bandwidth per GPU on NVLink4 (assumed 75% "
                        "of the 450 GB/s per direction of H100 SXM); latency per collective assumed 20 us."}
@@ -422,8 +435,12 @@ def model(args) -> dict:
         out["cpu_check_within_15pct"][key] = {name: all(abs(v[f"{name}_model_error"]) <= 0.15
                                                         for v in m["settings"].values()) for name in MODELS}
     # predictions
-    lm = LatencyModel.load(args.latency_model)
     cfg = load_preset(args.preset, steps=50)
+    lm = step_cost_model(args, kv_reuse=bool(getattr(cfg, "kv_reuse", False)))
+    inputs["step_costs"] = {"source": args.step_bench or args.latency_model, "geometry": lm.geometry,
+                            "dense_step_s": lm.dense_step_s,
+                            "relative_costs": [{"budget": b, "order": o, "relative_cost": c}
+                                               for (b, o), c in sorted(lm.costs.items())]}
     schedule = [StepChoice(b, o) for b, o in zip(cfg.schedule, cfg.orders, strict=True)]
     preds = {}
     for name, spec in (("Wan2.1-T2V-1.3B", WAN_1_3B), ("Wan2.1-T2V-14B", WAN_14B)):
@@ -523,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--bandwidth", type=float, default=340e9)
     s.add_argument("--latency", type=float, default=20e-6)
     s.add_argument("--latency-model", default="docs/results/bench-step/latency-kv/latency.json")
+    s.add_argument("--step-bench", default=None, help="a bench-step.json: Astraea's relative step costs from its "
+                   "settings instead of --latency-model (e.g. measured at the full geometry)")
     s.add_argument("--preset", default="astraea-3x")
     s.add_argument("--out", required=True)
     f = sub.add_parser("fidelity")

@@ -222,5 +222,7 @@ VDIT_RECORD_DIFFS=docs/results/parallel/differences.json $PY -m pytest -q tests/
 
 # ---- Session 15: the scaling model's published validation widened to 34 points (the Wan2.1 README's T2V-/I2V-14B
 #      table on H800 / H20 / A800 with FSDP's weight all-gather; xDiT's 960x960 L20 row) and its held-out checks per
-#      implementation; a second pessimistic reading from the Wan table's own worst H800 residual (~2 min, no timing)
-$PY benchmarks/parallel_scaling.py model --measured docs/results/parallel/measured.json docs/results/parallel/measured-confirm.json docs/results/parallel/measured-ring.json docs/results/parallel/measured-ring-confirm.json --out docs/results/parallel/scaling-model.json
+#      implementation; a second pessimistic reading from the Wan table's own worst H800 residual; Astraea's step costs
+#      measured at the full geometry (32,760 tokens, W2 width, CPU: ~30 min, quiet machine), then the model (~2 min)
+$VA bench-step --out docs/results/bench-step/cpu-full-geometry --layers 2 --latent 21 60 104 --text-len 512 --target-layers 30 --dtype float32 --device cpu --repeats 3 --warmup 0 --budgets 0.5 --kv-reuse on --orders 1 --seed 0
+$PY benchmarks/parallel_scaling.py model --measured docs/results/parallel/measured.json docs/results/parallel/measured-confirm.json docs/results/parallel/measured-ring.json docs/results/parallel/measured-ring-confirm.json --step-bench docs/results/bench-step/cpu-full-geometry/bench-step.json --out docs/results/parallel/scaling-model.json

@@ -123,3 +123,34 @@ def test_model_labels_predictions_and_reports_validation(ps, tmp_path, monkeypat
     for row in wan.values():  # the two conventions: over 1 dense GPU = over dense on P GPUs x dense scaling
         assert row["astraea_gain_over_1_dense_gpu"] == pytest.approx(
             row["astraea_gain_over_dense_same_gpus"] * row["dense_speedup_vs_1gpu"], rel=2e-3)
+
+
+def test_step_costs_come_from_a_step_bench_when_given(ps, tmp_path, monkeypatch):
+    """``--step-bench``: Astraea's relative step costs from a bench-step result (the committed full-geometry run),
+    recorded in the inputs; a result without the step kinds the preset needs is refused by name."""
+    import json
+
+    from vdit_accel.errors import ConfigError
+
+    monkeypatch.setattr(ps, "vae_decode_flops", lambda cls, latent, tiling, encode=False: 1e15)
+    bench = "docs/results/bench-step/cpu-full-geometry/bench-step.json"
+    out = tmp_path / "s.json"
+    assert ps.main(["model", "--step-bench", bench, "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    results = json.loads(open(bench).read())
+    dense = results["settings"][0]["step_composed_s"]
+    costs = {(c["budget"], c["order"]): c["relative_cost"] for c in d["inputs"]["step_costs"]["relative_costs"]}
+    forecast = next(r for r in results["settings"] if r["budget"] == 0.0 and r["order"] == 1)
+    assert d["inputs"]["step_costs"]["source"] == bench and d["inputs"]["step_costs"]["geometry"]["tokens"] == 32760
+    assert costs[(0.0, 1)] == pytest.approx(forecast["step_composed_s"] / dense)
+    from vdit_accel.search.presets import load_preset
+
+    preset = load_preset("astraea-3x", steps=50)
+    n_dense = sum(b >= 1.0 for b in preset.schedule)
+    gain = 50 / (n_dense + (50 - n_dense) * costs[(0.0, 1)])
+    assert d["predictions"]["Wan2.1-T2V-1.3B"]["gpus"]["1"]["astraea_gain_over_dense_same_gpus"] == pytest.approx(
+        gain, abs=2e-3)
+    # the W2 table measured forecast order 0 only: the preset's order-1 steps cannot be priced from it
+    with pytest.raises(ConfigError, match="order 1"):
+        ps.main(["model", "--step-bench", "docs/results/bench-step/cpu-paired-s13/bench-step.json",
+                 "--out", str(tmp_path / "t.json")])
