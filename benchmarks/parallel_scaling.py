@@ -362,8 +362,14 @@ def model(args) -> dict:
     from vdit_accel.search.presets import load_preset
 
     rate, bw, lat = args.rate, args.bandwidth, args.latency
+    cfg = load_preset(args.preset, steps=50)
+    lm = step_cost_model(args, kv_reuse=bool(getattr(cfg, "kv_reuse", False)))
     inputs = {"rate_flops_per_gpu": rate, "bandwidth_bytes_per_s": bw, "latency_s": lat, "bytes_per_element": 2,
               "overlap": "none", "preset": args.preset,
+              "step_costs": {"source": args.step_bench or args.latency_model, "geometry": lm.geometry,
+                             "dense_step_s": lm.dense_step_s,
+                             "relative_costs": [{"budget": b, "order": o, "relative_cost": c}
+                                                for (b, o), c in sorted(lm.costs.items())]},
               "notes": "rate: achieved bf16 throughput per H100 (assumed ~40% of the 989 TFLOP/s dense peak); "
                        "bandwidth: achieved NCCL all-to-all/all-gather bandwidth per GPU on NVLink4 (assumed 75% "
                        "of the 450 GB/s per direction of H100 SXM); latency per collective assumed 20 us."}
@@ -435,12 +441,6 @@ def model(args) -> dict:
         out["cpu_check_within_15pct"][key] = {name: all(abs(v[f"{name}_model_error"]) <= 0.15
                                                         for v in m["settings"].values()) for name in MODELS}
     # predictions
-    cfg = load_preset(args.preset, steps=50)
-    lm = step_cost_model(args, kv_reuse=bool(getattr(cfg, "kv_reuse", False)))
-    inputs["step_costs"] = {"source": args.step_bench or args.latency_model, "geometry": lm.geometry,
-                            "dense_step_s": lm.dense_step_s,
-                            "relative_costs": [{"budget": b, "order": o, "relative_cost": c}
-                                               for (b, o), c in sorted(lm.costs.items())]}
     schedule = [StepChoice(b, o) for b, o in zip(cfg.schedule, cfg.orders, strict=True)]
     preds = {}
     for name, spec in (("Wan2.1-T2V-1.3B", WAN_1_3B), ("Wan2.1-T2V-14B", WAN_14B)):
