@@ -87,7 +87,7 @@ _HY_960 = dict(_HY, tokens=33 * 60 * 60,
 # GPU the models are offloaded to the CPU around the steps (`offload_model` defaults to True there: a few model moves
 # per generation, not counted).
 _WAN_README = ("github.com/Wan-Video/Wan2.1 README, 'Computational Efficiency on Different GPUs' (assets/"
-               "comp_effic.png, unchanged since 2025-02-25), T2V-14B 720P, 'Total time (s)'")
+               "comp_effic.png, unchanged since 2025-02-25), {task}-14B 720P, 'Total time (s)'")
 _WAN_14B_720 = {"family": "Wan2.1-T2V-14B FSDP + xDiT USP",
                 "tokens": 21 * 45 * 80, "dim": 5120, "heads": 40, "ffn": 13824, "layers": 40, "text": 512,
                 "cross": True, "text_dim": 4096, "patch_in": 16 * 1 * 2 * 2, "branches": 2, "fsdp_params": 14.0e9,
@@ -110,6 +110,14 @@ GPUS = {"H100": {"rate_scale": 1.0, "bandwidth_scale": 1.0, "link": "NVLink"},
         "A800": {"rate_scale": 312 / 989, "bandwidth_scale": 200 / 450, "link": "NVLink"},
         "H20": {"rate_scale": 148 / 989, "bandwidth_scale": 1.0, "link": "NVLink"},
         "L20": {"rate_scale": 119.5 / 989, "bandwidth_scale": 32 / 450, "link": "PCIe"}}
+
+
+def _wan_rows(base: dict, task: str, latencies: dict[str, dict[int, float]]) -> list[dict]:
+    """One published case per GPU type of the Wan2.1 README's table (``task`` "T2V" or "I2V")."""
+    return [dict(base, name=f"{base['family']} 1280x720x81f, {gpu}", gpu=gpu, latency_s=lat,
+                 source=_WAN_README.format(task=task) + f": {lat[1]} s on 1 GPU, "
+                 + " / ".join(str(lat[p]) for p in (2, 4, 8)) + " s on 2 / 4 / 8")
+            for gpu, lat in latencies.items()]
 
 
 def published_speedups(pub: dict) -> dict[int, float]:
@@ -145,18 +153,12 @@ PUBLISHED = [
          source=_XDIT_HY + ": 6039.08 s on 1 GPU, 3260.62 / 2284.74 s on 2 / 3 (the 3-GPU figure as corrected in "
          "xDiT commit 57eb27f, 2024-12-27, from 2070.96 s)",
          latency_s={1: 6039.08, 2: 3260.62, 3: 2284.74}),
-    *(dict(_WAN_14B_720, name=f"Wan2.1-T2V-14B FSDP + xDiT USP 1280x720x81f, {gpu}", gpu=gpu,
-           source=_WAN_README + f": {lat[1]} s on 1 GPU, " + " / ".join(str(lat[p]) for p in (2, 4, 8))
-           + " s on 2 / 4 / 8", latency_s=lat)
-      for gpu, lat in (("H800", {1: 1837.9, 2: 945.1, 4: 497.0, 8: 287.9}),
-                       ("H20", {1: 6935.5, 2: 3488.4, 4: 1775.8, 8: 980.5}),
-                       ("A800", {1: 3342.6, 2: 1722.0, 4: 886.1, 8: 469.9}))),
-    *(dict(_WAN_I2V_14B_720, name=f"Wan2.1-I2V-14B FSDP + xDiT USP 1280x720x81f, {gpu}", gpu=gpu,
-           source=_WAN_README.replace("T2V", "I2V") + f": {lat[1]} s on 1 GPU, "
-           + " / ".join(str(lat[p]) for p in (2, 4, 8)) + " s on 2 / 4 / 8", latency_s=lat)
-      for gpu, lat in (("H800", {1: 1491.6, 2: 753.9, 4: 403.9, 8: 238.8}),
-                       ("H20", {1: 5494.8, 2: 2756.6, 4: 1417.0, 8: 778.2}),
-                       ("A800", {1: 2715.5, 2: 1371.7, 4: 716.1, 8: 389.7}))),
+    *_wan_rows(_WAN_14B_720, "T2V", {"H800": {1: 1837.9, 2: 945.1, 4: 497.0, 8: 287.9},
+                                     "H20": {1: 6935.5, 2: 3488.4, 4: 1775.8, 8: 980.5},
+                                     "A800": {1: 3342.6, 2: 1722.0, 4: 886.1, 8: 469.9}}),
+    *_wan_rows(_WAN_I2V_14B_720, "I2V", {"H800": {1: 1491.6, 2: 753.9, 4: 403.9, 8: 238.8},
+                                         "H20": {1: 5494.8, 2: 2756.6, 4: 1417.0, 8: 778.2},
+                                         "A800": {1: 2715.5, 2: 1371.7, 4: 716.1, 8: 389.7}}),
 ]
 STEPS = 50
 
